@@ -1,0 +1,307 @@
+"""Typed configuration: one dataclass per component, YAML files plus ``key=value`` overrides.
+
+Merging and type checking are OmegaConf's (structured configs); what is ours is the validation in
+each ``__post_init__``, whose messages name the key, the value and what is allowed.
+
+    cfg = load_config("configs/digits.yaml", ["train.total_steps=200", "data.num_workers=0"])
+    cfg.train.lr                      # typed attribute access
+    to_yaml(cfg); flatten(cfg)        # for the checkpoint and for tracking params
+
+Each component is given only its own sub-config (``cfg.data`` to the loader, ``cfg.model`` to the
+U-Net, ...), never the whole object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """An invalid configuration. The message names the key and says what is allowed."""
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
+
+
+def _positive(key: str, value: float, *, zero_ok: bool = False) -> None:
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ConfigError(f"{key}={value!r} must be {'>= 0' if zero_ok else '> 0'}")
+
+
+def _unit_interval(key: str, value: float, *, closed: bool = True) -> None:
+    ok = 0.0 <= value <= 1.0 if closed else 0.0 < value < 1.0
+    if not ok:
+        raise ConfigError(f"{key}={value!r} must lie in {'[0, 1]' if closed else '(0, 1)'}")
+
+
+@dataclass
+class DataConfig:
+    """The streaming loader (pipeline/data/stream.py)."""
+
+    shards: str = MISSING  # a prepared folder (its manifest.json), a manifest path, a brace pattern or URLs
+    split: str = "train"  # which split of the manifest to stream
+    mode: str = "exact"  # exact: each sample once per epoch on all ranks; resampled: infinite, with replacement
+    num_workers: int = 2  # DataLoader worker processes per rank (0 = load in the training process)
+    shuffle_buffer: int = 1000  # samples held in each worker's shuffle buffer
+    hflip: bool = True  # random horizontal flip (the paper's CIFAR-10 augmentation)
+    seed: int = 0  # seeds the shard and sample order together with the epoch
+    strict: bool = False  # raise on a corrupt shard or sample instead of counting and skipping it
+    prefetch_factor: int = 2  # batches prefetched per worker
+
+    def __post_init__(self) -> None:
+        _choice("data.mode", self.mode, ("exact", "resampled"))
+        _positive("data.num_workers", self.num_workers, zero_ok=True)
+        _positive("data.shuffle_buffer", self.shuffle_buffer, zero_ok=True)
+        _positive("data.prefetch_factor", self.prefetch_factor)
+
+
+@dataclass
+class ModelConfig:
+    """The paper's U-Net (pipeline/unet.py). Defaults are the CIFAR-10 network (35.7M parameters)."""
+
+    image_size: int = 32  # height = width of the images, in pixels
+    channels: int = 3  # image channels: 1 (grey) or 3 (RGB)
+    base_channels: int = 128  # channels at the first resolution
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 2])  # multiplier per resolution level
+    num_res_blocks: int = 2  # residual blocks per resolution level
+    attn_resolutions: list[int] = field(default_factory=lambda: [16])  # resolutions (pixels) with self-attention
+    dropout: float = 0.1  # dropout inside the residual blocks
+    num_heads: int = 1  # attention heads (the paper uses 1)
+
+    def __post_init__(self) -> None:
+        _choice("model.channels", self.channels, (1, 3))
+        _positive("model.image_size", self.image_size)
+        _positive("model.base_channels", self.base_channels)
+        if self.base_channels % 32:
+            raise ConfigError(f"model.base_channels={self.base_channels} must be a multiple of 32 (GroupNorm(32))")
+        if not self.channel_mult or any(m <= 0 for m in self.channel_mult):
+            raise ConfigError(f"model.channel_mult={list(self.channel_mult)} must be a non-empty list of positive ints")
+        downsamples = len(self.channel_mult) - 1
+        if self.image_size % (2**downsamples):
+            raise ConfigError(
+                f"model.image_size={self.image_size} must be divisible by 2**{downsamples} "
+                f"(one downsampling per extra entry of model.channel_mult={list(self.channel_mult)})"
+            )
+        _positive("model.num_res_blocks", self.num_res_blocks)
+        _unit_interval("model.dropout", self.dropout)
+        _positive("model.num_heads", self.num_heads)
+
+
+@dataclass
+class DiffusionConfig:
+    """The forward process and the reverse-process parameterisation (pipeline/diffusion.py)."""
+
+    timesteps: int = 1000  # T
+    schedule: str = "linear"  # linear (the paper's) or cosine (improved DDPM)
+    beta_start: float = 1e-4  # β_1 of the linear schedule
+    beta_end: float = 0.02  # β_T of the linear schedule
+    prediction: str = "eps"  # what the network predicts: eps (the paper's default) or x0
+    variance: str = "fixedlarge"  # reverse variance σ_t²: fixedlarge = β_t (paper CIFAR-10), fixedsmall = β̃_t
+
+    def __post_init__(self) -> None:
+        _positive("diffusion.timesteps", self.timesteps)
+        _choice("diffusion.schedule", self.schedule, ("linear", "cosine"))
+        _unit_interval("diffusion.beta_start", self.beta_start, closed=False)
+        _unit_interval("diffusion.beta_end", self.beta_end, closed=False)
+        if self.beta_start > self.beta_end:
+            raise ConfigError(
+                f"diffusion.beta_start={self.beta_start} must not exceed diffusion.beta_end={self.beta_end}"
+            )
+        _choice("diffusion.prediction", self.prediction, ("eps", "x0"))
+        _choice("diffusion.variance", self.variance, ("fixedlarge", "fixedsmall"))
+
+
+@dataclass
+class TrainConfig:
+    """The training loop (pipeline/trainer.py). Step counts are optimizer steps."""
+
+    out_dir: str = "runs/default"  # checkpoints and exported weights go under here
+    batch_size: int = 128  # global batch: all ranks and accumulation steps together
+    micro_batch_per_gpu: int = 0  # per-device batch per forward; 0 = batch_size / world_size (no accumulation)
+    total_steps: int = 800_000  # optimizer steps to train for
+    lr: float = 2e-4  # Adam learning rate after warm-up
+    warmup_steps: int = 5000  # linear learning-rate warm-up
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
+    mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 needs a GPU; loss scaling is automatic)
+    ema_decay: float = 0.9999  # EMA decay once warmed up
+    ema_warmup_steps: int = 0  # steps before the EMA starts tracking (it copies the weights until then)
+    ema_update_every: int = 1  # update the EMA every this many steps
+    log_every_steps: int = 100  # metrics tick (the only place the host waits for the device)
+    sample_every_steps: int = 5000  # sample grid from the EMA into tracking (0 = off)
+    sample_grid_images: int = 16  # images in that grid
+    sample_ddim_steps: int = 20  # DDIM steps for that grid
+    checkpoint_every_steps: int = 5000  # training-state checkpoint cadence
+    keep_checkpoints: int = 3  # newest k checkpoints kept
+    resume: str = "auto"  # auto (newest complete checkpoint in out_dir, else fresh) | none | a checkpoint path
+    seed: int = 0  # seeds weights, noise and t; per-rank streams derive from it
+    deterministic: bool = False  # torch deterministic algorithms (bitwise resume on CPU)
+    nonfinite_policy: str = "skip"  # on a non-finite loss: skip the step, or stop
+    max_nonfinite_in_row: int = 10  # with skip: stop after this many non-finite steps in a row
+    compile: bool = False  # torch.compile the U-Net
+    channels_last: bool = False  # channels_last memory format
+
+    def __post_init__(self) -> None:
+        _positive("train.batch_size", self.batch_size)
+        _positive("train.micro_batch_per_gpu", self.micro_batch_per_gpu, zero_ok=True)
+        _positive("train.total_steps", self.total_steps)
+        _positive("train.lr", self.lr)
+        _positive("train.warmup_steps", self.warmup_steps, zero_ok=True)
+        _unit_interval("train.adam_beta1", self.adam_beta1)
+        _unit_interval("train.adam_beta2", self.adam_beta2)
+        _positive("train.grad_clip", self.grad_clip, zero_ok=True)
+        _choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        _unit_interval("train.ema_decay", self.ema_decay)
+        _positive("train.ema_update_every", self.ema_update_every)
+        _positive("train.log_every_steps", self.log_every_steps)
+        _positive("train.sample_every_steps", self.sample_every_steps, zero_ok=True)
+        _positive("train.checkpoint_every_steps", self.checkpoint_every_steps)
+        _positive("train.keep_checkpoints", self.keep_checkpoints)
+        _choice("train.nonfinite_policy", self.nonfinite_policy, ("skip", "stop"))
+        _positive("train.max_nonfinite_in_row", self.max_nonfinite_in_row)
+        if self.micro_batch_per_gpu and self.batch_size % self.micro_batch_per_gpu:
+            raise ConfigError(
+                f"train.batch_size={self.batch_size} is not divisible by "
+                f"train.micro_batch_per_gpu={self.micro_batch_per_gpu}"
+            )
+
+
+@dataclass
+class EvalConfig:
+    """The evaluation stage (evaluation/)."""
+
+    num_samples: int = 10_000  # generated images for FID/KID; image i comes from seed seed + i
+    seed: int = 0  # first per-image seed
+    sampler: str = "ddim"  # ancestral (T steps, the paper's) or ddim
+    steps: int = 50  # DDIM steps (ignored by the ancestral sampler)
+    eta: float = 0.0  # DDIM η (0 = deterministic, 1 = ancestral-like)
+    batch_size: int = 256  # images per network call while sampling
+    use_ema: bool = True  # evaluate the EMA weights (the paper's) or the raw ones
+    feature_extractor: str = "inception"  # inception (clean-fid's InceptionV3) or digits (the bundled demo net)
+    fid_mode: str = "clean"  # clean-fid mode: clean | legacy_pytorch | legacy_tensorflow
+    reference: str = "train"  # reference statistics: a split of the data shards, or clean-fid:<name>/<split>/<res>
+    inception_weights: str = ""  # path to inception-2015-12-05.pt where it cannot be downloaded
+    bpd_split: str = "test"  # held-out split for bits/dim ("" = skip)
+    bpd_timesteps: int = 0  # 0 = exact sum over all T; K > 0 = unbiased estimate from K sampled t
+    bpd_max_images: int = 1000  # images of that split used for bits/dim
+
+    def __post_init__(self) -> None:
+        _positive("eval.num_samples", self.num_samples)
+        _choice("eval.sampler", self.sampler, ("ancestral", "ddim"))
+        _positive("eval.steps", self.steps)
+        _unit_interval("eval.eta", self.eta)
+        _positive("eval.batch_size", self.batch_size)
+        _choice("eval.feature_extractor", self.feature_extractor, ("inception", "digits"))
+        _choice("eval.fid_mode", self.fid_mode, ("clean", "legacy_pytorch", "legacy_tensorflow"))
+        _positive("eval.bpd_timesteps", self.bpd_timesteps, zero_ok=True)
+        _positive("eval.bpd_max_images", self.bpd_max_images)
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking (pipeline/tracking.py). Rank 0 only; an outage never stops training."""
+
+    enabled: bool = True  # false = log nothing (a null sink)
+    uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<train.out_dir>/mlflow.db (embedded, no server)
+    experiment: str = "ddpm"  # MLflow experiment name
+    run_name: str = ""  # "" = the config's name
+    retries: int = 3  # attempts per call before it is dropped with a warning
+    timeout_s: float = 10.0  # per HTTP request to a tracking server
+
+    def __post_init__(self) -> None:
+        _positive("tracking.retries", self.retries)
+        _positive("tracking.timeout_s", self.timeout_s)
+
+
+@dataclass
+class Config:
+    """A whole experiment."""
+
+    name: str = "default"  # experiment name: the run name and the out_dir default
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def _wrap(exc: OmegaConfBaseException, where: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or ""
+    msg = str(exc).split("\n")[0]
+    hint = f" (key {key!r})" if key else ""
+    return ConfigError(f"invalid configuration in {where}{hint}: {msg}. Keys and types are listed in pipeline/config.py")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- ``key=value`` overrides, type-checked and validated.
+
+    Raises ConfigError naming the offending key for unknown keys, wrong types and invalid values.
+    """
+    schema = OmegaConf.structured(Config)
+    layers = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; the shipped configs are in configs/*.yaml")
+        try:
+            layers.append(OmegaConf.load(path))
+        except Exception as exc:  # YAML syntax errors come from several libraries
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must look like key=value (e.g. train.lr=1e-4); got {bad}")
+    try:
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as exc:
+        raise _wrap(exc, "the command-line overrides") from exc
+    try:
+        merged = OmegaConf.merge(schema, *layers)
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise ConfigError(f"required keys are not set: {', '.join(missing)} (set them in the YAML or as key=value)")
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise _wrap(exc, str(path) if path else "the overrides") from exc
+    assert isinstance(cfg, Config)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain nested dict of a config (or sub-config) dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_yaml(text: str, cls: type = Config) -> Any:
+    """Inverse of to_yaml (used to read the config saved beside a checkpoint)."""
+    merged = OmegaConf.merge(OmegaConf.structured(cls), OmegaConf.create(text))
+    return OmegaConf.to_object(merged)
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"train.lr": 2e-4, "model.channel_mult": "[1, 2, 2, 2]", ...}`` for tracking params."""
+    out: dict[str, Any] = {}
+    for key, value in (to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        elif isinstance(value, (list, tuple)):
+            out[name] = str(list(value))
+        else:
+            out[name] = value
+    return out

@@ -1,0 +1,140 @@
+"""manifest.json: what `prepare` wrote, read back and validated.
+
+Layout (format 1)::
+
+    {"format": 1, "image_size": 32, "channels": 3, "num_classes": 10, "encoding": "png",
+     "class_names": [...], "source": {...}, "options": {...},
+     "splits": {"train": {"num_samples": N, "shards": [{"name": "train-000000.tar",
+                                                       "num_samples": n, "sha256": "..."}, ...]}, ...},
+     "unreadable": [{"input": "...", "error": "..."}]}
+
+Shard names are relative to the folder holding the manifest, so a prepared folder can be moved,
+copied to object storage, or served over HTTP as a whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class ManifestError(ValueError):
+    """A manifest that is missing, unreadable or inconsistent."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str  # full path or URL of the tar
+    name: str  # file name as written in the manifest
+    num_samples: int  # samples in the tar (-1 = unknown: a shard list without a manifest)
+    sha256: str = ""
+
+
+@dataclass
+class Manifest:
+    location: str  # the folder (or URL prefix) the manifest was read from
+    image_size: int
+    channels: int
+    num_classes: int
+    encoding: str
+    splits: dict[str, list[Shard]]
+    raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    def shards(self, split: str) -> list[Shard]:
+        if split not in self.splits:
+            raise ManifestError(
+                f"split {split!r} is not in the manifest at {self.location}; it has {sorted(self.splits)} "
+                f"(set data.split to one of them, or re-run prepare with --test-fraction for a test split)"
+            )
+        return self.splits[split]
+
+
+def is_url(path: str) -> bool:
+    return "://" in path or path.startswith("pipe:")
+
+
+def join(location: str, name: str) -> str:
+    return f"{location.rstrip('/')}/{name}" if is_url(location) else os.path.join(location, name)
+
+
+def _read_text(path: str) -> str:
+    if is_url(path):
+        try:
+            import fsspec
+        except ImportError as exc:  # pragma: no cover - fsspec ships with the stack
+            raise ManifestError(f"reading {path} needs fsspec (pip install fsspec)") from exc
+        with fsspec.open(path, "rt") as f:
+            return f.read()
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def read_manifest(path_or_dir: str | os.PathLike) -> Manifest:
+    """Read and validate a manifest given its path or the prepared folder (local or fsspec URL)."""
+    path = str(path_or_dir)
+    if not path.endswith(".json"):
+        path = join(path, MANIFEST_NAME)
+    location = path.rsplit("/", 1)[0] if is_url(path) else os.path.dirname(os.path.abspath(path))
+    try:
+        raw = json.loads(_read_text(path))
+    except FileNotFoundError as exc:
+        raise ManifestError(
+            f"no manifest at {path}; prepare the data first: python -m pipeline.data.prepare SOURCE --out DIR"
+        ) from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"manifest {path} is not valid JSON ({exc}); re-run prepare") from exc
+    if raw.get("format") != FORMAT_VERSION:
+        raise ManifestError(f"manifest {path} has format {raw.get('format')!r}; this code reads format {FORMAT_VERSION}")
+    try:
+        splits = {
+            name: [
+                Shard(join(location, s["name"]), s["name"], int(s["num_samples"]), s.get("sha256", ""))
+                for s in split["shards"]
+            ]
+            for name, split in raw["splits"].items()
+        }
+        for name, split in raw["splits"].items():
+            total = sum(s.num_samples for s in splits[name])
+            if total != split["num_samples"]:
+                raise ManifestError(
+                    f"manifest {path}: split {name!r} says {split['num_samples']} samples but its shards sum to {total}"
+                )
+        return Manifest(
+            location=location,
+            image_size=int(raw["image_size"]),
+            channels=int(raw["channels"]),
+            num_classes=int(raw["num_classes"]),
+            encoding=raw["encoding"],
+            splits=splits,
+            raw=raw,
+        )
+    except (KeyError, TypeError) as exc:
+        raise ManifestError(f"manifest {path} lacks field {exc}; re-run prepare") from exc
+
+
+def sha256_file(path: str, chunk_bytes: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk_bytes):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify(manifest: Manifest) -> list[str]:
+    """Problems found comparing local shards with the manifest (sizes are not recorded; sha256 is)."""
+    problems = []
+    for split, shards in manifest.splits.items():
+        for s in shards:
+            if is_url(s.url):
+                continue
+            if not os.path.exists(s.url):
+                problems.append(f"{split}: {s.url} is missing")
+            elif s.sha256 and sha256_file(s.url) != s.sha256:
+                problems.append(f"{split}: {s.url} sha256 differs from the manifest")
+    return problems

@@ -1,0 +1,171 @@
+"""Samplers: the paper's ancestral sampler (Algorithm 2, T steps) and DDIM (Song et al. 2021, K steps, η).
+
+Seed derivation: image i uses its own CPU ``torch.Generator`` seeded with ``seeds[i]``; it draws x_T first
+and then one noise tensor per stochastic step, in step order. So image i depends only on seeds[i] (and on
+the sampler settings), never on the batch size, on which other images share its batch, or on the device
+(noise is drawn on the CPU and then moved). Outputs are uint8 images (N, C, H, W).
+
+Pure torch (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.diffusion import Diffusion, _call_net
+
+
+def ddim_timesteps(num_timesteps: int, steps: int, spacing: str = "uniform") -> list[int]:
+    """The K timesteps DDIM visits, ascending (the sampler walks them backwards).
+
+    ``uniform``: 0, c, 2c, ... with c = T // K (the DDIM code's choice); ``quadratic``: (linspace(0, √(0.8 T), K))²
+    (the DDIM code's CIFAR-10 choice), which spends more steps near the data.
+    """
+    T = num_timesteps
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps={steps} must lie in 1..T={T} for DDIM")
+    if spacing == "uniform":
+        seq = list(range(0, T, T // steps))[:steps]
+    elif spacing == "quadratic":
+        seq = [int(v) for v in np.linspace(0, math.sqrt(T * 0.8), steps) ** 2]
+        if len(set(seq)) != len(seq):
+            raise ValueError(
+                f"quadratic spacing with steps={steps} repeats timesteps for T={T}; use fewer steps "
+                "or spacing='uniform'"
+            )
+    else:
+        raise ValueError(f"unknown spacing {spacing!r}; choose 'uniform' or 'quadratic'")
+    return seq
+
+
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    # Bin k of the 256 levels is centred at k/127.5 - 1, so round (not truncate).
+    return ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def _randn(gens: list[torch.Generator], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+
+
+@torch.no_grad()
+def sample_batch(
+    net: Callable,
+    diffusion: Diffusion,
+    gens: list[torch.Generator],
+    shape: tuple[int, int, int],
+    sampler: str = "ddim",
+    steps: int = 50,
+    eta: float = 0.0,
+    device: torch.device | str = "cpu",
+    spacing: str = "uniform",
+    clip_denoised: bool = True,
+    on_step: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """One batch, one generator per image; returns float32 images (B, C, H, W) (about [−1, 1]).
+
+    ``on_step(t)`` is called with each timestep the network is evaluated at.
+    """
+    device = torch.device(device)
+    B = len(gens)
+    x = _randn(gens, shape, device)
+    if sampler == "ancestral":
+        # Algorithm 2: x_{t-1} = μ_θ(x_t, t) + σ_t z, z ~ N(0, I) except at the last step; σ_t² by diffusion.variance.
+        for t_int in reversed(range(diffusion.num_timesteps)):
+            if on_step is not None:
+                on_step(t_int)
+            t = torch.full((B,), t_int, device=device, dtype=torch.long)
+            mean, _, logvar, _ = diffusion.p_mean_variance(net, x, t, clip_denoised)
+            x = mean + (0.5 * logvar).exp() * _randn(gens, shape, device) if t_int > 0 else mean
+        return x
+    if sampler != "ddim":
+        raise ValueError(f"unknown sampler {sampler!r}; choose 'ddim' or 'ancestral'")
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta={eta} must lie in [0, 1] (0 = deterministic DDIM, 1 = DDPM-like noise)")
+    seq = ddim_timesteps(diffusion.num_timesteps, steps, spacing)
+    ac = diffusion.alphas_cumprod
+    for i in reversed(range(len(seq))):
+        t_int, prev = seq[i], (seq[i - 1] if i > 0 else -1)
+        if on_step is not None:
+            on_step(t_int)
+        a_t = float(ac[t_int])
+        a_prev = float(ac[prev]) if prev >= 0 else 1.0
+        t = torch.full((B,), t_int, device=device, dtype=torch.long)
+        out = _call_net(net, x, t).float()
+        x0 = diffusion.model_output_to_x0(out, x, t)
+        if clip_denoised:
+            x0 = x0.clamp(-1.0, 1.0)
+        # ε consistent with the (clipped) x_0, so that η = 1 with all T steps is exactly the ancestral step.
+        eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1.0 - a_t)
+        sigma = eta * math.sqrt((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev))
+        x = math.sqrt(a_prev) * x0 + math.sqrt(max(1.0 - a_prev - sigma**2, 0.0)) * eps
+        if sigma > 0:
+            x = x + sigma * _randn(gens, shape, device)
+    return x
+
+
+def sample(
+    net: nn.Module,
+    diffusion: Diffusion,
+    seeds: Sequence[int],
+    sampler: str = "ddim",
+    steps: int = 50,
+    eta: float = 0.0,
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+    spacing: str = "uniform",
+    progress: bool = False,
+    clip_denoised: bool = True,
+    image_shape: tuple[int, int, int] | None = None,
+) -> torch.Tensor:
+    """Generate one image per seed; uint8 (N, C, H, W) on the CPU. Image i depends only on seeds[i].
+
+    ``net``: the raw U-Net (pass the EMA copy for evaluation); it runs in eval mode under no_grad and its
+    train/eval mode is restored afterwards. ``sampler="ancestral"`` runs all T steps (``steps`` is ignored)
+    with σ_t² from ``diffusion.variance``; ``"ddim"`` runs ``steps`` steps with noise scale ``eta``.
+    ``device`` defaults to the device of the network's parameters.
+    """
+    seeds = [int(s) for s in seeds]
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    if sampler not in ("ddim", "ancestral"):
+        raise ValueError(f"unknown sampler {sampler!r}; choose 'ddim' or 'ancestral'")
+    if sampler == "ddim":
+        ddim_timesteps(diffusion.num_timesteps, steps, spacing)  # validate before any work
+    if image_shape is None:
+        base = getattr(net, "_orig_mod", net)  # a torch.compile wrapper keeps the module here
+        try:
+            image_shape = (int(base.in_channels), int(base.image_size), int(base.image_size))
+        except AttributeError as exc:
+            raise ValueError("net has no in_channels/image_size attributes; pass image_shape=(C, H, W)") from exc
+    if device is None:
+        p = next(net.parameters(), None) if isinstance(net, nn.Module) else None
+        device = p.device if p is not None else torch.device("cpu")
+    was_training = isinstance(net, nn.Module) and net.training
+    if isinstance(net, nn.Module):
+        net.eval()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(seeds), unit="img", desc=f"sampling ({sampler})")
+    chunks = []
+    try:
+        for start in range(0, len(seeds), batch_size):
+            gens = [torch.Generator().manual_seed(s) for s in seeds[start : start + batch_size]]
+            x = sample_batch(net, diffusion, gens, image_shape, sampler, steps, eta, device, spacing, clip_denoised)
+            chunks.append(_to_uint8(x).cpu())
+            if bar is not None:
+                bar.update(len(gens))
+    finally:
+        if bar is not None:
+            bar.close()
+        if was_training:
+            net.train()
+    if not chunks:
+        return torch.empty((0, *image_shape), dtype=torch.uint8)
+    return torch.cat(chunks)

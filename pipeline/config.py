@@ -14,6 +14,7 @@ U-Net, ...), never the whole object.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,26 @@ class ModelConfig:
         _positive("model.num_res_blocks", self.num_res_blocks)
         _unit_interval("model.dropout", self.dropout)
         _positive("model.num_heads", self.num_heads)
+        resolutions = [self.image_size // 2**i for i in range(len(self.channel_mult))]
+        unreached = [r for r in self.attn_resolutions if r not in resolutions]
+        if unreached:  # a warning, not an error: overriding only image_size on a preset is common in tests
+            warnings.warn(
+                f"model.attn_resolutions={list(self.attn_resolutions)}: {unreached} is not a resolution of this "
+                f"U-Net, so no attention is added there; with model.image_size={self.image_size} and "
+                f"{len(self.channel_mult)} levels the resolutions are {resolutions}",
+                stacklevel=2,
+            )
+        # Attention runs at the listed resolutions and always in the middle block (the lowest resolution).
+        attn_widths = {self.base_channels * self.channel_mult[-1]} | {
+            self.base_channels * self.channel_mult[resolutions.index(r)]
+            for r in self.attn_resolutions
+            if r in resolutions
+        }
+        if any(w % self.num_heads for w in attn_widths):
+            raise ConfigError(
+                f"model.num_heads={self.num_heads} must divide the channels of every attention block "
+                f"({sorted(attn_widths)})"
+            )
 
 
 @dataclass
@@ -138,6 +159,7 @@ class TrainConfig:
     ema_decay: float = 0.9999  # EMA decay once warmed up
     ema_warmup_steps: int = 0  # steps before the EMA starts tracking (it copies the weights until then)
     ema_update_every: int = 1  # update the EMA every this many steps
+    ema_power: float = 0.75  # EMA warm-up: decay = min(ema_decay, 1 - (1 + n)^-power) after n updates (ema-pytorch)
     log_every_steps: int = 100  # metrics tick (the only place the host waits for the device)
     sample_every_steps: int = 5000  # sample grid from the EMA into tracking (0 = off)
     sample_grid_images: int = 16  # images in that grid
@@ -151,6 +173,7 @@ class TrainConfig:
     max_nonfinite_in_row: int = 10  # with skip: stop after this many non-finite steps in a row
     compile: bool = False  # torch.compile the U-Net
     channels_last: bool = False  # channels_last memory format
+    preempt_check_every_steps: int = 10  # ranks agree on a SIGTERM/SIGUSR1 every this many steps (one gloo all-reduce)
 
     def __post_init__(self) -> None:
         _positive("train.batch_size", self.batch_size)
@@ -164,6 +187,8 @@ class TrainConfig:
         _choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         _unit_interval("train.ema_decay", self.ema_decay)
         _positive("train.ema_update_every", self.ema_update_every)
+        _positive("train.ema_power", self.ema_power)
+        _positive("train.preempt_check_every_steps", self.preempt_check_every_steps)
         _positive("train.log_every_steps", self.log_every_steps)
         _positive("train.sample_every_steps", self.sample_every_steps, zero_ok=True)
         _positive("train.checkpoint_every_steps", self.checkpoint_every_steps)
@@ -195,6 +220,15 @@ class EvalConfig:
     bpd_split: str = "test"  # held-out split for bits/dim ("" = skip)
     bpd_timesteps: int = 0  # 0 = exact sum over all T; K > 0 = unbiased estimate from K sampled t
     bpd_max_images: int = 1000  # images of that split used for bits/dim
+    device: str = ""  # "" = cuda when available, else cpu
+    feature_batch_size: int = 128  # images per feature-extractor call
+    num_workers: int = 0  # processes resizing images for Inception (clean-fid's DataLoader; its default is 12)
+    stats_cache_dir: str = ""  # reference statistics cache; "" = <data.shards>/fid_stats (or ~/.cache/ddpm-pipeline)
+    reference_max_images: int = 0  # images of the reference split used (0 = all; part of the cache key)
+    kid_subsets: int = 100  # KID: random subsets averaged (clean-fid's default)
+    kid_subset_size: int = 1000  # KID: images per subset, at most (clean-fid's default)
+    grid_images: int = 64  # images in the sample grid artifact
+    confidence_threshold: float = 0.9  # digits classifier: share of samples labelled with at least this confidence
 
     def __post_init__(self) -> None:
         _positive("eval.num_samples", self.num_samples)
@@ -206,22 +240,55 @@ class EvalConfig:
         _choice("eval.fid_mode", self.fid_mode, ("clean", "legacy_pytorch", "legacy_tensorflow"))
         _positive("eval.bpd_timesteps", self.bpd_timesteps, zero_ok=True)
         _positive("eval.bpd_max_images", self.bpd_max_images)
+        if self.device and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"eval.device={self.device!r} must be '', 'cpu', 'cuda' or 'cuda:N'")
+        _positive("eval.feature_batch_size", self.feature_batch_size)
+        _positive("eval.num_workers", self.num_workers, zero_ok=True)
+        _positive("eval.reference_max_images", self.reference_max_images, zero_ok=True)
+        _positive("eval.kid_subsets", self.kid_subsets)
+        if self.kid_subset_size < 2:
+            raise ConfigError(f"eval.kid_subset_size={self.kid_subset_size} must be >= 2 (an unbiased MMD needs pairs)")
+        _positive("eval.grid_images", self.grid_images)
+        _unit_interval("eval.confidence_threshold", self.confidence_threshold)
+        if not self.reference:
+            raise ConfigError("eval.reference must be a split of data.shards (e.g. train) or clean-fid:<dataset>/<split>/<res>")
+        if self.reference.startswith("clean-fid:") and self.feature_extractor != "inception":
+            raise ConfigError(
+                f"eval.reference={self.reference!r} is InceptionV3 statistics; it needs eval.feature_extractor=inception"
+            )
 
 
 @dataclass
 class TrackingConfig:
-    """MLflow tracking (pipeline/tracking.py). Rank 0 only; an outage never stops training."""
+    """MLflow tracking (pipeline/tracking.py, docs/tracking.md). Rank 0 only; an outage never stops training."""
 
     enabled: bool = True  # false = log nothing (a null sink)
     uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<train.out_dir>/mlflow.db (embedded, no server)
     experiment: str = "ddpm"  # MLflow experiment name
     run_name: str = ""  # "" = the config's name
     retries: int = 3  # attempts per call before it is dropped with a warning
-    timeout_s: float = 10.0  # per HTTP request to a tracking server
+    retry_wait_s: float = 0.25  # first backoff between attempts (doubles each attempt)
+    timeout_s: float = 10.0  # per HTTP request to a tracking server (MLflow takes whole seconds)
+    queue_size: int = 1000  # calls held for the background sender; a call beyond this is dropped and counted
+    start_timeout_s: float = 10.0  # make_sink waits at most this for the run to be created (0 = do not wait)
+    flush_timeout_s: float = 30.0  # finish() waits at most this for queued calls to be sent
+    probe_interval_s: float = 5.0  # during an outage, calls are dropped except one probe per this interval
 
     def __post_init__(self) -> None:
         _positive("tracking.retries", self.retries)
+        _positive("tracking.retry_wait_s", self.retry_wait_s, zero_ok=True)
         _positive("tracking.timeout_s", self.timeout_s)
+        _positive("tracking.queue_size", self.queue_size)
+        _positive("tracking.start_timeout_s", self.start_timeout_s, zero_ok=True)
+        _positive("tracking.flush_timeout_s", self.flush_timeout_s, zero_ok=True)
+        _positive("tracking.probe_interval_s", self.probe_interval_s, zero_ok=True)
+        if not self.experiment:
+            raise ConfigError("tracking.experiment must not be empty (an MLflow experiment name, e.g. ddpm)")
+        if self.uri and "://" not in self.uri and not self.uri.startswith(("file:", "databricks")):
+            raise ConfigError(
+                f"tracking.uri={self.uri!r} has no scheme; write sqlite:///ABS/PATH/mlflow.db for a local store "
+                "or http://HOST:PORT for a server (or leave it empty for the embedded default)"
+            )
 
 
 @dataclass

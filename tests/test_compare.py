@@ -1,0 +1,166 @@
+"""evaluation/compare.py on runs written into real sqlite MLflow stores."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from PIL import Image
+
+from evaluation.compare import main, metric_keys, render_table
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _make_run(client: MlflowClient, exp_id: str, name: str, start_ms: int, *, params: dict, metrics: dict,
+              tags: dict | None = None, status: str = "FINISHED") -> str:
+    run = client.create_run(exp_id, start_time=start_ms, run_name=name)
+    rid = run.info.run_id
+    client.log_batch(
+        rid,
+        metrics=[Metric(k, v, start_ms + s, s) for k, pts in metrics.items() for s, v in pts],
+        params=[Param(k, str(v)) for k, v in params.items()],
+        tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
+    )
+    client.set_terminated(rid, status=status)
+    return rid
+
+
+PROTO = {"extractor_sha256": "ab12", "mode": "clean", "reference": "shards:test", "reference_count": "360",
+         "reference_sha256": "cd34", "num_samples": "1000", "sampler": "ddim", "sampler_steps": "50",
+         "eta": "0.0", "weights": "ema"}
+
+
+def _proto_tags(**changes) -> dict:
+    return {f"fid_protocol.digits.{k}": v for k, v in (PROTO | changes).items()}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cmp")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("cmp", artifact_location=str(root / "art"))
+    common = {"model.base_channels": 64, "train.seed": 0}
+    a = _make_run(
+        client, exp, "a", 1_000,
+        params=common | {"train.lr": 0.0002, "train.batch_size": 128},
+        metrics={"train/loss": [(0, 1.0), (100, 0.5), (200, 0.25)],
+                 "train/images_per_s": [(100, 10.0), (200, 50.0), (300, 60.0)],
+                 "eval/fid_digits": [(100, 30.0), (200, 12.5), (300, 14.25)],
+                 "eval/bpd": [(300, 3.75)]},
+        tags=_proto_tags(step="300"),
+    )
+    b = _make_run(
+        client, exp, "b", 2_000,
+        params=common | {"train.lr": 0.0001, "train.batch_size": 64},
+        metrics={"train/loss": [(0, 1.2), (300, 0.4)],
+                 "train/images_per_s": [(100, 40.0)],
+                 "eval/fid_digits": [(100, 20.0), (200, 25.0)]},
+        tags=_proto_tags(num_samples="5000", step="200"),
+        status="KILLED",
+    )
+    # a second experiment whose runs share one protocol, and one run without protocol tags
+    same = client.create_experiment("same", artifact_location=str(root / "art2"))
+    for i, name in enumerate(("c", "d")):
+        _make_run(client, same, name, 3_000 + i, params={"train.lr": 0.0001 * (i + 1)},
+                  metrics={"eval/fid_digits": [(10, 5.0 + i)]}, tags=_proto_tags(step=str(10 + i)))
+    unknown = client.create_experiment("unknown", artifact_location=str(root / "art3"))
+    _make_run(client, unknown, "e", 5_000, params={}, metrics={"eval/fid_digits": [(10, 5.0)]},
+              tags=_proto_tags())
+    _make_run(client, unknown, "f", 6_000, params={}, metrics={"eval/fid_digits": [(10, 6.0)]})
+    return {"uri": uri, "root": root, "a": a, "b": b}
+
+
+def test_table_has_exact_values_and_only_differing_params(store, tmp_path, capsys):
+    assert main(["--experiment", "cmp", "--tracking-uri", store["uri"], "--out", str(tmp_path / "plots")]) == 0
+    out, err = capsys.readouterr()
+    ia, ib = store["a"][:8], store["b"][:8]
+    expected = "\n".join([
+        "run  id        status    steps  train.batch_size  train.lr  best eval/fid_digits  last eval/fid_digits  bpd    img/s",
+        "---  --------  --------  -----  ----------------  --------  --------------------  --------------------  -----  -----",
+        f"a    {ia}  FINISHED  200    128               0.0002    12.50 @200            14.25 @300            3.750  50.0",
+        f"b    {ib}  KILLED    300    64                0.0001    20.00 @100            25.00 @200            -      40.0",
+    ])
+    assert out.startswith(expected + "\n")
+    assert "model.base_channels" not in out and "train.seed" not in out  # equal in both runs
+    # the protocol warning names the differing field with each run's value, not the informational step
+    warnings = [line for line in err.splitlines() if line.startswith("WARNING:")]
+    assert len(warnings) == 1
+    assert "eval/fid_digits values of different protocols" in warnings[0]
+    assert "num_samples: a=1000, b=5000" in warnings[0] and "step:" not in warnings[0]
+
+
+def test_plots_are_valid_pngs(store, tmp_path, capsys):
+    out_dir = tmp_path / "plots"
+    assert main(["--experiment", "cmp", "--tracking-uri", store["uri"], "--out", str(out_dir)]) == 0
+    stdout = capsys.readouterr().out
+    for name in ("fid_vs_step.png", "loss_vs_step.png"):
+        path = out_dir / name
+        data = path.read_bytes()
+        assert len(data) > 1000 and data[:8] == PNG_MAGIC
+        with Image.open(path) as img:
+            img.verify()
+        with Image.open(path) as img:
+            assert img.size == (700, 450)
+        assert f"wrote {path}" in stdout
+
+
+def test_no_warning_for_one_protocol_and_unknown_protocol_is_named(store, tmp_path, capsys):
+    assert main(["--experiment", "same", "--tracking-uri", store["uri"], "--out", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert "WARNING" not in err
+    assert "best eval/fid_digits" in out and "train.lr" in out
+    assert "no train/loss was logged; loss_vs_step.png not written" in err
+    assert not (tmp_path / "loss_vs_step.png").exists() and (tmp_path / "fid_vs_step.png").exists()
+
+    assert main(["--experiment", "unknown", "--tracking-uri", store["uri"], "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "no fid_protocol.digits.* tags (protocol unknown): f" in err
+
+
+def test_metric_selection():
+    from evaluation.compare import RunSummary
+
+    runs = [RunSummary("r1", "r1", "FINISHED", 0, {}, {},
+                       latest={"eval/fid_digits": 1.0, "eval/fid_inception": 2.0, "fid/old": 3.0,
+                               "eval/kid_digits": 0.1, "train/loss": 0.5})]
+    assert metric_keys(runs, "fid") == {"eval/fid_digits": "digits", "eval/fid_inception": "inception",
+                                        "fid/old": "old"}
+    assert metric_keys(runs, "eval/fid_inception") == {"eval/fid_inception": "inception"}
+    assert metric_keys(runs, "kid") == {"eval/kid_digits": "digits"}
+    assert metric_keys(runs, "is") == {}
+
+
+def test_render_table_is_fixed_width():
+    text = render_table(["a", "long header"], [["x" * 40, "1"], ["y", "22"]])
+    lines = text.splitlines()
+    assert lines[0] == "a" + " " * 31 + "  long header"
+    assert lines[1] == "-" * 32 + "  " + "-" * 11
+    assert lines[2] == "x" * 31 + "…  1"  # cells longer than 32 characters are cut
+
+
+@pytest.mark.slow
+def test_cli_merges_two_stores_and_rejects_an_unknown_experiment(store, tmp_path):
+    # a second store: two demo trainings with the embedded default have one database each
+    uri2 = f"sqlite:///{tmp_path / 'other.db'}"
+    client = MlflowClient(uri2)
+    exp = client.create_experiment("cmp", artifact_location=str(tmp_path / "art"))
+    _make_run(client, exp, "z", 9_000, params={"train.lr": 0.0003}, metrics={"train/loss": [(5, 2.0)]})
+    cmd = [sys.executable, "-m", "evaluation.compare", "--experiment", "cmp", "--tracking-uri", store["uri"],
+           "--tracking-uri", uri2, "--out", str(tmp_path / "p")]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    rows = [line.split()[0] for line in res.stdout.splitlines()[2:] if not line.startswith("wrote")]
+    assert rows == ["a", "b", "z"]  # oldest first, across both stores
+    assert "0.0003" in res.stdout
+
+    res = subprocess.run([sys.executable, "-m", "evaluation.compare", "--experiment", "nope", "--tracking-uri",
+                          uri2], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert "no runs of experiment 'nope'" in res.stderr

@@ -1,0 +1,67 @@
+"""Train a DDPM: ``launch/train.py --config configs/NAME.yaml [key=value ...]``.
+
+One process (CPU or one GPU, no launcher):
+    python launch/train.py --config configs/digits.yaml
+CPU, 2 processes (gloo):
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \\
+        --mixed_precision no --dynamo_backend no --main_process_port 29511 \\
+        launch/train.py --config configs/digits.yaml
+    (or: accelerate launch --config_file configs/accelerate/cpu_2proc.yaml launch/train.py ...)
+1 GPU:
+    accelerate launch --config_file configs/accelerate/1gpu.yaml launch/train.py --config configs/cifar10.yaml
+1 node x 8 GPUs:
+    accelerate launch --config_file configs/accelerate/8gpu.yaml launch/train.py --config configs/cifar10.yaml
+2 nodes x 8 GPUs (run on each node, MACHINE_RANK 0 and 1, MASTER = node 0's address):
+    accelerate launch --config_file configs/accelerate/2nodes.yaml --machine_rank $MACHINE_RANK \\
+        --main_process_ip $MASTER --main_process_port 29500 launch/train.py --config configs/cifar10.yaml
+DeepSpeed ZeRO-2 / ZeRO-3 (8 GPUs; ZeRO-1: deepspeed_zero1.yaml):
+    accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml launch/train.py --config ...
+    accelerate launch --config_file configs/accelerate/deepspeed_zero3.yaml launch/train.py --config ...
+DeepSpeed on CPU (2 processes; no --cpu, no ACCELERATE_USE_CPU):
+    DS_ACCELERATOR=cpu accelerate launch --use_deepspeed --zero_stage 2 --num_processes 2 --num_machines 1 \\
+        --mixed_precision no --gradient_accumulation_steps 1 --main_process_port 29512 \\
+        launch/train.py --config configs/digits.yaml
+SLURM (multi-node, requeue on preemption):
+    sbatch launch/slurm/train.sbatch configs/cifar10.yaml
+
+The config's train.* keys are the truth for batch size, accumulation and mixed precision (the
+launcher's --mixed_precision/--gradient_accumulation_steps are overridden; docs/training.md).
+Exit codes: 0 finished, 75 preempted after writing a checkpoint (requeue: it resumes), 1 error,
+2 invalid configuration (or a checkpoint that does not fit it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone without installing
+
+from pipeline.checkpoint import CheckpointError
+from pipeline.config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, help="experiment YAML (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.total_steps=200")
+    args = p.parse_args(argv)
+    rank = os.environ.get("RANK", "0")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from pipeline.trainer import train
+
+        return train(cfg)
+    except (ConfigError, CheckpointError) as exc:
+        print(f"[rank {rank}] error: {exc}", file=sys.stderr)
+        return 2
+    except Exception:
+        traceback.print_exc()
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

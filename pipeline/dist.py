@@ -1,0 +1,80 @@
+"""The one small distributed helper. Every function also works without a process group (one process).
+
+The trainer talks to torch.distributed only through these, so the single-process path (``python
+launch/train.py``, unit tests) needs no special cases.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+_flag_group: Any = None  # a gloo group for host-side flags (set up once by init_flag_group)
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier(group=_flag_group)
+
+
+def init_flag_group() -> None:
+    """Create a gloo group for host-side agreement (preemption flag, error flag).
+
+    With NCCL, an all-reduce of a flag needs a device tensor and reading the result back is a
+    device->host sync that waits for all queued kernels; over a gloo group the host threads agree
+    with each other while the GPU keeps running. Must be called on every rank, once.
+    """
+    global _flag_group
+    if not is_initialized() or _flag_group is not None:
+        return
+    _flag_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+
+def any_true(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any rank (a host-side all-reduce over gloo)."""
+    if not is_initialized():
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_flag_group)
+    return bool(t.item())
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` from rank ``src`` on every rank (a picklable Python object, e.g. a path or a run id)."""
+    if not is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=_flag_group)
+    return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank."""
+    if not is_initialized():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj, group=_flag_group)
+    return out

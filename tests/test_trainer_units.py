@@ -1,0 +1,137 @@
+"""Trainer pieces that need no launch: batch split, LR, seeds, EMA masking, checkpoint folders, dist helper."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from ema_pytorch import EMA as LucidrainsEMA
+
+from pipeline import checkpoint, dist
+from pipeline.config import ConfigError, load_config
+from pipeline.ema import EMA
+from pipeline.trainer import batch_split, lr_at, micro_seed
+from tests.helpers.trainer import REPO
+
+
+def test_batch_split_global_batch():
+    assert batch_split(128, 0, 8) == (16, 1)
+    assert batch_split(128, 8, 8) == (8, 2)
+    assert batch_split(8, 4, 1) == (4, 2)
+    with pytest.raises(ConfigError, match=r"train.batch_size=10 cannot be split over 4 processes"):
+        batch_split(10, 0, 4)
+    with pytest.raises(ConfigError, match="micro_batch_per_gpu"):
+        batch_split(64, 16, 3)
+
+
+def test_lr_warmup_is_linear_then_constant():
+    assert lr_at(0, 2e-4, 5000) == pytest.approx(2e-4 / 5000)
+    assert lr_at(2499, 2e-4, 5000) == pytest.approx(1e-4)
+    assert lr_at(4999, 2e-4, 5000) == 2e-4
+    assert lr_at(10**6, 2e-4, 5000) == 2e-4
+    assert lr_at(0, 1e-3, 0) == 1e-3
+
+
+def test_micro_seed_depends_on_all_three_and_is_stable():
+    seeds = {micro_seed(s, st, m) for s in range(3) for st in range(3) for m in range(3)}
+    assert len(seeds) == 27
+    assert micro_seed(0, 5, 1) == micro_seed(0, 5, 1)
+
+
+def _net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GroupNorm(2, 8), torch.nn.Linear(8, 2))
+
+
+def test_ema_matches_ema_pytorch_and_skipped_step_leaves_it_unchanged():
+    net, ref_net = _net(), _net()
+    ours = EMA(net, decay=0.99, warmup_steps=0, update_every=1, power=0.75)
+    ref = LucidrainsEMA(ref_net, beta=0.99, update_after_step=0, update_every=1, power=0.75)
+    for i in range(6):
+        with torch.no_grad():
+            for p, q in zip(net.parameters(), ref_net.parameters()):
+                p.add_(0.1 * (i + 1))
+                q.add_(0.1 * (i + 1))
+        ours.update(torch.tensor(1.0))
+        ref.update()
+    for a, b in zip(ours.model.parameters(), ref.ema_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+    before = {k: v.clone() for k, v in ours.weights().items()}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(100.0)
+    ours.update(torch.tensor(0.0))  # a skipped optimizer step: the EMA must not move
+    after = ours.weights()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert ours.num_updates == 7
+
+
+def test_ema_counters_roundtrip():
+    net = _net()
+    a = EMA(net, decay=0.9, warmup_steps=2, update_every=1, power=0.75)
+    for _ in range(5):
+        a.update(torch.tensor(1.0))
+    b = EMA(_net(), decay=0.9, warmup_steps=2, update_every=1, power=0.75)
+    b.load(a.weights(), a.state_dict())
+    assert b.num_updates == 5 and b.inner.get_current_decay() == a.inner.get_current_decay()
+
+
+def _fake_checkpoint(out, step, cfg, complete=True):
+    d = out / (checkpoint.step_dir_name(step) if complete else f".tmp-{checkpoint.step_dir_name(step)}")
+    d.mkdir(parents=True)
+    (d / "config.yaml").write_text(__import__("pipeline.config", fromlist=["to_yaml"]).to_yaml(cfg))
+    (d / "meta.json").write_text(json.dumps({"step": step, "world_size": 1,
+                                             "model_config_hash": checkpoint.model_config_hash(cfg)}))
+    if complete:
+        (d / checkpoint.COMPLETE).write_text(f"{step}\n")
+    return d
+
+
+def test_resume_auto_takes_newest_complete_and_ignores_incomplete(tmp_path):
+    cfg = load_config(REPO / "configs" / "digits.yaml")
+    _fake_checkpoint(tmp_path, 100, cfg)
+    _fake_checkpoint(tmp_path, 200, cfg)
+    _fake_checkpoint(tmp_path, 300, cfg, complete=False)  # killed while writing
+    unmarked = tmp_path / checkpoint.step_dir_name(400)  # a folder without COMPLETE (copied by hand, ...)
+    unmarked.mkdir()
+    assert checkpoint.resolve_resume(tmp_path, "auto").name == "step-00000200"
+    assert checkpoint.resolve_resume(tmp_path, "none") is None
+    assert checkpoint.resolve_resume(tmp_path / "empty", "auto") is None
+    with pytest.raises(checkpoint.CheckpointError, match="no COMPLETE marker"):
+        checkpoint.resolve_resume(tmp_path, str(unmarked))
+    assert checkpoint.remove_stale_tmp(tmp_path) == 1
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_mismatched_model_config_is_refused_listing_keys(tmp_path):
+    cfg = load_config(REPO / "configs" / "digits.yaml")
+    d = _fake_checkpoint(tmp_path, 100, cfg)
+    other = load_config(REPO / "configs" / "digits.yaml", ["model.base_channels=64", "diffusion.timesteps=500",
+                                                            "train.lr=1e-5"])
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        checkpoint.check_compatible(d, other, world_size=1)
+    msg = str(err.value)
+    assert "model.base_channels: checkpoint 32, now 64" in msg
+    assert "diffusion.timesteps: checkpoint 1000, now 500" in msg
+    assert "train.lr" not in msg  # training settings may change on resume
+    assert checkpoint.check_compatible(d, load_config(REPO / "configs" / "digits.yaml", ["train.lr=1e-5"]), 1)
+
+
+def test_ema_export_carries_its_config(tmp_path):
+    cfg = load_config(REPO / "configs" / "digits.yaml")
+    w = {"a.weight": torch.randn(3, 2)}
+    checkpoint.export_ema(tmp_path / "ema.safetensors", w, cfg, step=7)
+    weights, info = checkpoint.read_ema(tmp_path / "ema.safetensors")
+    assert torch.equal(weights["a.weight"], w["a.weight"])
+    assert info["step"] == 7 and info["model"]["base_channels"] == 32 and info["diffusion"]["timesteps"] == 1000
+
+
+def test_dist_helpers_without_process_group():
+    assert not dist.is_initialized()
+    assert (dist.rank(), dist.world_size(), dist.is_main()) == (0, 1, True)
+    assert dist.any_true(True) is True and dist.any_true(False) is False
+    assert dist.broadcast_object({"x": 1}) == {"x": 1}
+    assert dist.all_gather_object(3) == [3]
+    dist.barrier()
+    dist.init_flag_group()  # a no-op without a group

@@ -1,0 +1,400 @@
+"""Evaluate a training checkpoint: samples, FID/KID with provenance, bits/dim, a grid; log into the training run.
+
+    python -m evaluation.evaluate --checkpoint runs/digits/step-00002000 eval.feature_extractor=digits
+    python -m evaluation.evaluate --checkpoint CKPT eval.num_samples=50000 eval.sampler=ancestral \\
+        eval.fid_mode=legacy_tensorflow eval.reference=clean-fid:cifar10/train/32     # the paper's protocol
+    python -m evaluation.evaluate --watch runs/digits --poll-s 30                     # every new checkpoint once
+    # sampling spread over processes (image i still comes from seed eval.seed + i):
+    accelerate launch --num_processes 8 -m evaluation.evaluate --checkpoint CKPT
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \\
+        --mixed_precision no --dynamo_backend no -m evaluation.evaluate --checkpoint CKPT      # 2 CPU processes
+
+The checkpoint folder (docs/architecture.md) gives the weights (``ema.safetensors``, or the raw weights
+of ``accelerate/`` with ``eval.use_ema=false``), the resolved config (``config.yaml``; ``key=value``
+overrides apply on top, e.g. ``eval.*`` or ``data.shards``) and the MLflow run (``meta.json``), into
+which FID/KID/bits-per-dim are logged at the checkpoint's step with the protocol as tags
+(docs/tracking.md). Only files are read from the checkpoint: the training job is never waited for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import dist
+from pipeline.checkpoint import COMPLETE, read_ema, step_dir_name
+from pipeline.config import Config, ConfigError, load_config
+
+log = logging.getLogger("evaluation")
+
+
+class EvaluationError(RuntimeError):
+    """A checkpoint or setting that cannot be evaluated; the message says what to do."""
+
+
+@dataclass
+class EvalResult:
+    step: int
+    metrics: dict[str, float]
+    provenance: dict[str, Any]
+    out_dir: str
+    logged_to_run: str | None = None  # MLflow run id, when logged
+    classifier: dict[str, Any] = field(default_factory=dict)  # digits: confident share + class histogram
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+
+def read_checkpoint(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, dict]:
+    """The resolved config (with overrides) and meta.json of a complete checkpoint folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise EvaluationError(f"--checkpoint {path}: no such folder; give an out_dir/step-NNNNNNNN folder")
+    if not (path / COMPLETE).is_file():
+        raise EvaluationError(
+            f"--checkpoint {path} has no {COMPLETE} marker: it is still being written (or the job died while "
+            "writing it); evaluate a complete step-NNNNNNNN folder, or use --watch to wait for new ones"
+        )
+    cfg = load_config(path / "config.yaml", list(overrides))
+    meta = json.loads((path / "meta.json").read_text())
+    return cfg, meta
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    """Raw weights as accelerate saved them may carry wrapper prefixes (DDPMLoss.net., DDP module., compile)."""
+    for prefix in ("", "net.", "module.", "module.net.", "_orig_mod.", "net._orig_mod."):
+        cand = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if set(cand) == expected:
+            return cand
+    raise EvaluationError(f"raw weights do not match the U-Net: e.g. {sorted(state)[:3]} vs {sorted(expected)[:3]}")
+
+
+def load_raw_weights(ckpt: Path, expected: set[str]) -> dict[str, torch.Tensor]:
+    """The training weights of the accelerate state (single-model save_state; DDP or plain)."""
+    from safetensors.torch import load_file
+
+    acc = ckpt / "accelerate"
+    if (acc / "model.safetensors").is_file():
+        return _strip_prefixes(load_file(str(acc / "model.safetensors")), expected)
+    if (acc / "pytorch_model.bin").is_file():
+        return _strip_prefixes(torch.load(acc / "pytorch_model.bin", map_location="cpu", weights_only=True), expected)
+    raise EvaluationError(
+        f"eval.use_ema=false needs the raw weights in {acc}/model.safetensors (or pytorch_model.bin); not found "
+        "(a DeepSpeed checkpoint keeps them sharded: convert with DeepSpeed's zero_to_fp32.py first), "
+        "or evaluate the EMA weights (eval.use_ema=true)"
+    )
+
+
+def load_network(ckpt: Path, cfg: Config, use_ema: bool, device: torch.device) -> torch.nn.Module:
+    from pipeline.unet import UNet
+
+    net = UNet(cfg.model)
+    expected = set(net.state_dict())
+    if use_ema:
+        weights, _ = read_ema(ckpt / "ema.safetensors")
+    else:
+        weights = load_raw_weights(ckpt, expected)
+    missing = expected - set(weights)
+    if missing:
+        raise EvaluationError(
+            f"{ckpt}: weights lack {sorted(missing)[:3]}...; was model.* overridden? The checkpoint's config.yaml "
+            "describes the network its weights belong to"
+        )
+    net.load_state_dict({k: weights[k].float() for k in expected})
+    return net.to(device).eval().requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------------------ sampling
+
+
+def seed_block(num: int, rank: int, world: int) -> range:
+    """Indices 0..num-1 of this rank: contiguous blocks, so gathering in rank order restores seed order."""
+    per = math.ceil(num / world)
+    return range(min(rank * per, num), min((rank + 1) * per, num))
+
+
+def draw_samples(net, diffusion, cfg: Config, device: torch.device) -> tuple[np.ndarray | None, float]:
+    """uint8 (N, C, H, W) for seeds eval.seed .. eval.seed+N-1 on rank 0 (None elsewhere), and images/s.
+
+    Each rank samples a disjoint contiguous block of seeds; since image i depends only on its seed
+    (pipeline/sampling.py), the gathered set equals the one-process set.
+    """
+    from pipeline.sampling import sample
+
+    e = cfg.eval
+    mine = seed_block(e.num_samples, dist.rank(), dist.world_size())
+    t0 = time.perf_counter()
+    local = sample(
+        net, diffusion, [e.seed + i for i in mine], sampler=e.sampler, steps=e.steps, eta=e.eta,
+        batch_size=e.batch_size, device=device, progress=dist.is_main(),
+    ).numpy()
+    elapsed = time.perf_counter() - t0
+    parts = dist.all_gather_object((local, elapsed))  # gloo group: host objects, whatever the device backend
+    images = np.concatenate([p[0] for p in parts]) if dist.is_main() else None
+    rate = e.num_samples / max(p[1] for p in parts)
+    return images, rate
+
+
+def save_samples(images: np.ndarray, dest: str | Path, seed0: int) -> Path:
+    """``*.npz`` (images, seeds) or a folder of PNGs named by seed."""
+    from PIL import Image
+
+    dest = Path(dest)
+    seeds = np.arange(seed0, seed0 + len(images))
+    if dest.suffix == ".npz":
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(dest, images=images, seeds=seeds)
+        return dest
+    dest.mkdir(parents=True, exist_ok=True)
+    for img, s in zip(images, seeds):
+        arr = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
+        Image.fromarray(arr).save(dest / f"seed{s:08d}.png")
+    return dest
+
+
+# ---------------------------------------------------------------------------------------- bits / dim
+
+
+def held_out_batches(shards: str, split: str, max_images: int, batch_size: int):
+    """Deterministic batches {"image": float in [-1, 1]} of a split, in manifest order."""
+    from evaluation.fid import iter_split_images
+    from pipeline.data.manifest import read_manifest
+
+    buf = []
+    for img in iter_split_images(read_manifest(shards), split, max_images):
+        buf.append(torch.from_numpy(np.array(img)))
+        if len(buf) == batch_size:
+            yield {"image": torch.stack(buf).float() / 127.5 - 1.0}
+            buf = []
+    if buf:
+        yield {"image": torch.stack(buf).float() / 127.5 - 1.0}
+
+
+# --------------------------------------------------------------------------------------- the stage
+
+
+def _provenance(cfg: Config, meta: dict, extractor, ref, ckpt: Path, diffusion) -> dict[str, Any]:
+    e = cfg.eval
+    ref_prov = ref.provenance
+    if ref_prov["source"] == "shards":
+        reference = f"shards:{ref_prov['split']}"
+    else:
+        reference = f"clean-fid:{ref_prov['name']}/{ref_prov['split']}/{ref_prov['resolution']}"
+    return {
+        "extractor": extractor.name,
+        "extractor_sha256": extractor.weights_sha256,
+        "mode": extractor.fid_mode,
+        "resize": extractor.resize,
+        "reference": reference,
+        "reference_count": int(ref_prov["count"]),
+        "reference_sha256": ref.stats_sha256,
+        "reference_location": ref_prov.get("location", ""),
+        "reference_manifest_sha256": ref_prov.get("manifest_sha256", ""),
+        "num_samples": e.num_samples,
+        "seeds": f"{e.seed}..{e.seed + e.num_samples - 1}",
+        "sampler": e.sampler,
+        "sampler_steps": diffusion.num_timesteps if e.sampler == "ancestral" else e.steps,
+        "eta": e.eta if e.sampler == "ddim" else 1.0,
+        "weights": "ema" if e.use_ema else "raw",
+        "step": int(meta["step"]),
+        "checkpoint": str(ckpt.resolve()),
+        "model_config_hash": meta.get("model_config_hash", ""),
+        "kid_subsets": e.kid_subsets,
+        "kid_subset_size": e.kid_subset_size,
+        "world_size": dist.world_size(),
+    }
+
+
+def evaluate(ckpt: str | Path, overrides: list[str] | tuple[str, ...] = (), *, save_samples_to: str = "",
+             out_dir: str = "", log_to_run: bool = True) -> EvalResult | None:
+    """Evaluate one checkpoint (every rank calls this; rank 0 computes and logs and returns the result)."""
+    from evaluation import digits_net
+    from evaluation.features import build_extractor
+    from evaluation.fid import fid, kid, load_reference
+    from pipeline.data.manifest import read_manifest
+    from pipeline.diffusion import Diffusion, bits_per_dim
+
+    ckpt = Path(ckpt)
+    cfg, meta = read_checkpoint(ckpt, overrides)
+    e = cfg.eval
+    step = int(meta["step"])
+    device = _device(e.device)
+    diffusion = Diffusion(cfg.diffusion)
+    # Weights are read into memory first, so keep-k deleting the folder later does not matter.
+    net = load_network(ckpt, cfg, e.use_ema, device)
+    images, images_per_s = draw_samples(net, diffusion, cfg, device)
+    if not dist.is_main():
+        return None
+    assert images is not None
+    out = Path(out_dir) if out_dir else ckpt.parent / "eval" / step_dir_name(step)
+    out.mkdir(parents=True, exist_ok=True)
+    if save_samples_to:
+        print(f"samples saved to {save_samples(images, save_samples_to, e.seed)}")
+
+    extractor = build_extractor(e, device)
+    ref = load_reference(e.reference, cfg.data.shards, extractor,
+                         cache_dir=e.stats_cache_dir, max_images=e.reference_max_images)
+    feats = extractor(images, desc="sample features")
+    ext = e.feature_extractor
+    metrics = {
+        f"eval/fid_{ext}": fid(feats, ref),
+        f"eval/kid_{ext}": kid(feats, ref.feats, num_subsets=e.kid_subsets, max_subset_size=e.kid_subset_size),
+        "eval/sampling_images_per_s": images_per_s,
+    }
+    classifier: dict[str, Any] = {}
+    if ext == "digits":
+        classifier = digits_net.class_summary(digits_net.predict_proba(images), e.confidence_threshold)
+        metrics["eval/digits_confident_share"] = classifier["confident_share"]
+    provenance = _provenance(cfg, meta, extractor, ref, ckpt, diffusion)
+    if e.bpd_split and e.bpd_split not in read_manifest(cfg.data.shards).splits:
+        # a counted skip, not a failure: FID/KID are still worth having
+        provenance["bpd"] = {"skipped": f"{cfg.data.shards} has no split {e.bpd_split!r} (prepare with "
+                                        "--test-fraction 0.1, or set eval.bpd_split=train or '')"}
+        print(f"warning: bits/dim skipped: {provenance['bpd']['skipped']}", file=sys.stderr)
+    elif e.bpd_split:
+        est = bits_per_dim(
+            net, diffusion, held_out_batches(cfg.data.shards, e.bpd_split, e.bpd_max_images, e.batch_size),
+            timesteps_k=e.bpd_timesteps, max_images=e.bpd_max_images, device=device, seed=e.seed, progress=True,
+        )
+        metrics["eval/bpd"], metrics["eval/bpd_se"] = est.bpd, est.bpd_se
+        provenance["bpd"] = {"split": e.bpd_split, "num_images": est.num_images,
+                             "timesteps_k": e.bpd_timesteps or "exact (all T)"}  # fmt: skip
+
+    from pipeline.tracking import image_grid
+
+    grid_path = out / "grid.png"
+    _save_png(image_grid(images[: e.grid_images]), grid_path)
+    (out / "provenance.json").write_text(json.dumps(provenance, indent=1, sort_keys=True))
+    (out / "metrics.json").write_text(json.dumps({"step": step, **metrics, "classifier": classifier}, indent=1))
+    result = EvalResult(step, metrics, provenance, str(out), classifier=classifier)
+    if log_to_run:
+        result.logged_to_run = _log(cfg, meta, ckpt, result, grid_path)
+    return result
+
+
+def _device(name: str) -> torch.device:
+    if name:
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", dist.local_rank())
+    return torch.device("cpu")
+
+
+def _save_png(arr: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr).save(path)
+
+
+def protocol_tags(ext: str, provenance: dict[str, Any]) -> dict[str, str]:
+    """The ``fid_protocol.<ext>.*`` tags of docs/tracking.md."""
+    keys = ("extractor_sha256", "mode", "reference", "reference_count", "reference_sha256", "num_samples",
+            "sampler", "sampler_steps", "eta", "weights", "step")  # fmt: skip
+    return {f"fid_protocol.{ext}.{k}": str(provenance[k]) for k in keys}
+
+
+def _log(cfg: Config, meta: dict, ckpt: Path, result: EvalResult, grid_path: Path) -> str | None:
+    """Into the training run at the checkpoint's step; returns the run id, or None when nothing was logged."""
+    from pipeline.tracking import make_sink
+
+    run_id, uri = meta.get("mlflow_run_id"), meta.get("mlflow_tracking_uri")
+    if not run_id or not uri:
+        print(f"note: {ckpt}/meta.json names no MLflow run (tracking was off); figures are in {result.out_dir}")
+        return None
+    tracking = dataclasses.replace(cfg.tracking, uri=uri, enabled=True)
+    sink = make_sink(tracking, out_dir=ckpt.parent, is_main_process=True, run_id=run_id, attach=True)
+    artifact_dir = f"eval/{step_dir_name(result.step)}"
+    sink.log_metrics(result.metrics, step=result.step)
+    sink.set_tags(protocol_tags(cfg.eval.feature_extractor, result.provenance))
+    sink.log_artifact(grid_path, artifact_path=artifact_dir)
+    sink.log_artifact(text=json.dumps(result.provenance, indent=1, sort_keys=True), name="provenance.json",
+                      artifact_path=artifact_dir)
+    sink.finish("FINISHED")  # attach=True: flushes only; the training run's status is left alone
+    if sink.stats.get("dropped_ops"):
+        print(f"warning: {sink.stats['dropped_ops']} tracking calls to {uri} were dropped (see warnings above); "
+              f"the figures are also in {result.out_dir}", file=sys.stderr)
+        return None
+    return run_id
+
+
+def format_result(r: EvalResult) -> str:
+    p = r.provenance
+    ext = p["extractor"]
+    lines = [f"step {r.step}  ({p['weights']} weights, {p['sampler']} {p['sampler_steps']} steps, eta {p['eta']}, "
+             f"{p['num_samples']} samples, seeds {p['seeds']})"]
+    for k, v in sorted(r.metrics.items()):
+        lines.append(f"  {k:32s} {v:.6g}")
+    lines.append(f"  FID/KID features: {ext} (weights sha256 {p['extractor_sha256'][:12]}), {p['resize']}")
+    lines.append(f"  reference: {p['reference']} ({p['reference_count']} images, stats sha256 "
+                 f"{p['reference_sha256'][:12]})")
+    if ext.startswith("digits"):
+        lines.append("  note: digits-feature FID, not Inception FID; not comparable with published numbers")
+    if r.classifier:
+        lines.append(f"  digits classifier: {r.classifier['confident_share']:.3f} of samples labelled with "
+                     f"confidence >= {r.classifier['threshold']}; classes {r.classifier['class_histogram']}")
+    lines.append(f"  logged to MLflow run {r.logged_to_run}" if r.logged_to_run else "  not logged to MLflow")
+    lines.append(f"  files: {r.out_dir}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m evaluation.evaluate", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--checkpoint", help="a complete out_dir/step-NNNNNNNN folder")
+    what.add_argument("--watch", help="a training out_dir: evaluate each new complete checkpoint once")
+    p.add_argument("--save-samples", default="", help="write the samples: DIR (PNGs named by seed) or FILE.npz")
+    p.add_argument("--out", default="", help="figures folder (default: <out_dir>/eval/step-NNNNNNNN)")
+    p.add_argument("--no-log", action="store_true", help="do not log into the training run")
+    p.add_argument("--poll-s", type=float, default=60.0, help="--watch: seconds between scans of the folder")
+    p.add_argument("--ledger", default="", help="--watch: ledger file (default: <DIR>/eval/ledger.json)")
+    p.add_argument("--once", action="store_true", help="--watch: one scan, evaluate what is there, exit")
+    p.add_argument("--max-wait-s", type=float, default=0.0,
+                   help="--watch: stop after this long with nothing new and no TRAINING_DONE (0 = wait for ever)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides (e.g. eval.num_samples=1000)")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _init_distributed()
+    try:
+        if a.watch:
+            from evaluation.watch import watch
+
+            watch(a.watch, a.overrides, poll_s=a.poll_s, ledger=a.ledger, once=a.once, log_to_run=not a.no_log,
+                  max_wait_s=a.max_wait_s)
+            return 0
+        r = evaluate(a.checkpoint, a.overrides, save_samples_to=a.save_samples, out_dir=a.out,
+                     log_to_run=not a.no_log)
+        if r is not None:
+            print(format_result(r))
+        return 0
+    except (EvaluationError, ConfigError, ValueError, RuntimeError) as exc:
+        print(f"evaluate: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _init_distributed() -> None:
+    """Under torchrun/accelerate launch: one process group (gloo on CPU, NCCL on GPUs) plus a gloo group."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        import torch.distributed as tdist
+
+        backend = "nccl" if torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "") != "1" else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(dist.local_rank())
+        tdist.init_process_group(backend)
+        dist.init_flag_group()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,114 @@
+"""Watch a training out_dir and evaluate every new complete checkpoint exactly once.
+
+    python -m evaluation.evaluate --watch runs/digits --poll-s 30 eval.feature_extractor=digits
+
+A checkpoint is ready when its ``step-NNNNNNNN`` folder has the ``COMPLETE`` marker (the trainer writes
+``.tmp-step-*`` and renames it when done); anything else is ignored until it is. Done steps are kept in a
+ledger (JSON, replaced atomically after each evaluation), so a restarted watcher skips them. The watcher
+stops once ``TRAINING_DONE`` exists and every complete checkpoint is in the ledger. It only reads the
+training folder's checkpoints (and writes its ledger and figures under ``<out_dir>/eval/``), so training
+never waits for it. A checkpoint deleted by keep-k before its turn is recorded as skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pipeline.checkpoint import DONE, complete_checkpoints
+
+LEDGER_FORMAT = 1
+
+
+def default_ledger(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "eval" / "ledger.json"
+
+
+def read_ledger(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        return {"format": LEDGER_FORMAT, "checkpoints": {}}
+    try:
+        ledger = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RuntimeError(f"ledger {path} is not valid JSON ({exc}); delete it to re-evaluate every checkpoint") from exc
+    if ledger.get("format") != LEDGER_FORMAT:
+        raise RuntimeError(f"ledger {path} has format {ledger.get('format')!r}, expected {LEDGER_FORMAT}")
+    return ledger
+
+
+def write_ledger(path: str | Path, ledger: dict[str, Any]) -> None:
+    """tmp + fsync + os.replace: a watcher killed mid-write leaves the previous ledger intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    with open(tmp, "w") as f:
+        json.dump(ledger, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def pending(out_dir: str | Path, ledger: dict[str, Any]) -> list[Path]:
+    """Complete checkpoints not yet in the ledger, oldest first."""
+    return [p for p in complete_checkpoints(out_dir) if p.name not in ledger["checkpoints"]]
+
+
+def watch(
+    out_dir: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    poll_s: float = 60.0,
+    ledger: str | Path = "",
+    once: bool = False,
+    log_to_run: bool = True,
+    evaluate_fn: Callable[..., Any] | None = None,
+    max_wait_s: float = 0.0,
+) -> dict[str, Any]:
+    """Evaluate new checkpoints until training is done and all are evaluated; returns the ledger.
+
+    ``once``: one scan, then return. ``max_wait_s`` (> 0): give up after this long without anything new.
+    ``evaluate_fn(ckpt, overrides, log_to_run=...)`` defaults to ``evaluation.evaluate.evaluate``.
+    """
+    from evaluation.evaluate import EvaluationError, evaluate, format_result
+    from pipeline import dist
+
+    if dist.world_size() > 1:
+        raise EvaluationError("--watch runs in one process (it keeps one ledger); launch it without accelerate")
+    evaluate_fn = evaluate_fn or evaluate
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise EvaluationError(f"--watch {out_dir}: no such folder; give the training's train.out_dir")
+    ledger_path = Path(ledger) if ledger else default_ledger(out_dir)
+    state = read_ledger(ledger_path)
+    last_progress = time.monotonic()
+    while True:
+        done = (out_dir / DONE).is_file()  # read before the scan: a checkpoint written after it is seen next round
+        todo = pending(out_dir, state)
+        for ckpt in todo:
+            entry: dict[str, Any] = {"evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            try:
+                result = evaluate_fn(ckpt, overrides, log_to_run=log_to_run)
+            except Exception as exc:
+                if ckpt.exists():
+                    raise  # a real problem (settings, weights): stop and say so rather than mark it done
+                # keep-k removed it between the scan and the read of its weights
+                entry.update(status="skipped", reason=f"removed before evaluation ({type(exc).__name__})")
+                print(f"watch: {ckpt.name} was removed before it could be evaluated; skipped", file=sys.stderr)
+            else:
+                entry.update(status="ok", step=result.step, metrics=result.metrics, run_id=result.logged_to_run)
+                print(format_result(result), flush=True)
+            state["checkpoints"][ckpt.name] = entry
+            write_ledger(ledger_path, state)
+            last_progress = time.monotonic()
+        if once or (done and not pending(out_dir, state)):
+            return state
+        if max_wait_s and time.monotonic() - last_progress > max_wait_s:
+            print(f"watch: nothing new in {out_dir} for {max_wait_s:.0f} s and no {DONE}; stopping", file=sys.stderr)
+            return state
+        time.sleep(poll_s)

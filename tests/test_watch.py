@@ -1,0 +1,107 @@
+"""The checkpoint watcher: each complete checkpoint once, across restarts; incomplete ones ignored."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+
+import pytest
+import torch
+
+from evaluation.evaluate import EvaluationError, evaluate
+from evaluation.watch import default_ledger, read_ledger, watch
+from tests.helpers.evaluation import mark_done, prepare_digits, tiny_config, training_run, write_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> str:
+    return prepare_digits(tmp_path_factory.mktemp("data"))
+
+
+FAST = ["eval.num_samples=8", "eval.bpd_split=''", "eval.kid_subsets=2"]
+
+
+def _counting(calls: Counter):
+    def fn(ckpt, overrides, **kw):
+        calls[ckpt.name] += 1
+        return evaluate(ckpt, overrides, **kw)
+
+    return fn
+
+
+def test_each_checkpoint_once_across_a_restart_and_incomplete_ones_skipped(digits, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = training_run(uri)
+    cfg = tiny_config(digits, tmp_path / "run")
+    kw = {"run_id": run_id, "tracking_uri": uri}
+    write_checkpoint(cfg, 100, seed=1, **kw)
+    write_checkpoint(cfg, 200, seed=2, **kw)
+    write_checkpoint(cfg, 300, seed=3, complete=False, **kw)  # being written: .tmp-step-00000300
+    calls: Counter = Counter()
+
+    # first watcher: sees two complete checkpoints, ignores the temporary folder, then is "killed"
+    state = watch(tmp_path / "run", FAST, once=True, evaluate_fn=_counting(calls))
+    assert sorted(state["checkpoints"]) == ["step-00000100", "step-00000200"]
+    assert calls == Counter({"step-00000100": 1, "step-00000200": 1})
+
+    # training goes on: step 300 completes, a folder without COMPLETE appears, training ends
+    shutil.rmtree(tmp_path / "run" / ".tmp-step-00000300")
+    write_checkpoint(cfg, 300, seed=3, **kw)
+    broken = write_checkpoint(cfg, 400, seed=4, complete=False, **kw)
+    broken.rename(tmp_path / "run" / "step-00000400")  # named like a checkpoint, but no COMPLETE marker
+    mark_done(cfg, 300)
+
+    # a restarted watcher: only step 300 is new; it stops by itself once TRAINING_DONE is there
+    state = watch(tmp_path / "run", FAST, poll_s=0.05, evaluate_fn=_counting(calls))
+    assert calls == Counter({"step-00000100": 1, "step-00000200": 1, "step-00000300": 1})
+    assert sorted(state["checkpoints"]) == ["step-00000100", "step-00000200", "step-00000300"]
+    assert all(e["status"] == "ok" and e["run_id"] == run_id for e in state["checkpoints"].values())
+    assert read_ledger(default_ledger(tmp_path / "run")) == json.loads(json.dumps(state))
+
+    hist = MlflowClient(uri).get_metric_history(run_id, "eval/fid_digits")
+    assert sorted(m.step for m in hist) == [100, 200, 300]
+    by_step = {m.step: m.value for m in hist}
+    assert by_step[300] == pytest.approx(state["checkpoints"]["step-00000300"]["metrics"]["eval/fid_digits"])
+
+    # a third start has nothing to do and returns at once
+    assert watch(tmp_path / "run", FAST, poll_s=0.05, evaluate_fn=_counting(calls)) == state
+    assert sum(calls.values()) == 3
+
+
+def test_checkpoint_removed_by_keep_k_is_skipped_and_real_errors_stop(digits, tmp_path):
+    cfg = tiny_config(digits, tmp_path / "run")
+    first = write_checkpoint(cfg, 10, seed=1)
+    write_checkpoint(cfg, 20, seed=2)
+    mark_done(cfg, 20)
+
+    def deleted_first(ckpt, overrides, **kw):
+        if ckpt == first:
+            shutil.rmtree(first)  # the trainer's keep-k got there first
+        return evaluate(ckpt, overrides, **kw)
+
+    state = watch(tmp_path / "run", FAST, poll_s=0.05, evaluate_fn=deleted_first, log_to_run=False)
+    assert state["checkpoints"]["step-00000010"]["status"] == "skipped"
+    assert state["checkpoints"]["step-00000020"]["status"] == "ok"
+
+    write_checkpoint(cfg, 30, seed=3)
+    with pytest.raises(EvaluationError):  # a setting that cannot work stops the watcher, unrecorded
+        watch(tmp_path / "run", FAST, once=True, log_to_run=False,
+              evaluate_fn=lambda c, o, **kw: (_ for _ in ()).throw(EvaluationError("bad setting")))
+    assert "step-00000030" not in read_ledger(default_ledger(tmp_path / "run"))["checkpoints"]
+
+
+def test_watch_gives_up_after_max_wait_without_training_done(digits, tmp_path):
+    (tmp_path / "run").mkdir()
+    state = watch(tmp_path / "run", FAST, poll_s=0.05, max_wait_s=0.2)
+    assert state["checkpoints"] == {}

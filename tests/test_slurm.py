@@ -1,0 +1,237 @@
+"""The SLURM job scripts against a real two-node SLURM (slurmctld + two slurmd on 127.0.0.1), on CPU.
+
+The first tests need only the cluster harness (tests/helpers/slurm.py); the end-to-end ones submit
+launch/slurm/train.sbatch and evaluate.sbatch with DDPM_CPU=1 (gloo, one process per node) on the
+bundled digits, with an MLflow SQLite store in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.slurm import slurm_fixture  # noqa: F401  (the session fixture `slurm`)
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_SBATCH = REPO / "launch" / "slurm" / "train.sbatch"
+EVAL_SBATCH = REPO / "launch" / "slurm" / "evaluate.sbatch"
+BATCH = 32  # global batch of the end-to-end runs
+
+
+def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.5):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise TimeoutError(f"{what} did not happen within {timeout_s:.0f} s")
+
+
+# ------------------------------------------------------------------------------- the cluster itself
+
+
+def test_two_node_job_runs_one_task_on_each_node(slurm, tmp_path):
+    script = tmp_path / "nodes.sh"
+    script.write_text("#!/bin/bash\nsrun bash -c 'echo \"task $SLURM_NODEID on $SLURMD_NODENAME of $SLURM_NNODES\"'\n")
+    out = tmp_path / "nodes.out"
+    job = slurm.sbatch([script], options=["-N2", "--ntasks-per-node=1", f"--output={out}"])
+    info = slurm.wait_done(job, timeout_s=60)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0")
+    lines = sorted(line for line in out.read_text().splitlines() if line.startswith("task "))
+    assert lines == ["task 0 on node1 of 2", "task 1 on node2 of 2"]
+
+
+def test_usr1_reaches_the_batch_trap_and_the_job_requeues(slurm, tmp_path):
+    # The mechanism train.sbatch relies on: `scancel --signal=USR1 --batch` (what --signal=B:USR1@120
+    # sends before the time limit) runs the script's trap; `scontrol requeue` from there re-runs it.
+    ready, out = tmp_path / "ready", tmp_path / "requeue.out"
+    script = tmp_path / "requeue.sh"
+    script.write_text(f"""#!/bin/bash
+echo "run restart=${{SLURM_RESTART_COUNT:-0}}"
+if [[ ${{SLURM_RESTART_COUNT:-0}} -ge 1 ]]; then exit 0; fi
+got=0
+trap 'got=1' USR1
+sleep 60 &
+touch {ready}
+wait $!
+if ((got)); then echo "trapped USR1"; kill $! 2>/dev/null; scontrol requeue "$SLURM_JOB_ID"; fi
+""")
+    job = slurm.sbatch([script], options=["--requeue", "--open-mode=append", f"--output={out}"])
+    wait_for(ready.exists, 60, "the job start")
+    slurm.cmd("scancel", "--signal=USR1", "--batch", str(job))
+    pending = slurm.start_requeued_now(job, restarts=1, timeout_s=60)
+    assert pending["Reason"] in ("BeginTime", "None", "Priority", "Resources")
+    info = slurm.wait_done(job, timeout_s=60)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1")
+    # slurmstepd may add "CANCELLED ... DUE TO JOB REQUEUE" when the script has not ended yet.
+    lines = [ln for ln in out.read_text().splitlines() if not ln.startswith("slurmstepd")]
+    assert lines == ["run restart=0", "trapped USR1", "run restart=1"]
+
+
+def test_invalid_config_fails_before_any_node_starts(slurm, tmp_path):
+    out = tmp_path / "bad.out"
+    job = slurm.sbatch([TRAIN_SBATCH, "configs/digits.yaml", "train.total_steps=-3"],
+                               options=["-N2", f"--output={out}"], env={"DDPM_CPU": "1"}, cwd=REPO)
+    info = slurm.wait_done(job, timeout_s=60)
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0")
+    text = out.read_text()
+    assert "train.total_steps=-3 must be > 0" in text
+    assert "accelerate" not in text  # no srun step was started
+
+
+# ------------------------------------------------------------------- end to end: train and evaluate
+
+
+@pytest.fixture(scope="module")
+def digits_shards(tmp_path_factory) -> Path:
+    pytest.importorskip("pipeline.data.prepare", exc_type=ModuleNotFoundError)
+    out = tmp_path_factory.mktemp("digits") / "shards"
+    subprocess.run([sys.executable, "-m", "pipeline.data.prepare", "digits", "--out", str(out), "--quiet",
+                    "--test-fraction", "0.1"], cwd=REPO, check=True, timeout=300)
+    return out
+
+
+def train_args(shards: Path, out_dir: Path, total_steps: int, checkpoint_every: int) -> list[str]:
+    return [str(TRAIN_SBATCH), "configs/digits.yaml",
+            f"data.shards={shards}", "data.num_workers=0",
+            f"train.out_dir={out_dir}", f"train.batch_size={BATCH}", f"train.total_steps={total_steps}",
+            f"train.checkpoint_every_steps={checkpoint_every}", "train.log_every_steps=5",
+            "train.sample_every_steps=0", "train.preempt_check_every_steps=1", "train.keep_checkpoints=10",
+            "tracking.experiment=slurm-test"]
+
+
+def job_env(tmp_path: Path) -> dict[str, str]:
+    """The job runs this interpreter's environment (VENV), CPU processes, an MLflow store in tmp_path."""
+    in_venv = sys.prefix != sys.base_prefix
+    return {"DDPM_CPU": "1", "OMP_NUM_THREADS": "1", "VENV": sys.prefix if in_venv else "",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+
+
+def complete_steps(out_dir: Path) -> list[int]:
+    return sorted(int(p.parent.name.split("-")[1]) for p in out_dir.glob("step-*/COMPLETE"))
+
+
+def meta(out_dir: Path, step: int) -> dict:
+    return json.loads((out_dir / f"step-{step:08d}" / "meta.json").read_text())
+
+
+def test_two_node_training_job_writes_checkpoints(slurm, digits_shards, tmp_path):
+    pytest.importorskip("pipeline.trainer", exc_type=ModuleNotFoundError)
+    out_dir, log = tmp_path / "run", tmp_path / "train.out"
+    job = slurm.sbatch(train_args(digits_shards, out_dir, total_steps=20, checkpoint_every=10),
+                               options=["-N2", f"--output={log}"], env=job_env(tmp_path), cwd=REPO)
+    info = slurm.wait_done(job, timeout_s=180)
+    text = log.read_text()
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), text[-3000:]
+    assert info["NodeList"] == "node[1-2]"
+
+    # Both nodes took part: each srun task (--label "0:", "1:") trained in a world of 2.
+    for task in (0, 1):
+        assert re.search(rf"^{task}: training: world 2\b", text, re.M), text[-3000:]
+        assert re.search(rf"^{task}: step 20/20\b", text, re.M), text[-3000:]
+    assert complete_steps(out_dir) == [10, 20]
+    assert (out_dir / "TRAINING_DONE").exists()
+    final = meta(out_dir, 20)
+    assert (final["world_size"], final["step"], final["images_seen"]) == (2, 20, 20 * BATCH)
+    assert sorted(p.name for p in (out_dir / "step-00000020" / "data").iterdir()) == ["rank-0.json", "rank-1.json"]
+
+
+def test_preemption_requeues_resumes_into_the_same_run_then_evaluation_follows(
+        slurm, digits_shards, tmp_path):
+    pytest.importorskip("pipeline.trainer", exc_type=ModuleNotFoundError)
+    pytest.importorskip("evaluation.evaluate", exc_type=ModuleNotFoundError)
+    from mlflow.tracking import MlflowClient
+
+    total, every = 80, 20
+    out_dir, log, eval_log = tmp_path / "run", tmp_path / "train.out", tmp_path / "eval.out"
+    env = job_env(tmp_path)
+    job = slurm.sbatch(train_args(digits_shards, out_dir, total, every),
+                               options=["-N2", f"--output={log}"], env=env, cwd=REPO)
+    eval_job = slurm.sbatch(
+        [EVAL_SBATCH, "--checkpoint", str(out_dir / f"step-{total:08d}"), "eval.num_samples=50", "eval.steps=5",
+         "eval.bpd_timesteps=4", "eval.bpd_max_images=32"],
+        options=[f"--dependency=afterok:{job}", f"--output={eval_log}"], env=env, cwd=REPO)
+
+    # Preempt once the training loop runs (its first checkpoint is written).
+    wait_for(lambda: complete_steps(out_dir), 150, "the first checkpoint")
+    slurm.cmd("scancel", "--signal=USR1", "--batch", str(job))
+    pending = slurm.start_requeued_now(job, restarts=1, timeout_s=120)
+    text = log.read_text()
+    assert "got SIGUSR1" in text and f"requeueing job {job}" in text, text[-3000:]
+    preempt_step = max(complete_steps(out_dir))
+    assert every <= preempt_step < total, text[-3000:]
+    assert not (out_dir / "TRAINING_DONE").exists()
+    assert pending["JobState"] == "PENDING"
+    assert slurm.job(eval_job)["Reason"] == "Dependency"
+
+    info = slurm.wait_done(job, timeout_s=180)
+    text = log.read_text()
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), text[-3000:]
+    assert f"job {job} restart 1:" in text
+    # The resumed run started where the preempted one stopped and finished at the configured step.
+    assert re.search(rf"^0: training: world 2, .* from step {preempt_step} to {total}\b", text, re.M), text[-3000:]
+    assert (out_dir / "TRAINING_DONE").exists()
+    first, final = meta(out_dir, preempt_step), meta(out_dir, total)
+    assert first["step"] == preempt_step and not first["finished"]
+    assert (final["step"], final["images_seen"], final["world_size"]) == (total, total * BATCH, 2)
+
+    # One MLflow run holds the whole training: loss logged before and after the preemption.
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("slurm-test").experiment_id])
+    assert [r.info.run_id for r in runs] == [final["mlflow_run_id"]]
+    assert first["mlflow_run_id"] == final["mlflow_run_id"]
+    loss_steps = sorted({m.step for m in client.get_metric_history(final["mlflow_run_id"], "train/loss")})
+    assert loss_steps[0] <= preempt_step < loss_steps[-1] == total
+    assert client.get_run(final["mlflow_run_id"]).info.status == "FINISHED"
+
+    # The evaluation job ran only after the training job completed, and logged into that run.
+    eval_info = slurm.wait_done(eval_job, timeout_s=180)
+    assert (eval_info["JobState"], eval_info["ExitCode"]) == ("COMPLETED", "0:0"), eval_log.read_text()[-3000:]
+    assert eval_info["StartTime"] >= info["EndTime"]  # ISO timestamps compare as strings
+    run = client.get_run(final["mlflow_run_id"])
+    fid_keys = [k for k in run.data.metrics if k.startswith("eval/fid")]
+    assert fid_keys, sorted(run.data.metrics)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, fid_keys[0])] == [total]
+    assert run.data.metrics[fid_keys[0]] > 0
+
+
+def test_scripts_pass_shellcheck():
+    if not shutil.which("shellcheck"):
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    proc = subprocess.run(["shellcheck", str(TRAIN_SBATCH), str(EVAL_SBATCH)], capture_output=True, text=True)
+    assert (proc.returncode, proc.stdout) == (0, "")
+
+
+def test_scancel_checkpoints_and_does_not_requeue(slurm, digits_shards, tmp_path):
+    # `scancel JOB` sends SIGTERM to every process of the job: node_task.sh passes it to the training
+    # processes (torchrun would kill them 30 s later), they write a checkpoint; a cancel is not requeued.
+    pytest.importorskip("pipeline.trainer", exc_type=ModuleNotFoundError)
+    out_dir, log = tmp_path / "run", tmp_path / "train.out"
+    job = slurm.sbatch(train_args(digits_shards, out_dir, total_steps=2000, checkpoint_every=1000),
+                       options=["-N2", f"--output={log}"], env=job_env(tmp_path), cwd=REPO)
+    # Cancel once both nodes log training steps; no periodic checkpoint is due before step 1000.
+    wait_for(lambda: log.exists() and all(re.search(rf"^{t}: step \d+/2000", log.read_text(), re.M) for t in (0, 1)),
+             150, "training steps on both nodes")
+    slurm.cmd("scancel", str(job))
+    info = slurm.wait_done(job, timeout_s=60)
+    text = log.read_text()
+    assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0")
+    steps = complete_steps(out_dir)
+    assert len(steps) == 1 and 5 <= steps[0] < 1000, text[-3000:]
+    assert (meta(out_dir, steps[0])["step"], meta(out_dir, steps[0])["finished"]) == (steps[0], False)
+    for task in (0, 1):
+        assert re.search(rf"^{task}: preempted\b.*\bstep {steps[0]}\b", text, re.M), text[-3000:]
+    assert not (out_dir / "TRAINING_DONE").exists()
+    assert "requeueing" not in text

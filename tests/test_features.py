@@ -23,13 +23,7 @@ from pipeline.data.manifest import read_manifest
 from pipeline.data.prepare import resize_center_crop
 from tests.helpers.evaluation import prepare_digits
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,14 +22,7 @@ from pipeline.data.manifest import read_manifest
 from pipeline.data.prepare import prepare
 from tests.helpers.evaluation import prepare_digits
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the CI machine has 2 shared cores; oversubscribed intra-op threads make tiny ops 100x slower
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _features(seed: int, n: int = 400, d: int = 12, shift: float = 0.0, scale: float = 1.0) -> np.ndarray:

@@ -20,7 +20,7 @@ from pipeline.config import ConfigError, TrackingConfig
 from pipeline.tracking import MLflowSink, NullSink, _to_hwc_uint8, image_grid, make_sink, resolve_tracking_uri
 from tests.helpers.mlflow_server import free_port, mlflow_server
 
-CALL_BOUND_S = 0.1  # a training-side call must return within this, whatever the store does
+CALL_BOUND_S = 0.5  # a training-side call returns within this whatever the store does (a network wait is >= 1 s)
 
 
 @pytest.fixture(autouse=True)

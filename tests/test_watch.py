@@ -7,19 +7,12 @@ import shutil
 from collections import Counter
 
 import pytest
-import torch
 
 from evaluation.evaluate import EvaluationError, evaluate
 from evaluation.watch import default_ledger, read_ledger, watch
 from tests.helpers.evaluation import mark_done, prepare_digits, tiny_config, training_run, write_checkpoint
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,13 @@ How samples are assigned (the part that makes epochs exact with any shard count;
   the cursor of each batch it hands to the consumer, so prefetched batches never count. On resume each
   stream restarts at its cursor and the round-robin order is rotated to continue at worker k mod K.
 
+* Skips. A failed shard read leaves placeholder slots for its lost samples; counts and the warning
+  happen when a slot is emitted, never when a block is (re)read, so stats are a function of the
+  consumer's position and survive resume. A shard counts once per epoch over all streams: by the
+  stream whose piece holds its first lost sample.
+* Transfer. A batch is one uint8 buffer [labels | indices | image]; DataLoader workers write it into
+  a preallocated shared ring and send only the slot number (docs/data.md).
+
 Resampled mode draws shards with replacement per stream (generator seeded with (seed, stream, round)),
 reading shards until a round holds >= shuffle_buffer samples; it needs no per-shard counts.
 """
@@ -36,6 +43,7 @@ import io
 import math
 import os
 import tarfile
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -72,6 +80,7 @@ class ShardSet:
     channels: int  # 0 = unknown (images kept as decoded)
     encoding: str  # png | u8 | "" (unknown: by member extension)
     source: str  # what data.shards resolved to, for messages
+    members: frozenset[str] = frozenset()  # extensions every sample has (from the manifest); empty = unknown
 
     @property
     def counts_known(self) -> bool:
@@ -83,8 +92,21 @@ class ShardSet:
 
 
 def _count_tar(path: str) -> int:
-    with tarfile.open(path, "r:") as tf:
-        return len({m.name.rsplit("/", 1)[-1].split(".", 1)[0] for m in tf if m.isfile()})
+    """Samples in a local tar, from its headers (tarfile seeks over the data); a truncated tar raises."""
+    try:
+        with tarfile.open(path, "r:") as tf:
+            keys = {m.name.rsplit("/", 1)[-1].split(".", 1)[0] for m in tf if m.isfile()}
+            end = tf.offset  # where the end-of-archive block must be
+        with open(path, "rb") as f:
+            f.seek(end)
+            if f.read(512) != _ZERO_BLOCK:  # tarfile stops quietly at a cut header or member
+                raise EOFError("no end-of-archive block after its last whole member (truncated)")
+        return len(keys)
+    except (OSError, EOFError, tarfile.TarError) as exc:
+        raise CorruptDataError(
+            f"shard {path} is unreadable ({type(exc).__name__}: {exc}), so exact mode cannot count its samples; "
+            "re-run prepare (its manifest.json gives the counts), remove it, or use data.mode=resampled"
+        ) from exc
 
 
 def resolve_shards(spec: str, split: str, *, need_counts: bool) -> ShardSet:
@@ -113,19 +135,61 @@ def resolve_shards(spec: str, split: str, *, need_counts: bool) -> ShardSet:
         folder = first.rsplit("/", 1)[0] if "/" in first else "."
         try:
             manifest = read_manifest(f"{folder}/{MANIFEST_NAME}")
-        except (ManifestError, OSError):
-            manifest = None
+        except (ManifestError, OSError, ValueError, ImportError):
+            manifest = None  # also an unknown protocol: _check_shards names it
     if manifest is not None:
         by_name = {s.name: s for shards in manifest.splits.values() for s in shards}
-        shards = [Shard(u, u.rsplit("/", 1)[-1], *_count_sha(by_name, u)) for u in urls]
+        shards = []
+        for u in urls:
+            n, sha = _count_sha(by_name, u)
+            if n < 0 and need_counts and (p := _local_path(u)) is not None and os.path.isfile(p):
+                n = _count_tar(p)  # in the pattern but not in the manifest: count it (headers only)
+            shards.append(Shard(u, u.rsplit("/", 1)[-1], n, sha))
         return _from_manifest(manifest, shards, spec)
     shards = []
     for u in urls:
         n = -1
-        if need_counts and not is_url(u) and os.path.exists(u):
-            n = _count_tar(u)  # local shards without a manifest: count them (reads tar headers only)
+        if need_counts and (p := _local_path(u)) is not None and os.path.isfile(p):
+            n = _count_tar(p)  # local shards without a manifest: count them (reads tar headers only)
         shards.append(Shard(u, u.rsplit("/", 1)[-1], n))
     return ShardSet(shards, 0, 0, "", spec)
+
+
+def _local_path(url: str) -> str | None:
+    """The file a local shard names (a path or file:// URL); None for pipe: and remote URLs."""
+    if url.startswith("file:"):
+        from urllib.parse import urlparse
+        from urllib.request import url2pathname
+
+        return url2pathname(urlparse(url).path)
+    return None if is_url(url) else url
+
+
+def _check_shards(shards: list[Shard], spec: str) -> None:
+    """At start: every local shard exists, and every remote protocol has an fsspec backend installed.
+
+    pipe: commands and remote objects are checked when opened (a failure is counted and skipped, or
+    raises with data.strict=true): probing them all here would cost a round trip per shard per rank.
+    """
+    missing = [s.url for s in shards if (p := _local_path(s.url)) is not None and not os.path.isfile(p)]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(shards)} shards of data.shards={spec!r} are missing: {shown}; "
+            "re-run prepare, or fix data.shards"
+        )
+    protocols = sorted({s.url.split("://", 1)[0] for s in shards
+                        if "://" in s.url and not s.url.startswith(("pipe:", "file:"))})
+    for proto in protocols:
+        try:
+            import fsspec
+
+            fsspec.get_filesystem_class(proto)
+        except (ImportError, ValueError) as exc:
+            raise ValueError(
+                f"data.shards={spec!r} uses {proto}:// URLs, which fsspec cannot open here ({exc}); install "
+                f"its backend (e.g. s3fs, gcsfs, aiohttp for http) or use pipe: commands"
+            ) from exc
 
 
 def _count_sha(by_name: dict[str, Shard], url: str) -> tuple[int, str]:
@@ -134,7 +198,9 @@ def _count_sha(by_name: dict[str, Shard], url: str) -> tuple[int, str]:
 
 
 def _from_manifest(m: Manifest, shards: list[Shard], spec: str) -> ShardSet:
-    return ShardSet(shards, m.image_size, m.channels, m.encoding, spec)
+    # prepare writes <key>.<encoding> for every sample, and <key>.cls for all of them when labelled
+    members = frozenset({m.encoding} | ({"cls"} if m.num_classes > 0 else set())) if m.encoding else frozenset()
+    return ShardSet(shards, m.image_size, m.channels, m.encoding, spec, members)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -174,8 +240,10 @@ def _pax(data: bytes) -> dict[str, str]:
 
 
 class _Truncated(EOFError):
-    def __init__(self, name: str, got: int, size: int):
-        super().__init__(f"member {name} truncated ({got} of {size} bytes)")
+    """The tar stops before a member or its header is whole; `name` is the cut member's (None: unknown)."""
+
+    def __init__(self, what: str, name: str | None = None):
+        super().__init__(what)
         self.name = name
 
 
@@ -184,24 +252,28 @@ def _tar_members(stream) -> Iterator[tuple[str, bytes]]:
 
     A small POSIX/GNU tar reader: tarfile spends ~100 us of Python per member (header objects, pax
     bookkeeping), which is most of the per-sample cost at 32x32; this reads only what WebDataset
-    shards use (ustar, GNU long names, pax path) and checks each header's checksum.
+    shards use (ustar, GNU long names, pax path) and checks each header's checksum. A stream that
+    ends without tar's end-of-archive block (a zero block) is truncated, wherever the cut fell.
     """
     long_name = None
     while True:
         header = stream.read(512)
-        if not header or header == _ZERO_BLOCK:
+        if not header:
+            raise _Truncated("tar ends without its end-of-archive block (cut at a member boundary)")
+        if header == _ZERO_BLOCK:
             return
         if len(header) < 512:
-            raise EOFError(f"tar header cut short ({len(header)} of 512 bytes)")
+            raise _Truncated(f"tar header cut short ({len(header)} of 512 bytes)")
         stored = _octal(header[148:156])
         if stored != sum(header[:148]) + 256 + sum(header[156:]):  # checksum field counts as 8 spaces
             raise tarfile.ReadError("bad tar header checksum (not a tar, or corrupted)")
         size, kind = _octal(header[124:136]), header[156:157]
         data = stream.read(size)
         if len(data) < size:
-            raise _Truncated(header[:100].split(b"\0", 1)[0].decode(errors="replace"), len(data), size)
+            name = long_name or header[:100].split(b"\0", 1)[0].decode(errors="replace")
+            raise _Truncated(f"member {name} truncated ({len(data)} of {size} bytes)", name)
         if size % 512:
-            stream.read(512 - size % 512)
+            stream.read(512 - size % 512)  # a short padding read shows up as a missing header next
         if kind == b"L":
             long_name = data.split(b"\0", 1)[0].decode()
             continue
@@ -220,30 +292,55 @@ def _tar_members(stream) -> Iterator[tuple[str, bytes]]:
         yield name, data
 
 
-def _tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+_READ_ERRORS = (OSError, EOFError, tarfile.TarError, ValueError)
+
+
+def _key_ext(name: str) -> tuple[str, str]:
+    key, _, ext = name.rsplit("/", 1)[-1].partition(".")
+    return key, ext.lower()
+
+
+def _tar_samples(url: str, members: frozenset[str] = frozenset()) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {ext: bytes}) per sample, grouping consecutive members by key (WebDataset convention).
 
-    Raises the underlying error (OSError, tarfile.TarError, EOFError) on a truncated or unreadable tar.
+    At a cut or unreadable member, the sample being grouped is yielded only if it is provably whole:
+    the failing member belongs to another key, or it has every member a sample of this shard has
+    (`members`, from the manifest; without one, the previous sample's). Then the error is raised
+    (OSError, tarfile.TarError, EOFError, ValueError); for a `pipe:` command, its exit status.
     """
     stream = _open(url)
+    finished = False
     try:
-        key, parts = None, {}
+        key, parts, ref = None, {}, members or None
         try:
             for name, data in _tar_members(stream):
-                k, _, ext = name.rsplit("/", 1)[-1].partition(".")
+                k, ext = _key_ext(name)
                 if k != key and key is not None:
                     yield key, parts  # complete: the next key's header has been read
-                    parts = {}
+                    ref, parts = members or frozenset(parts), {}
                 key = k
-                parts[ext.lower()] = data
-        except _Truncated as exc:
-            if key is not None and exc.name.rsplit("/", 1)[-1].partition(".")[0] != key:
-                yield key, parts  # the cut fell in the next sample; this one is whole
+                parts[ext] = data
+        except _READ_ERRORS as exc:
+            cut = exc.name if isinstance(exc, _Truncated) else None
+            if key is not None and (
+                (cut is not None and _key_ext(cut)[0] != key) or (ref is not None and ref <= parts.keys())
+            ):
+                yield key, parts
+            try:
+                stream.close()  # a pipe: command's exit status says more than "truncated"
+            except OSError as status:
+                raise status from exc
             raise
         if key is not None:
             yield key, parts
+        finished = True
     finally:
-        stream.close()
+        try:
+            stream.close()
+        except OSError:
+            if finished:  # a command that failed after writing a whole tar
+                raise
+            # stopped early on purpose: a pipe's command may die of SIGPIPE, which is no error
 
 
 @dataclass
@@ -252,24 +349,38 @@ class _Raw:
     parts: dict[str, bytes] | None  # None = unreadable (truncated or missing shard)
     index: int  # sample index within the split (manifest order); -1 where unknown
     shard: str
+    # a shard read failed here: the message is warned, and the shard counted, when this slot is emitted
+    # (emission is once per position, also across resume; reading is not: a resumed block is re-read)
+    failure: str = ""
+    lost: bool = True  # with parts None: a lost sample (False: only a failure marker, no sample behind it)
 
 
 class _Report:
-    """Skip counting and warnings (or raising, when strict) for one stream."""
+    """Skip counting and warnings (or raising, when strict) for one stream.
+
+    Counts change only when a slot is emitted (the decode stage), so a batch's snapshot of them covers
+    exactly the positions up to its cursor, and a stream restarted at that cursor never counts twice.
+    """
 
     def __init__(self, strict: bool):
         self.strict = strict
         self.skipped_samples = 0
         self.skipped_shards = 0
 
-    def shard_failed(self, shard: Shard, last_key: str | None, exc: BaseException, lost: int) -> None:
+    def shard_failed(self, shard: Shard, last_key: str | None, exc: BaseException, lost: str) -> str:
+        """The message for a failed shard read; raises when strict (at read time, as early as possible)."""
         where = f"after key {last_key}" if last_key else "before its first sample"
         msg = f"shard {shard.url}: unreadable {where} ({type(exc).__name__}: {exc})"
         if self.strict:
-            raise CorruptDataError(f"{msg}; re-run prepare for it, or set data.strict=false to skip it")
-        self.skipped_shards += 1
-        lost_txt = f"{lost} samples" if lost >= 0 else "its remaining samples"
-        warnings.warn(f"{msg}; skipping {lost_txt} (data.strict=true raises instead)", CorruptDataWarning, stacklevel=2)
+            raise CorruptDataError(f"{msg}; re-run prepare for it, or set data.strict=false to skip it") from exc
+        return f"{msg}; skipping {lost} (data.strict=true raises instead)"
+
+    def emitted(self, raw: _Raw) -> None:
+        if raw.failure:
+            self.skipped_shards += 1
+            warnings.warn(raw.failure, CorruptDataWarning, stacklevel=2)
+        if raw.parts is None and raw.lost:
+            self.skipped_samples += 1
 
     def sample_failed(self, raw: _Raw, why: str) -> None:
         msg = f"shard {raw.shard}, key {raw.key}: {why}"
@@ -279,25 +390,30 @@ class _Report:
         warnings.warn(f"{msg}; sample skipped (data.strict=true raises instead)", CorruptDataWarning, stacklevel=2)
 
 
-def _read_piece(shard: Shard, base: int, lo: int, hi: int, report: _Report) -> Iterator[_Raw]:
-    """Samples lo..hi-1 of one shard; unreadable ones come out as placeholders so positions stay aligned."""
+def _read_piece(shard: Shard, base: int, lo: int, hi: int, report: _Report,
+                members: frozenset[str] = frozenset()) -> Iterator[_Raw]:
+    """Samples lo..hi-1 of one shard; unreadable ones come out as placeholders so positions stay aligned.
+
+    A shard that fails at its sample k is counted once per epoch over all ranks and workers: by the
+    stream whose piece holds sample k (lo <= k < hi). Streams whose piece starts after k count only
+    their lost samples.
+    """
     k, last_key = 0, None
     try:
-        for key, parts in _tar_samples(shard.url):
-            if k >= hi:
-                break
+        for key, parts in _tar_samples(shard.url, members):
             if k >= lo:
                 yield _Raw(key, parts, base + k, shard.url)
             k, last_key = k + 1, key
-    except (OSError, tarfile.TarError, EOFError, ValueError) as exc:
-        report.shard_failed(shard, last_key, exc, hi - max(k, lo))
-        for j in range(max(k, lo), hi):
-            yield _Raw(f"#{j}", None, base + j, shard.url)
-        return
-    if k < hi:  # fewer samples than the manifest says
-        report.shard_failed(shard, last_key, EOFError(f"{k} samples, the manifest says {shard.num_samples}"), hi - k)
-        for j in range(max(k, lo), hi):
-            yield _Raw(f"#{j}", None, base + j, shard.url)
+            if k >= hi:
+                return  # read no further: what lies after this piece is another stream's
+        exc: BaseException = EOFError(f"the tar holds {k} samples, the manifest says {shard.num_samples}")
+    except _READ_ERRORS as e:
+        exc = e
+    first = max(k, lo)
+    lost = f"its samples {k}..{shard.num_samples - 1} ({shard.num_samples - k} of {shard.num_samples})"
+    note = report.shard_failed(shard, last_key, exc, lost) if k >= lo or report.strict else ""
+    for j in range(first, hi):
+        yield _Raw(f"#{j}", None, base + j, shard.url, failure=note if j == first else "")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -360,8 +476,8 @@ class _Stream(IterableDataset):
     """One rank's dataset; each DataLoader worker (or the main process when num_workers=0) is a stream."""
 
     def __init__(self, shardset: ShardSet, cfg: DataConfig, batch_size: int, rank: int, world_size: int,
-                 cursors: list[tuple[int, int]], rotation: int):
-        self.shardset, self.cfg, self.B = shardset, cfg, batch_size
+                 cursors: list[tuple[int, int]], rotation: int, ring: _Ring | None = None):
+        self.shardset, self.cfg, self.B, self.ring = shardset, cfg, batch_size, ring
         self.rank, self.R = rank, world_size
         self.K = max(1, cfg.num_workers)
         self.cursors, self.rotation = cursors, rotation
@@ -404,7 +520,7 @@ class _Stream(IterableDataset):
                 reader = (
                     raw
                     for i, base, lo, hi in plan.pieces(epoch, start + first_block * block, start + length)
-                    for raw in _read_piece(shards[i], base, lo, hi, report)
+                    for raw in _read_piece(shards[i], base, lo, hi, report, self.shardset.members)
                 )
                 for b in range(first_block, math.ceil(length / block)):
                     n = min(block, length - b * block)
@@ -424,15 +540,22 @@ class _Stream(IterableDataset):
         while True:
             rng = _seed(self.cfg.seed, s, rnd, 0x2E5A)
             raws: list[_Raw] = []
-            draws = 0
-            while len(raws) < max(1, self.block):
+            draws = samples = readable = 0
+            while samples < max(1, self.block):
                 draws += 1
-                if draws > 10 * len(shards) and not raws:
-                    raise CorruptDataError(f"no readable sample in {draws - 1} shard draws from {self.cfg.shards!r}")
+                if draws > 10 * len(shards) and not readable:
+                    # e.g. every pipe: command failing: fail loudly rather than spin (a hung rank hangs them all)
+                    last = next((r.failure for r in reversed(raws) if r.failure), "")
+                    raise CorruptDataError(f"no readable sample in {draws - 1} shard draws from "
+                                           f"{self.cfg.shards!r}; last failure: {last}")
                 i = int(rng.integers(len(shards)))
-                n = shards[i].num_samples if known else 1 << 62
                 base = int(bases[i]) if bases is not None else -1
-                raws.extend(_read_piece(shards[i], base, 0, n, report) if known else _read_all(shards[i], report))
+                got = (_read_piece(shards[i], base, 0, shards[i].num_samples, report, self.shardset.members)
+                       if known else _read_all(shards[i], report))
+                for raw in got:
+                    raws.append(raw)
+                    samples += raw.lost or raw.parts is not None
+                    readable += raw.parts is not None
             perm = rng.permutation(len(raws)) if self.block else np.arange(len(raws))
             flips = rng.random(len(raws)) < 0.5
             for j in range(slot, len(raws)):
@@ -453,8 +576,8 @@ class _Stream(IterableDataset):
                     f"data.shards={self.cfg.shards!r} look broken: re-run prepare"
                 )
             if raw.parts is None:
-                report.skipped_samples += 1  # its shard's failure was reported once, with the count
-                bad_in_row += 1
+                report.emitted(raw)  # counts a lost sample, and a shard failure on its first one
+                bad_in_row += raw.lost
                 yield None, 0, 0, sl  # keeps the cursor moving
                 continue
             try:
@@ -474,48 +597,108 @@ class _Stream(IterableDataset):
 
     # stage 3 ------------------------------------------------------------------------------------
     def _batch(self, items, worker: int, report: _Report) -> Iterator[dict[str, Any]]:
-        out, labels, indices = None, [], []
         in_worker = get_worker_info() is not None
+        seq, buf = 0, None
         for image, label, index, sl in items:
             if image is None:
                 continue
-            if out is None:
+            if buf is None:
                 h, w, c = image.shape
-                batch = torch.empty((self.B, c, h, w), dtype=torch.float32)
-                if in_worker:
-                    batch.share_memory_()  # filled in place: the DataLoader then sends it without a copy
-                out = batch.numpy()
+                buf, slot = self._buffer(worker, seq, _nbytes(self.B, c, h, w), in_worker)
+                views = _views(buf, self.B, (c, h, w))
+                out, labels, indices = (v.numpy() for v in views)
+                n = 0
             elif image.shape != (out.shape[2], out.shape[3], out.shape[1]):
                 report.sample_failed(sl.raw, f"image shape {image.shape} differs from the batch's (H, W, C)")
                 continue
             # uint8 -> [-1, 1] (0 -> -1, 255 -> 1 exactly), written straight into the batch in CHW:
             # per-sample numpy passes stay in cache and never touch torch's intra-op thread pool
-            dst = out[len(labels)]
+            dst = out[n]
             np.multiply(image.transpose(2, 0, 1), _SCALE, out=dst, casting="unsafe")
             dst -= np.float32(1.0)
-            labels.append(label)
-            indices.append(index)
-            if len(labels) == self.B:
-                yield {
-                    "image": batch,
-                    "label": torch.tensor(labels, dtype=torch.int64),
-                    "index": torch.tensor(indices, dtype=torch.int64),
-                    "_worker": worker,
-                    "_cursor": sl.cursor,
-                    "_skipped": (report.skipped_samples, report.skipped_shards),
-                }
-                out, labels, indices = None, [], []
+            labels[n], indices[n] = label, index
+            n += 1
+            if n == self.B:
+                meta = {"_worker": worker, "_cursor": sl.cursor,
+                        "_skipped": (report.skipped_samples, report.skipped_shards)}
+                if not in_worker:
+                    yield {"image": views[0], "label": views[1], "index": views[2], **meta}
+                elif slot >= 0:  # only the slot number crosses the process boundary
+                    yield {"_slot": slot, "_seq": seq, "_shape": (c, h, w), **meta}
+                else:  # one shared-memory tensor per batch: one file descriptor to pass, not three
+                    yield {"_buf": buf, "_shape": (c, h, w), **meta}
+                seq, buf = seq + 1, None
+
+    def _buffer(self, worker: int, seq: int, nbytes: int, in_worker: bool) -> tuple[torch.Tensor, int]:
+        """Where batch `seq` of this worker is written: (uint8 buffer, ring slot or -1)."""
+        ring = self.ring
+        if in_worker and ring is not None and ring.buf.shape[2] >= nbytes:
+            slots = ring.buf.shape[1]
+            # Slot seq % slots last held batch seq - slots. The DataLoader asks a worker for batch j only
+            # after the main process took batch j - prefetch_factor, and slots = prefetch_factor + 2, so
+            # it has been copied out already; this wait is a guard, not a path taken.
+            parent = os.getppid()
+            while int(ring.done[worker]) < seq - slots + 1:
+                if os.getppid() != parent:
+                    raise RuntimeError("the training process exited; stopping this loader worker")
+                time.sleep(0.0002)
+            return ring.buf[worker, seq % slots, :nbytes], seq % slots
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        if in_worker:
+            buf.share_memory_()  # filled in place: the DataLoader then sends it without a copy
+        return buf, -1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Moving batches from the workers: a batch is one uint8 buffer [labels | indices | image]
+
+
+@dataclass
+class _Ring:
+    """Preallocated shared-memory batch slots, (workers, slots, bytes), and per worker the count of its
+    batches the main process has copied out (written by the main process, read by the worker)."""
+
+    buf: torch.Tensor
+    done: torch.Tensor
+
+    @staticmethod
+    def create(workers: int, slots: int, nbytes: int) -> _Ring:
+        return _Ring(torch.empty((workers, slots, nbytes), dtype=torch.uint8).share_memory_(),
+                     torch.zeros(workers, dtype=torch.int64).share_memory_())
+
+
+# the ring holds workers x (prefetch_factor + 2) batches of /dev/shm for the loader's lifetime; larger
+# batches (big images) are decode-bound, where a fresh buffer per batch costs little
+_RING_MAX_BATCH_BYTES = 16 << 20
+
+
+def _ring_slots(prefetch_factor: int) -> int:
+    return prefetch_factor + 2
+
+
+def _nbytes(batch_size: int, c: int, h: int, w: int) -> int:
+    n = 16 * batch_size + 4 * batch_size * c * h * w
+    return -(-n // 64) * 64  # rows of a ring start 64-byte aligned
+
+
+def _views(buf: torch.Tensor, batch_size: int, chw: tuple[int, int, int]) -> tuple[torch.Tensor, ...]:
+    """(image float32 (B, C, H, W), label int64 (B,), index int64 (B,)) sharing one uint8 buffer."""
+    b8 = 8 * batch_size
+    image = buf[2 * b8:2 * b8 + 4 * batch_size * math.prod(chw)].view(torch.float32).view(batch_size, *chw)
+    return image, buf[:b8].view(torch.int64), buf[b8:2 * b8].view(torch.int64)
 
 
 def _read_all(shard: Shard, report: _Report) -> list[_Raw]:
+    """A whole shard of unknown size; a failure becomes a marker slot (counted once, when emitted)."""
     out: list[_Raw] = []
     last = None
     try:
         for key, parts in _tar_samples(shard.url):
             out.append(_Raw(key, parts, -1, shard.url))
             last = key
-    except (OSError, tarfile.TarError, EOFError, ValueError) as exc:
-        report.shard_failed(shard, last, exc, -1)
+    except _READ_ERRORS as exc:
+        note = report.shard_failed(shard, last, exc, "the rest of it (its size is unknown without a manifest)")
+        out.append(_Raw("", None, -1, shard.url, failure=note, lost=False))
     return out
 
 
@@ -564,12 +747,7 @@ class StreamingLoader:
         shards = self.shardset.shards
         if not shards:
             raise ValueError(f"data.shards={cfg.shards!r} split {cfg.split!r} has no shards; re-run prepare")
-        missing = [s.url for s in shards if not is_url(s.url) and not os.path.exists(s.url)]
-        if missing:
-            raise FileNotFoundError(
-                f"{len(missing)} of {len(shards)} shards are missing, e.g. {missing[0]}; "
-                "re-run prepare, or fix data.shards"
-            )
+        _check_shards(shards, cfg.shards)
         if exact and not self.shardset.counts_known:
             raise ValueError(
                 f"data.mode=exact needs per-shard sample counts, but {cfg.shards!r} has no manifest.json beside "
@@ -641,9 +819,33 @@ class StreamingLoader:
         self._generation += 1
 
     # -- iteration -----------------------------------------------------------------------------
-    def _dataset(self) -> _Stream:
+    def _ring(self) -> _Ring | None:
+        """Shared batch slots for the workers, when the manifest gives the batch geometry up front."""
+        size, channels = self.shardset.image_size, self.shardset.channels
+        if self.cfg.num_workers == 0 or not size or not channels:
+            return None
+        nbytes = _nbytes(self.batch_size, channels, size, size)
+        if nbytes > _RING_MAX_BATCH_BYTES:
+            return None
+        return _Ring.create(self.K, _ring_slots(self.cfg.prefetch_factor), nbytes)
+
+    def _dataset(self, ring: _Ring | None = None) -> _Stream:
         return _Stream(self.shardset, self.cfg, self.batch_size, self.rank, self.world_size,
-                       list(self._cursors), rotation=self._batches % self.K)
+                       list(self._cursors), rotation=self._batches % self.K, ring=ring)
+
+    def _unpack(self, batch: dict[str, Any], worker: int, ring: _Ring | None) -> None:
+        """A worker's batch -> image/label/index tensors (in place); frees its ring slot."""
+        if "_slot" in batch:
+            assert ring is not None
+            chw = batch.pop("_shape")
+            src = ring.buf[worker, batch.pop("_slot"), :_nbytes(self.batch_size, *chw)]
+            buf = src.clone()  # the consumer may keep the batch; the slot is reused
+            ring.done[worker] = batch.pop("_seq") + 1
+        elif "_buf" in batch:
+            buf, chw = batch.pop("_buf"), batch.pop("_shape")
+        else:
+            return
+        batch["image"], batch["label"], batch["index"] = _views(buf, self.batch_size, chw)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:
@@ -651,7 +853,8 @@ class StreamingLoader:
             base = self.stats
             self._skipped_base = (base["skipped_samples"], base["skipped_shards"])
             self._skipped = {}
-            ds = self._dataset()
+            ring = self._ring()  # new slots per DataLoader: workers of a previous one may still be writing
+            ds = self._dataset(ring)
             if self.cfg.num_workers == 0:
                 source = iter(ds)
             else:
@@ -660,6 +863,7 @@ class StreamingLoader:
             try:
                 for batch in source:
                     worker = batch.pop("_worker")
+                    self._unpack(batch, worker, ring)
                     self._cursors[worker] = tuple(batch.pop("_cursor"))
                     self._skipped[worker] = tuple(batch.pop("_skipped"))
                     self._batches += 1

@@ -140,3 +140,26 @@ def run_gloo(fn, world_size: int, args: tuple, tmp: str) -> list:
                        join=True, start_method="spawn")
     with open(os.path.join(tmp, "result.pkl"), "rb") as f:
         return pickle.load(f)
+
+
+def copy_folder(src: str, dst: str) -> str:
+    """A byte copy of a prepared folder (shards + manifest), to damage without touching the original."""
+    os.makedirs(dst)
+    for f in os.listdir(src):
+        with open(os.path.join(src, f), "rb") as a, open(os.path.join(dst, f), "wb") as b:
+            b.write(a.read())
+    return dst
+
+
+def member_spans(path: str) -> list[tuple[str, int, int]]:
+    """(name, header offset, data offset) of each tar member, in order, as tarfile reads them."""
+    with tarfile.open(path) as tf:
+        return [(m.name, m.offset, m.offset_data) for m in tf.getmembers()]
+
+
+def cut_file(path: str, nbytes: int) -> None:
+    """Keep only the first nbytes of a file (a truncated download or copy)."""
+    with open(path, "rb") as f:
+        data = f.read(nbytes)
+    with open(path, "wb") as f:
+        f.write(data)

@@ -184,6 +184,8 @@ class TrainConfig:
         _unit_interval("train.adam_beta1", self.adam_beta1)
         _unit_interval("train.adam_beta2", self.adam_beta2)
         _positive("train.grad_clip", self.grad_clip, zero_ok=True)
+        if self.mixed_precision in ("False", "false"):
+            self.mixed_precision = "no"  # YAML 1.1 reads a bare `no` (in a file or key=value) as false
         _choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         _unit_interval("train.ema_decay", self.ema_decay)
         _positive("train.ema_update_every", self.ema_update_every)

@@ -156,6 +156,18 @@ def train(cfg: Config) -> int:
         ds["train_batch_size"] = tc.batch_size
         ds["gradient_clipping"] = tc.grad_clip
         ds.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
+        # Under DeepSpeed, a non-finite step is skipped by the engine's own check; these settings turn it
+        # off (ZeRO-1/2), and the NaN would reach the weights and the EMA unnoticed.
+        disabled = [key for key, value in (("bf16.check_grad_overflow", ds.get("bf16", {}).get("check_grad_overflow")),
+                                           ("zero_optimization.compute_grad_norm",
+                                            ds["zero_optimization"].get("compute_grad_norm")))
+                    if str(value).lower() == "false"]
+        if disabled:
+            raise ConfigError(
+                f"the DeepSpeed config sets {' and '.join(disabled)} to false: DeepSpeed would then apply steps with "
+                "non-finite gradients, which train.nonfinite_policy relies on it to skip; remove "
+                "those keys (both default to true)"
+            )
     model, optimizer = accelerator.prepare(loss_fn, adam)
     ds_engine = model if use_deepspeed else None
     autocast_bf16 = use_deepspeed and tc.mixed_precision == "bf16"  # DeepSpeed does not autocast for us
@@ -221,6 +233,7 @@ def train(cfg: Config) -> int:
         # Forward and backward. accelerator.accumulate skips the DDP all-reduce (and DeepSpeed's step)
         # on all but the last micro-batch and divides the loss by the accumulation count.
         model.train()
+        step_loss_q, step_count_q = torch.zeros(4, device=device), torch.zeros(4, device=device)
         for i, x in enumerate(batches):
             m = rank * accum + i
             torch.manual_seed(micro_seed(tc.seed, step, m))
@@ -236,8 +249,8 @@ def train(cfg: Config) -> int:
                 loss_ps = loss_ps.float()
                 accelerator.backward(loss_ps.mean())
             q = (t * 4 // T).clamp(max=3)
-            tick["loss_q"].index_add_(0, q, loss_ps.detach())
-            tick["count_q"].index_add_(0, q, torch.ones_like(loss_ps))
+            step_loss_q.index_add_(0, q, loss_ps.detach())
+            step_count_q.index_add_(0, q, torch.ones_like(loss_ps))
 
         # Optimizer step, skipped on the device when the gradient is not finite. The gradient norm is
         # taken after the DDP all-reduce, so `ok` is the same on every rank.
@@ -259,6 +272,9 @@ def train(cfg: Config) -> int:
             grad_norm = torch.as_tensor(float(ds_engine.get_global_grad_norm() or 0.0) if applied else 0.0,
                                         device=device)
         okf = ok.float()
+        # A skipped step's loss stays out of the logged curve, as its update stays out of the weights.
+        tick["loss_q"] += torch.where(ok, step_loss_q, zero)
+        tick["count_q"] += torch.where(ok, step_count_q, zero)
         tick["grad_norm"] += torch.where(ok, grad_norm.float(), zero)
         tick["ok_steps"] += okf
         tick["bad_steps"] += 1 - okf
@@ -330,6 +346,12 @@ def train(cfg: Config) -> int:
             accelerator.print(f"preempted (signal {stop_signal[:1]}): checkpoint at step {step}, exiting with "
                               f"{PREEMPTED_EXIT_CODE}")
             exit_code = PREEMPTED_EXIT_CODE
+            # The checkpoint is written. torchrun SIGTERMs the other workers as soon as one exits non-zero;
+            # Python restores SIG_DFL for its handlers during interpreter shutdown, so that SIGTERM turned a
+            # slower rank's exit 75 into a death by signal (-15). An ignored signal stays ignored through
+            # shutdown; this is set before the last barrier, so on every rank before any rank exits.
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, signal.SIG_IGN)
             break
 
     if trace is not None:  # digests of this rank's final weights: tests compare them across ranks

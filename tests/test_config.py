@@ -47,3 +47,11 @@ def test_yaml_round_trip_and_flat_params():
     assert flat["model.channel_mult"] == "[1, 2]"
     assert flat["data.shards"] == "/x"
     assert len(flat) == sum(len(vars(getattr(cfg, f))) for f in vars(Config()) if f != "name") + 1
+
+
+def test_bare_no_for_mixed_precision_means_no(tmp_path):
+    # YAML 1.1 reads a bare `no` as false, in a file and in key=value alike
+    path = tmp_path / "exp.yaml"
+    path.write_text("data:\n  shards: /x\ntrain:\n  mixed_precision: no\n")
+    assert load_config(path).train.mixed_precision == "no"
+    assert load_config(None, ["data.shards=/x", "train.mixed_precision=no"]).train.mixed_precision == "no"

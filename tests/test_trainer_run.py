@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 
 import pytest
@@ -91,6 +92,8 @@ def test_nan_step_is_skipped_and_never_reaches_weights_or_ema(shards, tmp_path):
               h.env(DDPM_FAULT_NAN_AT_STEP="3"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "non-finite 1" in r.stdout
+    (tick,) = [line for line in r.stdout.splitlines() if line.startswith("step 4/4")]
+    assert math.isfinite(float(tick.split("loss ")[1].split()[0]))  # the skipped step's NaN is not logged
     s2, s3, s4 = (tmp_path / f"step-0000000{i}" for i in (2, 3, 4))
     assert h.same(h.params(s2), h.params(s3)) and h.same(h.ema(s2), h.ema(s3))  # step 3 skipped
     assert not h.same(h.params(s3), h.params(s4))  # step 4 trained again

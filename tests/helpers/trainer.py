@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -160,3 +161,60 @@ def deepspeed_fp32(ckpt: Path) -> dict[str, torch.Tensor]:
 
     sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "accelerate"), tag="pytorch_model")
     return {k.removeprefix("net."): v.float() for k, v in sd.items()}
+
+
+def workers(launcher: subprocess.Popen) -> dict[int, int]:
+    """{rank: pid} of the training processes of an ``accelerate launch`` (its direct children), as
+    launch/slurm/node_task.sh finds them: torchrun puts each in a session of its own, so a signal to the
+    launcher's group does not reach them."""
+    out: dict[int, int] = {}
+    for tasks in Path(f"/proc/{launcher.pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            for pid in map(int, tasks.read_text().split()):
+                with contextlib.suppress(OSError):
+                    environ = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0")
+                                   if "=" in kv)
+                    if "RANK" in environ and "train.py" in Path(f"/proc/{pid}/cmdline").read_text():
+                        out[int(environ["RANK"])] = pid
+    return out
+
+
+def signal_pids(pids, sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting for its parent counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def torchrun_failures(log_text: str) -> dict[int, tuple[int, int]]:
+    """{rank: (exitcode, pid)} from torchrun's ChildFailedError report in a launcher's output."""
+    pattern = r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*:\s*(-?\d+) \(pid: (\d+)\)"
+    return {int(r): (int(code), int(pid)) for r, code, pid in re.findall(pattern, log_text)}
+
+
+def deepspeed_adam_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Adam's step count and moments of every ZeRO-1/2 partition of a DeepSpeed checkpoint,
+    {"rank<r>.<step|exp_avg|exp_avg_sq>": tensor}, read with weights_only=True (three DeepSpeed classes
+    allowed)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    out: dict[str, torch.Tensor] = {}
+    files = sorted((ckpt / "accelerate" / "pytorch_model").glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"))
+    assert files, f"no ZeRO optimizer partitions in {ckpt}"
+    for path in files:
+        rank = int(path.name.split("zero_pp_rank_")[1].split("_")[0])  # bf16 runs prefix "bf16_"
+        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        for i, state in sd["optimizer_state_dict"]["base_optimizer_state"]["state"].items():
+            out |= {f"rank{rank}.{i}.{k}": torch.as_tensor(v) for k, v in state.items()}
+    return out

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -79,9 +80,9 @@ def main(argv: list[str] | None = None) -> int:
                    f"torch {torch.__version__.split('+')[0]}, {torch.get_num_threads()} torch threads")
         lines = [
             "# Sampling benchmark (digits model)", "",
-            f"Machine: {machine}; shared with other jobs while measured (both samplers side by side in one run).",
+            f"Machine: {machine}; both samplers side by side in one run.",
             f"Checkpoint: `{ckpt}` (step {meta['step']}, EMA weights, T = {T}).", "",
-            "Command:", "", "```", "python -m benchmarks.sampling_bench " + " ".join(argv or []), "```", "",
+            "Command:", "", "```", "python -m benchmarks.sampling_bench " + " ".join(sys.argv[1:] if argv is None else argv), "```", "",
             f"| sampler | network evaluations / image | images/s (batch {a.batch_size}) | "
             f"digits-FID ({a.fid_images} samples vs train) | sampling wall time (s) |",
             "| --- | ---: | ---: | ---: | ---: |",

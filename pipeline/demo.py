@@ -149,7 +149,6 @@ def main(argv: list[str] | None = None) -> int:
     grid = Path(result.out_dir) / "grid.png"
     print(f"\nsample grid:  {grid}  (enlarged: {_enlarge(grid)})")
     db = out_dir / "mlflow.db"
-    print(f"\nsample grid:  {Path(result.out_dir) / 'grid.png'}")
     print(f"MLflow UI:    {ROOT / '.venv/bin/mlflow'} ui --backend-store-uri sqlite:///{db} --host 127.0.0.1 "
           f"--port 5000   (then open http://127.0.0.1:5000)")
     print(f"demo took {time.monotonic() - t0:.0f} s")

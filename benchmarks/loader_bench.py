@@ -112,8 +112,7 @@ def main() -> None:
         "",
         f"Machine: {os.cpu_count()}-core {platform.machine()} VM, no GPU, Python {platform.python_version()}, "
         f"torch {torch.__version__.split('+')[0]}, webdataset {webdataset.__version__}, Pillow {PIL.__version__}. "
-        "The machine was shared with other engineers' jobs while this ran; both loaders alternate "
-        f"A/B ({a.repeats} repeats, median) so they saw the same load.",
+        f"Both loaders alternate A/B ({a.repeats} repeats, median), so any background load hits both alike.",
         "",
         "Command: `.venv/bin/python benchmarks/loader_bench.py`",
         "",

@@ -6,7 +6,7 @@ Workloads (the same batch and the same U-Net shape for all three):
   digits      configs/digits.yaml: 8x8x1, batch 64, the paper's U-Net at base 32, mult (1,2), attention at 4x4
   cifar-w32   the CIFAR-10 network at reduced width: 32x32x3, batch 16, base 32, mult (1,2,2,2), attention at 16x16
 
-Contenders (each measured in a fresh process, rounds interleaved, the best round kept: the machine is shared):
+Contenders (each measured in a fresh process, rounds interleaved; best and median reported):
   ours        launch/train.py end to end (images/s of its second log tick), and a step-time breakdown of the
               same components (StreamingLoader, DDPMLoss(UNet), fused Adam, pipeline.ema.EMA) timed phase by phase
   lucidrains  denoising_diffusion_pytorch.Trainer driving GaussianDiffusion around OUR U-Net (same weights
@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -266,6 +267,7 @@ def main() -> None:
     from pipeline.unet import count_parameters
 
     results: dict = {}
+    rounds: dict = {}  # every round's images/s, for the median and the spread
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for name in a.workloads.split(","):
@@ -277,26 +279,31 @@ def main() -> None:
                                          ("diffusers", folder, [])):
                     res = sub([kind, name, str(data), str(a.steps), *rest], a.threads)
                     print(name, r, kind, res, flush=True)
+                    rounds.setdefault((name, kind), []).append(res.get("images_per_s", 0.0))
                     best = results.setdefault((name, kind), res)
                     if res.get("images_per_s", 0) > best.get("images_per_s", 0):
                         results[(name, kind)] = res
             results[(name, "params")] = count_parameters(_unet(w))
     print(f"\n## Training throughput ({a.steps} timed steps, best of {a.rounds} rounds, {a.threads} threads, "
           f"torch {torch.__version__})\n")
-    print("| workload | contender | images/s | step (s) | data wait | fwd+bwd | optimizer | EMA | EMA % of step |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| workload | contender | images/s (best) | median | rounds | step (s) | data wait | fwd+bwd | optimizer | EMA "
+          "| EMA % of step |")
+    print("| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name in a.workloads.split(","):
         for kind in ("ours_e2e", "ours", "lucidrains", "diffusers"):
             r = results[(name, kind)]
             if "error" in r:
-                print(f"| {name} | {kind} | error: {r['error'][-120:]!r} | | | | | | |")
+                print(f"| {name} | {kind} | error: {r['error'][-120:]!r} | | | | | | | | |")
                 continue
             cells = [f"{r[k] * 1e3:.1f} ms" if k in r else "" for k in ("data_wait", "fwd_bwd", "optimizer", "ema")]
             pct = f"{r['ema_pct']:.1f}%" if "ema_pct" in r else ""
             step = f"{r['step_s']:.3f}" if "step_s" in r else f"{WORKLOADS[name]['batch'] / r['images_per_s']:.3f}"
-            print(f"| {name} | {kind} | {r['images_per_s']:.1f} | {step} | {' | '.join(cells)} | {pct} |")
+            all_rounds = rounds[(name, kind)]
+            spread = " / ".join(f"{x:.1f}" for x in all_rounds)
+            print(f"| {name} | {kind} | {r['images_per_s']:.1f} | {statistics.median(all_rounds):.1f} | {spread} | {step} "
+                  f"| {' | '.join(cells)} | {pct} |")
         print(f"| {name} | (U-Net parameters: ours/lucidrains {results[(name, 'params')]:,}; diffusers "
-              f"{results[(name, 'diffusers')].get('params', 0):,}) | | | | | | | |")
+              f"{results[(name, 'diffusers')].get('params', 0):,}) | | | | | | | | | |")
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def make_step(mode: str, preset: str, batch: int, diffusion: Diffusion, seed: in
     cl = mode in ("channels_last", "bf16_channels_last")
     if cl:
         net = net.to(memory_format=torch.channels_last)
-    model = torch.compile(net) if mode == "compile" else net
+    model = torch.compile(net) if mode in ("compile", "bf16_compile") else net
     loss_fn = DDPMLoss(model, diffusion)
     bf16 = mode.startswith("bf16")
 
@@ -133,7 +133,7 @@ def main() -> None:
     ap.add_argument("--preset", action="append", help="preset[:batch]; default cifar10:16 and digits:64")
     ap.add_argument("--rounds", type=int, default=5, help="timed steps per mode (round-robin); 0 = loss check only")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile mode")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile modes (fp32 and bf16)")
     ap.add_argument("--compile-presets", default="digits", help="comma list of presets that also run compile")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -144,7 +144,7 @@ def main() -> None:
     for spec in presets:
         name, _, b = spec.partition(":")
         with_compile = not args.no_compile and name in args.compile_presets.split(",")
-        all_rows += bench_preset(name, int(b or 16), args.rounds, base_modes + ["compile"] * with_compile)
+        all_rows += bench_preset(name, int(b or 16), args.rounds, base_modes + ["compile", "bf16_compile"] * with_compile)
 
     print("\n| preset | batch | mode | img/s (median) | step (s), median [min, max] | GFLOP/img fwd / fwd+bwd | achieved GFLOP/s "
           "| first step (s) | max rel. loss diff vs fp32 |")

@@ -7,7 +7,9 @@ A checkpoint is ready when its ``step-NNNNNNNN`` folder has the ``COMPLETE`` mar
 ledger (JSON, replaced atomically after each evaluation), so a restarted watcher skips them. The watcher
 stops once ``TRAINING_DONE`` exists and every complete checkpoint is in the ledger. It only reads the
 training folder's checkpoints (and writes its ledger and figures under ``<out_dir>/eval/``), so training
-never waits for it. A checkpoint deleted by keep-k before its turn is recorded as skipped.
+never waits for it. A checkpoint deleted by keep-k before its turn is recorded as skipped. Started before
+the training has created its out_dir (``sbatch --dependency=after:TRAIN``), it waits for the folder
+(``--max-wait-s`` bounds that wait too).
 """
 
 from __future__ import annotations
@@ -82,11 +84,23 @@ def watch(
         raise EvaluationError("--watch runs in one process (it keeps one ledger); launch it without accelerate")
     evaluate_fn = evaluate_fn or evaluate
     out_dir = Path(out_dir)
+    last_progress = time.monotonic()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EvaluationError(f"--watch {out_dir}: not a folder; give the training's train.out_dir")
     if not out_dir.is_dir():
-        raise EvaluationError(f"--watch {out_dir}: no such folder; give the training's train.out_dir")
+        # Submitted with the training (sbatch --dependency=after:TRAIN), the watcher can start before the
+        # trainer has created its out_dir: wait for it, bounded by max_wait_s like any other wait.
+        if once:
+            raise EvaluationError(f"--watch {out_dir}: no such folder; give the training's train.out_dir")
+        print(f"watch: waiting for {out_dir} to appear (the train.out_dir of a training that has not started "
+              "yet?)", file=sys.stderr, flush=True)
+        while not out_dir.is_dir():
+            if max_wait_s and time.monotonic() - last_progress > max_wait_s:
+                raise EvaluationError(f"--watch {out_dir}: the folder did not appear within {max_wait_s:.0f} s; "
+                                      "give the training's train.out_dir")
+            time.sleep(poll_s)
     ledger_path = Path(ledger) if ledger else default_ledger(out_dir)
     state = read_ledger(ledger_path)
-    last_progress = time.monotonic()
     while True:
         done = (out_dir / DONE).is_file()  # read before the scan: a checkpoint written after it is seen next round
         todo = pending(out_dir, state)

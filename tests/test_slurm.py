@@ -127,6 +127,20 @@ def meta(out_dir: Path, step: int) -> dict:
     return json.loads((out_dir / f"step-{step:08d}" / "meta.json").read_text())
 
 
+def submit_train_and_eval(slurm, shards: Path, tmp_path: Path, total: int, every: int, dependency: str,
+                          eval_args: list[str]) -> tuple[int, int]:
+    """A 2-node training job (out_dir tmp_path/run, log train.out) and an evaluate.sbatch job (log eval.out,
+    a small evaluation) submitted with --dependency=<dependency>:<training job>."""
+    env = job_env(tmp_path)
+    job = slurm.sbatch(train_args(shards, tmp_path / "run", total, every),
+                       options=["-N2", f"--output={tmp_path / 'train.out'}"], env=env, cwd=REPO)
+    eval_job = slurm.sbatch(
+        [EVAL_SBATCH, *eval_args, "eval.num_samples=50", "eval.steps=5", "eval.bpd_timesteps=4",
+         "eval.bpd_max_images=32"],
+        options=[f"--dependency={dependency}:{job}", f"--output={tmp_path / 'eval.out'}"], env=env, cwd=REPO)
+    return job, eval_job
+
+
 def test_two_node_training_job_writes_checkpoints(slurm, digits_shards, tmp_path):
     pytest.importorskip("pipeline.trainer", exc_type=ModuleNotFoundError)
     out_dir, log = tmp_path / "run", tmp_path / "train.out"
@@ -155,14 +169,9 @@ def test_preemption_requeues_resumes_into_the_same_run_then_evaluation_follows(
     from mlflow.tracking import MlflowClient
 
     total, every = 80, 20
-    out_dir, log, eval_log = tmp_path / "run", tmp_path / "train.out", tmp_path / "eval.out"
-    env = job_env(tmp_path)
-    job = slurm.sbatch(train_args(digits_shards, out_dir, total, every),
-                               options=["-N2", f"--output={log}"], env=env, cwd=REPO)
-    eval_job = slurm.sbatch(
-        [EVAL_SBATCH, "--checkpoint", str(out_dir / f"step-{total:08d}"), "eval.num_samples=50", "eval.steps=5",
-         "eval.bpd_timesteps=4", "eval.bpd_max_images=32"],
-        options=[f"--dependency=afterok:{job}", f"--output={eval_log}"], env=env, cwd=REPO)
+    out_dir, log, eval_log, env = tmp_path / "run", tmp_path / "train.out", tmp_path / "eval.out", job_env(tmp_path)
+    job, eval_job = submit_train_and_eval(slurm, digits_shards, tmp_path, total, every, "afterok",
+                                          ["--checkpoint", str(out_dir / f"step-{total:08d}")])
 
     # Preempt once the training loop runs (its first checkpoint is written).
     wait_for(lambda: complete_steps(out_dir), 150, "the first checkpoint")
@@ -205,6 +214,38 @@ def test_preemption_requeues_resumes_into_the_same_run_then_evaluation_follows(
     assert fid_keys, sorted(run.data.metrics)
     assert [m.step for m in client.get_metric_history(run.info.run_id, fid_keys[0])] == [total]
     assert run.data.metrics[fid_keys[0]] > 0
+
+
+def test_watcher_job_evaluates_each_checkpoint_once_while_training_runs(slurm, digits_shards, tmp_path):
+    # evaluate.sbatch's watcher mode, the way its header says to submit it: `--dependency=after:TRAIN`
+    # starts it once training has started; it evaluates every complete checkpoint once and ends by itself
+    # once TRAINING_DONE is there. The 2-node training holds one of each node's two CPUs, so both run at once.
+    pytest.importorskip("evaluation.watch", exc_type=ModuleNotFoundError)
+    from mlflow.tracking import MlflowClient
+
+    total, every = 60, 20
+    out_dir, log, eval_log, env = tmp_path / "run", tmp_path / "train.out", tmp_path / "eval.out", job_env(tmp_path)
+    job, eval_job = submit_train_and_eval(slurm, digits_shards, tmp_path, total, every, "after",
+                                          ["--watch", str(out_dir), "--poll-s", "1", "--max-wait-s", "300"])
+
+    info = slurm.wait_done(job, timeout_s=180)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log.read_text()[-3000:]
+    eval_info = slurm.wait_done(eval_job, timeout_s=240)
+    text = eval_log.read_text()
+    assert (eval_info["JobState"], eval_info["ExitCode"]) == ("COMPLETED", "0:0"), text[-3000:]
+    assert info["StartTime"] <= eval_info["StartTime"] < info["EndTime"]  # alongside; ISO strings compare
+    assert "nothing new" not in text  # it ended because training was done, not after --max-wait-s
+
+    ledger = json.loads((out_dir / "eval" / "ledger.json").read_text())
+    final = meta(out_dir, total)
+    assert sorted(ledger["checkpoints"]) == [f"step-{s:08d}" for s in (20, 40, 60)]
+    assert all(e["status"] == "ok" and e["run_id"] == final["mlflow_run_id"] for e in ledger["checkpoints"].values())
+    assert [int(m) for m in re.findall(r"^step (\d+)  \(ema weights", text, re.M)] == [20, 40, 60], text[-3000:]
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    fid_keys = [k for k in client.get_run(final["mlflow_run_id"]).data.metrics if k.startswith("eval/fid")]
+    assert fid_keys
+    assert sorted(m.step for m in client.get_metric_history(final["mlflow_run_id"], fid_keys[0])) == [20, 40, 60]
 
 
 def test_scripts_pass_shellcheck():

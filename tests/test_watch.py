@@ -98,3 +98,36 @@ def test_watch_gives_up_after_max_wait_without_training_done(digits, tmp_path):
     (tmp_path / "run").mkdir()
     state = watch(tmp_path / "run", FAST, poll_s=0.05, max_wait_s=0.2)
     assert state["checkpoints"] == {}
+
+
+def test_watcher_started_before_the_training_waits_for_its_folder(digits, tmp_path, capsys):
+    # sbatch --dependency=after:TRAIN starts the watcher as soon as the training job starts, before the
+    # trainer has created train.out_dir: the watcher waits for it instead of failing.
+    import threading
+
+    cfg = tiny_config(digits, tmp_path / "run")
+    calls: Counter = Counter()
+
+    def training():
+        write_checkpoint(cfg, 100, seed=1)
+        mark_done(cfg, 100)
+
+    timer = threading.Timer(0.5, training)
+    timer.start()
+    try:
+        state = watch(tmp_path / "run", FAST, poll_s=0.05, max_wait_s=60, log_to_run=False,
+                      evaluate_fn=_counting(calls))
+    finally:
+        timer.join()
+    assert calls == Counter({"step-00000100": 1}) and state["checkpoints"]["step-00000100"]["status"] == "ok"
+    assert f"waiting for {tmp_path / 'run'} to appear" in capsys.readouterr().err
+
+
+def test_watcher_folder_that_never_appears_is_a_clear_error(tmp_path):
+    with pytest.raises(EvaluationError, match="did not appear within 0 s; give the training's train.out_dir"):
+        watch(tmp_path / "typo", FAST, poll_s=0.05, max_wait_s=0.2)
+    with pytest.raises(EvaluationError, match="no such folder"):
+        watch(tmp_path / "typo", FAST, once=True)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(EvaluationError, match="not a folder"):
+        watch(tmp_path / "file", FAST, max_wait_s=0.2)

@@ -162,6 +162,33 @@ def test_two_node_training_job_writes_checkpoints(slurm, digits_shards, tmp_path
     assert sorted(p.name for p in (out_dir / "step-00000020" / "data").iterdir()) == ["rank-0.json", "rank-1.json"]
 
 
+def test_two_node_deepspeed_zero2_job_trains_and_checkpoints(slurm, digits_shards, tmp_path):
+    # The DeepSpeed path of train.sbatch: ACCELERATE_CONFIG names configs/accelerate/deepspeed_zero2.yaml
+    # (8 GPUs on 1 node); the script's machine and process settings override it (2 nodes x 1 process),
+    # with the "standard" multinode launcher (one torchrun per node, no pdsh). DeepSpeed on CPU: DS_ACCELERATOR=cpu.
+    pytest.importorskip("deepspeed")
+    from tests.helpers.trainer import deepspeed_fp32
+
+    out_dir, log = tmp_path / "run", tmp_path / "train.out"
+    env = job_env(tmp_path) | {"ACCELERATE_CONFIG": "configs/accelerate/deepspeed_zero2.yaml", "DS_ACCELERATOR": "cpu"}
+    job = slurm.sbatch(train_args(digits_shards, out_dir, total_steps=20, checkpoint_every=10),
+                       options=["-N2", f"--output={log}"], env=env, cwd=REPO)
+    info = slurm.wait_done(job, timeout_s=240)
+    text = log.read_text()
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), text[-3000:]
+    for task in (0, 1):
+        assert re.search(rf"^{task}: training: world 2\b", text, re.M), text[-3000:]
+        assert re.search(rf"^{task}: step 20/20\b", text, re.M), text[-3000:]
+    assert complete_steps(out_dir) == [10, 20] and (out_dir / "TRAINING_DONE").exists()
+    assert (meta(out_dir, 20)["world_size"], meta(out_dir, 20)["images_seen"]) == (2, 20 * BATCH)
+    # ZeRO-2: the optimizer state is partitioned over the two ranks, one file each.
+    parts = sorted(p.name for p in (out_dir / "step-00000020" / "accelerate" / "pytorch_model").glob("*optim_states.pt"))
+    assert len(parts) == 2 and all(f"zero_pp_rank_{r}_" in parts[r] for r in (0, 1)), parts
+    w10, w20 = deepspeed_fp32(out_dir / "step-00000010"), deepspeed_fp32(out_dir / "step-00000020")
+    assert w10.keys() == w20.keys() and any(not (w10[k] == w20[k]).all() for k in w10)  # it trained
+    assert all(v.isfinite().all() for v in w20.values())
+
+
 def test_preemption_requeues_resumes_into_the_same_run_then_evaluation_follows(
         slurm, digits_shards, tmp_path):
     pytest.importorskip("pipeline.trainer", exc_type=ModuleNotFoundError)

@@ -14,6 +14,9 @@ of ``accelerate/`` with ``eval.use_ema=false``), the resolved config (``config.y
 overrides apply on top, e.g. ``eval.*`` or ``data.shards``) and the MLflow run (``meta.json``), into
 which FID/KID/bits-per-dim are logged at the checkpoint's step with the protocol as tags
 (docs/tracking.md). Only files are read from the checkpoint: the training job is never waited for.
+
+Exit status: 0 done; 2 invalid arguments, configuration or checkpoint; 3 ``--watch`` gave up after
+``--max-wait-s`` before the training wrote TRAINING_DONE (what was there was evaluated).
 """
 
 from __future__ import annotations
@@ -34,10 +37,11 @@ import numpy as np
 import torch
 
 from pipeline import dist
-from pipeline.checkpoint import COMPLETE, read_ema, step_dir_name
+from pipeline.checkpoint import COMPLETE, DONE, read_ema, step_dir_name
 from pipeline.config import Config, ConfigError, load_config
 
 log = logging.getLogger("evaluation")
+WATCH_GAVE_UP_EXIT_CODE = 3  # --watch stopped after --max-wait-s without the training's TRAINING_DONE
 
 
 class EvaluationError(RuntimeError):
@@ -371,8 +375,13 @@ def main(argv: list[str] | None = None) -> int:
         if a.watch:
             from evaluation.watch import watch
 
-            watch(a.watch, a.overrides, poll_s=a.poll_s, ledger=a.ledger, once=a.once, log_to_run=not a.no_log,
-                  max_wait_s=a.max_wait_s)
+            state = watch(a.watch, a.overrides, poll_s=a.poll_s, ledger=a.ledger, once=a.once,
+                          log_to_run=not a.no_log, max_wait_s=a.max_wait_s)
+            if not a.once and not (Path(a.watch) / DONE).is_file():
+                # gave up after --max-wait-s: say so in the exit status (a job chained on it must not go on)
+                print(f"evaluate: the watcher stopped before {a.watch}/{DONE} appeared, after "
+                      f"{len(state['checkpoints'])} checkpoint(s); did the training fail or stall?", file=sys.stderr)
+                return WATCH_GAVE_UP_EXIT_CODE
             return 0
         r = evaluate(a.checkpoint, a.overrides, save_samples_to=a.save_samples, out_dir=a.out,
                      log_to_run=not a.no_log)

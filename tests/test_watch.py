@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from evaluation.evaluate import EvaluationError, evaluate
+from evaluation.evaluate import WATCH_GAVE_UP_EXIT_CODE, EvaluationError, evaluate, main
 from evaluation.watch import default_ledger, read_ledger, watch
 from tests.helpers.evaluation import mark_done, prepare_digits, tiny_config, training_run, write_checkpoint
 
@@ -94,10 +94,17 @@ def test_checkpoint_removed_by_keep_k_is_skipped_and_real_errors_stop(digits, tm
     assert "step-00000030" not in read_ledger(default_ledger(tmp_path / "run"))["checkpoints"]
 
 
-def test_watch_gives_up_after_max_wait_without_training_done(digits, tmp_path):
+def test_watch_gives_up_after_max_wait_without_training_done(digits, tmp_path, capsys):
     (tmp_path / "run").mkdir()
     state = watch(tmp_path / "run", FAST, poll_s=0.05, max_wait_s=0.2)
     assert state["checkpoints"] == {}
+    # the command says so in its exit status; with TRAINING_DONE there the same call succeeds
+    args = ["--watch", str(tmp_path / "run"), "--poll-s", "0.05", "--max-wait-s", "0.2", *FAST]
+    assert main(args) == WATCH_GAVE_UP_EXIT_CODE == 3
+    assert "the watcher stopped before" in capsys.readouterr().err
+    (tmp_path / "run" / "TRAINING_DONE").write_text("")
+    assert main(args) == 0
+    assert main(["--watch", str(tmp_path / "never"), "--poll-s", "0.05", "--max-wait-s", "0.2"]) == 2
 
 
 def test_watcher_started_before_the_training_waits_for_its_folder(digits, tmp_path, capsys):

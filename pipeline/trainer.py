@@ -46,6 +46,18 @@ class NonFiniteLossError(RuntimeError):
     """Training stopped by train.nonfinite_policy."""
 
 
+def classify_skip(ok: torch.Tensor, loss_sum: torch.Tensor, loss_scaling: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(non-finite, loss-scaler skip) as 0/1 float tensors for one optimizer step, on the device (no sync).
+
+    ``ok``: the step was applied. A skipped step is a loss-scaler skip when fp16 loss scaling is on and the
+    loss was finite (the scaled gradient overflowed; the scaler lowers its scale and goes on); any other
+    skipped step is non-finite and counts towards train.nonfinite_policy / max_nonfinite_in_row.
+    """
+    skipped = ~ok
+    scaler_skip = skipped & torch.isfinite(loss_sum) if loss_scaling else torch.zeros_like(skipped)
+    return (skipped & ~scaler_skip).float(), scaler_skip.float()
+
+
 def lr_at(step: int, lr: float, warmup_steps: int) -> float:
     """The paper's schedule: linear warm-up over warmup_steps, then constant. ``step`` = steps done."""
     return lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else lr
@@ -213,7 +225,13 @@ def train(cfg: Config) -> int:
     T = diffusion.num_timesteps
     zero = torch.zeros((), device=device)
     tick = {"loss_q": torch.zeros(4, device=device), "count_q": torch.zeros(4, device=device),
-            "grad_norm": zero.clone(), "ok_steps": zero.clone(), "bad_steps": zero.clone()}
+            "grad_norm": zero.clone(), "ok_steps": zero.clone(), "bad_steps": zero.clone(),
+            "scaler_skips": zero.clone()}
+    # fp16 (GPU only): Accelerate's GradScaler, or DeepSpeed's dynamic loss scaler, skips a step whose scaled
+    # gradient overflowed and lowers the scale; with a finite loss that is the scaler at work, not a fault.
+    loss_scaling = tc.mixed_precision == "fp16" or (
+        use_deepspeed and str(accelerator.state.deepspeed_plugin.deepspeed_config.get("fp16", {}).get("enabled")).lower()
+        == "true")
     bad_run = zero.clone()  # non-finite steps in a row, now
     bad_run_max = zero.clone()  # the longest such run since the last tick
     tick_start, tick_steps, data_wait_s = time.perf_counter(), 0, 0.0
@@ -272,13 +290,17 @@ def train(cfg: Config) -> int:
             grad_norm = torch.as_tensor(float(ds_engine.get_global_grad_norm() or 0.0) if applied else 0.0,
                                         device=device)
         okf = ok.float()
-        # A skipped step's loss stays out of the logged curve, as its update stays out of the weights.
+        # Skipped steps: non-finite (held against train.nonfinite_policy) unless the loss scaler skipped a
+        # step whose loss was finite. A skipped step's loss stays out of the logged curve, as its update
+        # stays out of the weights.
+        badf, scaler_skip = classify_skip(ok, step_loss_q.sum(), loss_scaling)
         tick["loss_q"] += torch.where(ok, step_loss_q, zero)
         tick["count_q"] += torch.where(ok, step_count_q, zero)
         tick["grad_norm"] += torch.where(ok, grad_norm.float(), zero)
         tick["ok_steps"] += okf
-        tick["bad_steps"] += 1 - okf
-        bad_run = (bad_run + 1) * (1 - okf)
+        tick["bad_steps"] += badf
+        tick["scaler_skips"] += scaler_skip
+        bad_run = (bad_run + 1) * badf
         bad_run_max = torch.maximum(bad_run_max, bad_run)
 
         # EMA from fp32 weights, masked by `ok` so a skipped step leaves it unchanged.
@@ -295,6 +317,7 @@ def train(cfg: Config) -> int:
             stats = accelerator.reduce(torch.cat([tick["loss_q"], tick["count_q"]]), reduction="sum").tolist()
             loss_q, count_q = stats[:4], stats[4:]
             ok_steps, bad_steps = tick["ok_steps"].item(), tick["bad_steps"].item()
+            scaler_skips = tick["scaler_skips"].item()
             longest_bad = int(bad_run_max.item())
             elapsed = time.perf_counter() - tick_start
             metrics = {
@@ -306,12 +329,14 @@ def train(cfg: Config) -> int:
                 "train/step_time_s": elapsed / tick_steps,
                 "train/data_wait_s": data_wait_s / tick_steps,
                 "train/nonfinite_steps": bad_steps,
+                **({"train/loss_scaler_skips": scaler_skips} if loss_scaling else {}),
             }
             sink.log_metrics(metrics, step=step)
             accelerator.print(
                 f"step {step}/{tc.total_steps}  loss {metrics['train/loss']:.4f}  lr {lr:.2e}  "
                 f"{metrics['train/images_per_s']:.1f} img/s  data {metrics['train/data_wait_s'] * 1e3:.0f} ms/step"
                 + (f"  non-finite {int(bad_steps)}" if bad_steps else "")
+                + (f"  loss-scaler skips {int(scaler_skips)}" if scaler_skips else "")
             )
             if bad_steps and (tc.nonfinite_policy == "stop" or longest_bad >= tc.max_nonfinite_in_row):
                 why = ("train.nonfinite_policy=stop" if tc.nonfinite_policy == "stop" else

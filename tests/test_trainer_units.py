@@ -11,7 +11,7 @@ from ema_pytorch import EMA as LucidrainsEMA
 from pipeline import checkpoint, dist
 from pipeline.config import ConfigError, load_config
 from pipeline.ema import EMA
-from pipeline.trainer import batch_split, lr_at, micro_seed
+from pipeline.trainer import batch_split, classify_skip, lr_at, micro_seed
 from tests.helpers.trainer import REPO
 
 
@@ -135,3 +135,17 @@ def test_dist_helpers_without_process_group():
     assert dist.all_gather_object(3) == [3]
     dist.barrier()
     dist.init_flag_group()  # a no-op without a group
+
+
+@pytest.mark.parametrize(("applied", "loss", "loss_scaling", "expected"), [
+    (True, 0.5, False, (0.0, 0.0)),             # a normal step
+    (True, 0.5, True, (0.0, 0.0)),
+    (False, float("nan"), False, (1.0, 0.0)),   # NaN loss: non-finite, held against the policy
+    (False, float("inf"), True, (1.0, 0.0)),    # ... also under fp16 loss scaling
+    (False, 0.5, True, (0.0, 1.0)),             # fp16 overflow with a finite loss: the scaler at work
+    (False, 0.5, False, (1.0, 0.0)),            # a non-finite gradient without loss scaling: non-finite
+])
+def test_skipped_steps_are_classified(applied, loss, loss_scaling, expected):
+    bad, scaler_skip = classify_skip(torch.tensor(applied), torch.tensor(loss), loss_scaling)
+    assert (bad.item(), scaler_skip.item()) == expected
+    assert bad.dtype == scaler_skip.dtype == torch.float32

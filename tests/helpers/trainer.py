@@ -61,7 +61,9 @@ def prepare_identical(out: Path, n: int = 64) -> Path:
 
 def env(**extra: str) -> dict[str, str]:
     e = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "MLFLOW_", "DDPM_"))}
-    e.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false",
+    # the repository first; what PYTHONPATH held already (e.g. packages carried to a GPU machine) after it
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    e.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=path, TOKENIZERS_PARALLELISM="false",
              PYTHONWARNINGS="ignore")
     e.update(extra)
     return e

@@ -1,0 +1,42 @@
+#!/bin/bash
+# The GPU check: the CUDA tests and the CIFAR-10 training throughput/MFU, as one call of a GPU machine.
+#
+#   bash benchmarks/gpu_check.sh --fetch-wheels   # here, once: pure-Python packages a bare GPU image may lack,
+#                                                 # into .whl/ (ignored by git; pip needs the registry)
+#   bash benchmarks/gpu_check.sh                  # on the GPU machine, from the repository root
+#
+# On this project's lent machines (the device tool): command "bash benchmarks/gpu_check.sh", carry [".whl"],
+# timeout_s 540. Logs and the table go to $OUT (or /tmp/gpu-check): gpu_tests.log, gpu_throughput.log,
+# gpu_throughput.md. Needs torch with CUDA, accelerate, safetensors, scikit-learn, Pillow, PyYAML, tqdm
+# (present in that image); MLflow is not needed (tracking is off in both parts).
+set -uo pipefail
+
+WHEELS=(omegaconf==2.4.0 ema-pytorch==0.8.3 webdataset==1.0.2 braceexpand==0.1.7 tenacity==9.2.1)
+if [[ ${1:-} == --fetch-wheels ]]; then
+    exec python3 -m pip download --no-deps --only-binary=:all: --dest .whl "${WHEELS[@]}"
+fi
+
+OUT=${OUT:-/tmp/gpu-check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || exit 1
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+nvidia-smi -L 2>&1 | tee "$OUT/device.txt"
+"$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())' \
+    2>&1 | tee -a "$OUT/device.txt"
+
+# 1. The CUDA paths (fp16 loss scaling, bf16, U-Net and sampler on the GPU). -rs lists skips with reasons.
+timeout 200 "$PY" -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log"
+tests_rc=${PIPESTATUS[0]}
+
+# 2. images/s and MFU of configs/cifar10.yaml (batch 128), per precision variant.
+timeout 300 "$PY" benchmarks/gpu_throughput.py --out "$OUT" 2>&1 | tee "$OUT/gpu_throughput.log"
+bench_rc=${PIPESTATUS[0]}
+
+echo "gpu_check: tests exit $tests_rc, throughput exit $bench_rc"
+exit $((tests_rc || bench_rc))

@@ -1,0 +1,110 @@
+"""The CUDA paths: fp16 with loss scaling, bf16, the U-Net and the sampler on a GPU.
+
+Skipped (and counted) where no CUDA device is present, as in CI; benchmarks/gpu_check.sh runs them on a
+GPU machine together with the throughput benchmark. Trainer runs are real `launch/train.py` processes on
+the tiny digits U-Net of tests/helpers/trainer.py.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from tests.helpers import trainer as h
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    return h.prepare_digits(tmp_path_factory.mktemp("digits") / "shards")
+
+
+def _losses(stdout: str) -> list[float]:
+    return [float(m) for m in re.findall(r"^step \d+/\d+  loss (\S+)", stdout, re.M)]
+
+
+def test_fp16_trains_with_loss_scaling_and_resumes(digits, tmp_path):
+    common = [f"data.shards={digits}", "train.mixed_precision=fp16", "train.checkpoint_every_steps=4",
+              "train.keep_checkpoints=10"]
+    straight = h.run(h.train_cmd([*common, f"train.out_dir={tmp_path}/a", "train.total_steps=8"]), h.env())
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    losses = _losses(straight.stdout)
+    assert len(losses) == 4 and all(0 < x < 10 for x in losses), straight.stdout[-2000:]
+    # Accelerate's GradScaler is in the checkpoint, with a finite positive scale.
+    scaler = torch.load(tmp_path / "a" / "step-00000004" / "accelerate" / "scaler.pt", weights_only=True)
+    assert 0 < float(scaler["scale"]) <= 65536.0 and torch.isfinite(torch.as_tensor(scaler["scale"]))
+
+    # Stopped at step 4, resumed to 8: the same weights as the straight run up to GPU non-determinism
+    # (nearest-upsampling backward uses atomics on CUDA).
+    first = h.run(h.train_cmd([*common, f"train.out_dir={tmp_path}/b", "train.total_steps=4"]), h.env())
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = h.run(h.train_cmd([*common, f"train.out_dir={tmp_path}/b", "train.total_steps=8"]), h.env())
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    a, b = h.params(tmp_path / "a" / "step-00000008"), h.params(tmp_path / "b" / "step-00000008")
+    assert h.max_diff(a, b) < 1e-3
+    assert all(v.dtype == torch.float32 for v in a.values())  # fp16 autocast, fp32 master weights
+
+
+def test_fp16_nan_loss_is_skipped_not_applied(digits, tmp_path):
+    r = h.run(h.train_cmd([f"data.shards={digits}", f"train.out_dir={tmp_path}", "train.mixed_precision=fp16",
+                           "train.total_steps=4", "train.checkpoint_every_steps=1", "train.keep_checkpoints=10",
+                           "train.log_every_steps=4"]),
+              h.env(DDPM_FAULT_NAN_AT_STEP="3"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "non-finite 1" in r.stdout, r.stdout[-2000:]  # a NaN loss is not a loss-scaler skip
+    s2, s3, s4 = (tmp_path / f"step-0000000{i}" for i in (2, 3, 4))
+    assert h.same(h.params(s2), h.params(s3)) and h.same(h.ema(s2), h.ema(s3))
+    assert all(torch.isfinite(v).all() for v in [*h.params(s4).values(), *h.ema(s4).values()])
+
+
+def test_bf16_trains_with_fp32_weights_and_ema(digits, tmp_path):
+    r = h.run(h.train_cmd([f"data.shards={digits}", f"train.out_dir={tmp_path}", "train.mixed_precision=bf16",
+                           "train.total_steps=4", "train.checkpoint_every_steps=2"]), h.env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(_losses(r.stdout)) == 2 and all(0 < x < 10 for x in _losses(r.stdout))
+    p2, p4 = h.params(tmp_path / "step-00000002"), h.params(tmp_path / "step-00000004")
+    assert not h.same(p2, p4)
+    assert all(v.dtype == torch.float32 for v in [*p4.values(), *h.ema(tmp_path / "step-00000004").values()])
+
+
+def test_unet_on_cuda_matches_cpu():
+    from pipeline.unet import UNet, model_config
+
+    torch.manual_seed(0)
+    net = UNet(model_config("cifar10")).eval()
+    torch.nn.init.normal_(net.conv_out.weight, std=0.05)  # the authors' init outputs ~0: make it say something
+    x, t = torch.randn(4, 3, 32, 32), torch.tensor([0, 10, 500, 999])
+    with torch.no_grad():
+        cpu = net(x, t)
+        old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            gpu = net.cuda()(x.cuda(), t.cuda()).cpu()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+    assert (gpu - cpu).abs().max().item() <= 1e-4 * max(cpu.abs().max().item(), 1.0)
+
+
+def test_cuda_samples_do_not_depend_on_batch_size():
+    from pipeline.config import DiffusionConfig
+    from pipeline.diffusion import Diffusion
+    from pipeline.sampling import sample
+    from pipeline.unet import UNet, model_config
+
+    torch.manual_seed(0)
+    net = UNet(model_config("digits")).cuda().eval()
+    torch.nn.init.normal_(net.conv_out.weight, std=0.05)
+    diffusion = Diffusion(DiffusionConfig())
+    kw = dict(sampler="ddim", steps=10, device="cuda")
+    big = sample(net, diffusion, range(8), batch_size=8, **kw)
+    small = sample(net, diffusion, range(8), batch_size=3, **kw)
+    assert big.shape == small.shape == (8, 1, 8, 8) and big.dtype == torch.uint8
+    diff = (big.int() - small.int()).abs()
+    # One generator per image: the same noise whatever the batch; kernels for other batch shapes may round
+    # differently, which can move a pixel across one of the 256 levels, never more.
+    assert diff.max().item() <= 1 and (diff > 0).float().mean().item() < 0.01

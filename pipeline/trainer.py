@@ -132,6 +132,9 @@ def train(cfg: Config) -> int:
         torch.use_deterministic_algorithms(True, warn_only=True)
     fault_steps = _fault_steps()
     trace_dir = os.environ.get("DDPM_TRACE_BATCHES_DIR", "")
+    # Test hook (tests/test_gpu.py): make any host-device sync inside a training step an error, from the
+    # third step on (the first ones initialise CUDA, cuDNN and the allocator), DDP/1-GPU path only.
+    sync_check = on_gpu and not use_deepspeed and os.environ.get("DDPM_CUDA_SYNC_CHECK", "") == "1"
     out_dir = Path(tc.out_dir)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -242,7 +245,10 @@ def train(cfg: Config) -> int:
     accelerator.print(f"training: world {world}, micro batch {micro}, accumulation {accum}, from step {step} "
                       f"to {tc.total_steps}")
 
+    first_step = step
     while step < tc.total_steps:
+        if sync_check and step >= first_step + 2:
+            torch.cuda.set_sync_debug_mode("error")
         # Data: one micro-batch per accumulation step. The only wait on the loader is here.
         t0 = time.perf_counter()
         batches = [next(data_iter)["image"] for _ in range(accum)]
@@ -311,6 +317,8 @@ def train(cfg: Config) -> int:
         images_seen += tc.batch_size
         tick_steps += 1
         done = step >= tc.total_steps
+        if sync_check:
+            torch.cuda.set_sync_debug_mode("default")  # what follows (ticks, grids, checkpoints) may sync
 
         # Log tick: the one place the host waits for the device.
         if step % tc.log_every_steps == 0 or done:

@@ -72,6 +72,18 @@ def test_bf16_trains_with_fp32_weights_and_ema(digits, tmp_path):
     assert all(v.dtype == torch.float32 for v in [*p4.values(), *h.ema(tmp_path / "step-00000004").values()])
 
 
+@pytest.mark.parametrize("precision", ["no", "bf16", "fp16"])
+def test_training_steps_do_not_sync_host_and_device(digits, tmp_path, precision):
+    # "No per-step host sync outside the logging ticks": with DDPM_CUDA_SYNC_CHECK=1 the trainer turns
+    # torch.cuda.set_sync_debug_mode("error") on inside each step (from the third), so a sync there is an error.
+    r = h.run(h.train_cmd([f"data.shards={digits}", f"train.out_dir={tmp_path}", f"train.mixed_precision={precision}",
+                           "train.total_steps=12", "train.log_every_steps=6", "train.checkpoint_every_steps=100",
+                           "train.preempt_check_every_steps=100", "train.deterministic=false"]),  # as shipped
+              h.env(DDPM_CUDA_SYNC_CHECK="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(_losses(r.stdout)) == 2
+
+
 def test_unet_on_cuda_matches_cpu():
     from pipeline.unet import UNet, model_config
 

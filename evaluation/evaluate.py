@@ -129,11 +129,13 @@ def seed_block(num: int, rank: int, world: int) -> range:
     return range(min(rank * per, num), min((rank + 1) * per, num))
 
 
-def draw_samples(net, diffusion, cfg: Config, device: torch.device) -> tuple[np.ndarray | None, float]:
-    """uint8 (N, C, H, W) for seeds eval.seed .. eval.seed+N-1 on rank 0 (None elsewhere), and images/s.
+def draw_samples(net, diffusion, cfg: Config, device: torch.device,
+                 features=None) -> tuple[np.ndarray | None, float, np.ndarray | None]:
+    """uint8 (N, C, H, W) for seeds eval.seed .. eval.seed+N-1 on rank 0 (None elsewhere), images/s, and,
+    given a feature extractor, the images' features (N, D) on rank 0.
 
-    Each rank samples a disjoint contiguous block of seeds; since image i depends only on its seed
-    (pipeline/sampling.py), the gathered set equals the one-process set.
+    Each rank samples a disjoint contiguous block of seeds, and extracts its block's features; since image
+    i depends only on its seed (pipeline/sampling.py), the gathered set equals the one-process set.
     """
     from pipeline.sampling import sample
 
@@ -145,10 +147,14 @@ def draw_samples(net, diffusion, cfg: Config, device: torch.device) -> tuple[np.
         batch_size=e.batch_size, device=device, progress=dist.is_main(),
     ).numpy()
     elapsed = time.perf_counter() - t0
-    parts = dist.all_gather_object((local, elapsed))  # gloo group: host objects, whatever the device backend
+    feats = features(local, desc="sample features") if features is not None and len(local) else None
+    parts = dist.all_gather_object((local, elapsed, feats))  # gloo group: host objects, whatever the device backend
     images = np.concatenate([p[0] for p in parts]) if dist.is_main() else None
+    all_feats = None
+    if features is not None and dist.is_main():
+        all_feats = np.concatenate([p[2] for p in parts if p[2] is not None])
     rate = e.num_samples / max(p[1] for p in parts)
-    return images, rate
+    return images, rate, all_feats
 
 
 def save_samples(images: np.ndarray, dest: str | Path, seed0: int) -> Path:
@@ -171,19 +177,23 @@ def save_samples(images: np.ndarray, dest: str | Path, seed0: int) -> Path:
 # ---------------------------------------------------------------------------------------- bits / dim
 
 
-def held_out_batches(shards: str, split: str, max_images: int, batch_size: int):
-    """Deterministic batches {"image": float in [-1, 1]} of a split, in manifest order."""
+def held_out_batches(shards: str, split: str, max_images: int, batch_size: int, rank: int = 0, world_size: int = 1):
+    """Deterministic batches {"image": float in [-1, 1], "index": positions in the split} of a split, in
+    manifest order; with ``world_size`` > 1, batch k goes to rank k mod world_size (the others only read it)."""
     from evaluation.fid import iter_split_images
     from pipeline.data.manifest import read_manifest
 
-    buf = []
-    for img in iter_split_images(read_manifest(shards), split, max_images):
+    buf: list[torch.Tensor] = []
+    k = 0
+    for n, img in enumerate(iter_split_images(read_manifest(shards), split, max_images)):
         buf.append(torch.from_numpy(np.array(img)))
         if len(buf) == batch_size:
-            yield {"image": torch.stack(buf).float() / 127.5 - 1.0}
-            buf = []
-    if buf:
-        yield {"image": torch.stack(buf).float() / 127.5 - 1.0}
+            if k % world_size == rank:
+                yield {"image": torch.stack(buf).float() / 127.5 - 1.0, "index": torch.arange(n + 1 - len(buf), n + 1)}
+            buf, k = [], k + 1
+    if buf and k % world_size == rank:
+        n_total = k * batch_size + len(buf)
+        yield {"image": torch.stack(buf).float() / 127.5 - 1.0, "index": torch.arange(n_total - len(buf), n_total)}
 
 
 # --------------------------------------------------------------------------------------- the stage
@@ -223,12 +233,13 @@ def _provenance(cfg: Config, meta: dict, extractor, ref, ckpt: Path, diffusion) 
 
 def evaluate(ckpt: str | Path, overrides: list[str] | tuple[str, ...] = (), *, save_samples_to: str = "",
              out_dir: str = "", log_to_run: bool = True) -> EvalResult | None:
-    """Evaluate one checkpoint (every rank calls this; rank 0 computes and logs and returns the result)."""
+    """Evaluate one checkpoint (every rank calls this and does its share of sampling, features and bits/dim;
+    rank 0 gathers, computes FID/KID, logs and returns the result, the others None)."""
     from evaluation import digits_net
     from evaluation.features import build_extractor
     from evaluation.fid import fid, kid, load_reference
     from pipeline.data.manifest import read_manifest
-    from pipeline.diffusion import Diffusion, bits_per_dim
+    from pipeline.diffusion import Diffusion, bound_per_image, summarize_bound
 
     ckpt = Path(ckpt)
     cfg, meta = read_checkpoint(ckpt, overrides)
@@ -238,19 +249,34 @@ def evaluate(ckpt: str | Path, overrides: list[str] | tuple[str, ...] = (), *, s
     diffusion = Diffusion(cfg.diffusion)
     # Weights are read into memory first, so keep-k deleting the folder later does not matter.
     net = load_network(ckpt, cfg, e.use_ema, device)
-    images, images_per_s = draw_samples(net, diffusion, cfg, device)
+    # Every rank: its block of samples and their features, then its share of the held-out batches for
+    # bits/dim; rank 0 gathers both. Only then does rank 0 alone load (or compute) the reference
+    # statistics, so no rank waits at a collective meanwhile.
+    extractor = build_extractor(e, device)
+    images, images_per_s, feats = draw_samples(net, diffusion, cfg, device, features=extractor)
+    bpd_skip = ""
+    est = None
+    if e.bpd_split and e.bpd_split not in read_manifest(cfg.data.shards).splits:
+        bpd_skip = (f"{cfg.data.shards} has no split {e.bpd_split!r} (prepare with --test-fraction 0.1, or set "
+                    "eval.bpd_split=train or '')")
+    elif e.bpd_split:
+        part = bound_per_image(
+            net, diffusion, held_out_batches(cfg.data.shards, e.bpd_split, e.bpd_max_images, e.batch_size,
+                                             dist.rank(), dist.world_size()),
+            timesteps_k=e.bpd_timesteps, device=device, seed=e.seed, progress=dist.is_main(),
+        )
+        parts = dist.all_gather_object(part)
+        est = summarize_bound(parts) if dist.is_main() else None
     if not dist.is_main():
         return None
-    assert images is not None
+    assert images is not None and feats is not None
     out = Path(out_dir) if out_dir else ckpt.parent / "eval" / step_dir_name(step)
     out.mkdir(parents=True, exist_ok=True)
     if save_samples_to:
         print(f"samples saved to {save_samples(images, save_samples_to, e.seed)}")
 
-    extractor = build_extractor(e, device)
     ref = load_reference(e.reference, cfg.data.shards, extractor,
                          cache_dir=e.stats_cache_dir, max_images=e.reference_max_images)
-    feats = extractor(images, desc="sample features")
     ext = e.feature_extractor
     metrics = {
         f"eval/fid_{ext}": fid(feats, ref),
@@ -262,16 +288,11 @@ def evaluate(ckpt: str | Path, overrides: list[str] | tuple[str, ...] = (), *, s
         classifier = digits_net.class_summary(digits_net.predict_proba(images), e.confidence_threshold)
         metrics["eval/digits_confident_share"] = classifier["confident_share"]
     provenance = _provenance(cfg, meta, extractor, ref, ckpt, diffusion)
-    if e.bpd_split and e.bpd_split not in read_manifest(cfg.data.shards).splits:
+    if bpd_skip:
         # a counted skip, not a failure: FID/KID are still worth having
-        provenance["bpd"] = {"skipped": f"{cfg.data.shards} has no split {e.bpd_split!r} (prepare with "
-                                        "--test-fraction 0.1, or set eval.bpd_split=train or '')"}
-        print(f"warning: bits/dim skipped: {provenance['bpd']['skipped']}", file=sys.stderr)
-    elif e.bpd_split:
-        est = bits_per_dim(
-            net, diffusion, held_out_batches(cfg.data.shards, e.bpd_split, e.bpd_max_images, e.batch_size),
-            timesteps_k=e.bpd_timesteps, max_images=e.bpd_max_images, device=device, seed=e.seed, progress=True,
-        )
+        provenance["bpd"] = {"skipped": bpd_skip}
+        print(f"warning: bits/dim skipped: {bpd_skip}", file=sys.stderr)
+    elif est is not None:
         metrics["eval/bpd"], metrics["eval/bpd_se"] = est.bpd, est.bpd_se
         provenance["bpd"] = {"split": e.bpd_split, "num_images": est.num_images,
                              "timesteps_k": e.bpd_timesteps or "exact (all T)"}  # fmt: skip

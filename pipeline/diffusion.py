@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -343,7 +344,19 @@ def _call_net(net: Callable, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return net(x, t)
 
 
-def bits_per_dim(
+@dataclass
+class PerImageBound:
+    """Per-image bound terms of a set of images (one process's share, mergeable with ``summarize_bound``)."""
+
+    index: torch.Tensor  # (N,) int64: the image's position in the data set (its generator is seed + index)
+    total: torch.Tensor  # (N,) float64: the bound (or its K-timestep estimate), bits/dim
+    prior: torch.Tensor  # (N,) L_T
+    decoder: torch.Tensor  # (N,) L_0
+    term_sum: torch.Tensor | None  # (T,) Σ over these images of L_t (exact mode), else None
+    timesteps_k: int
+
+
+def bound_per_image(
     net: Callable,
     diffusion: Diffusion,
     batches: Iterable[dict],
@@ -353,17 +366,16 @@ def bits_per_dim(
     seed: int = 0,
     clip_denoised: bool = True,
     progress: bool = False,
-) -> BoundEstimate:
-    """The variational bound over a data set, in bits/dim: mean over images and its standard error.
+) -> PerImageBound:
+    """The bound of every image of ``batches`` (see ``bits_per_dim``), kept per image.
 
-    ``batches`` yields dicts with ``"image"``: float (B, C, H, W) in [−1, 1] on the 256-level grid (as the
-    streaming loader gives them). Image n of the stream uses a generator seeded with ``seed + n``, so the
-    result does not depend on the batch size. ``timesteps_k``: 0 = exact sum over all T (T network calls per
-    batch), K = the unbiased K-timestep estimate (the standard error then includes its sampling noise).
-    ``net`` is put in eval mode for the call and restored afterwards.
+    A batch may carry ``"index"`` (B,): the images' positions in the whole data set, which seed their
+    generators (``seed + index``); without it, image n of this stream is position n. With the index, a data
+    set split over processes gives every image the terms it gets in one process.
     """
     if max_images is not None and max_images <= 0:
         raise ValueError(f"max_images={max_images} must be positive (or None for the whole iterable)")
+    indices: list[torch.Tensor] = []
     totals: list[torch.Tensor] = []
     priors: list[torch.Tensor] = []
     decoders: list[torch.Tensor] = []
@@ -382,8 +394,10 @@ def bits_per_dim(
             if not isinstance(batch, dict) or "image" not in batch:
                 raise TypeError('bits_per_dim expects batches as dicts with an "image" tensor (B, C, H, W) in [-1, 1]')
             x0 = batch["image"]
+            index = torch.as_tensor(batch["index"], dtype=torch.long) if "index" in batch else \
+                torch.arange(seen, seen + x0.shape[0])
             if max_images is not None:
-                x0 = x0[: max_images - seen]
+                x0, index = x0[: max_images - seen], index[: max_images - seen]
             if x0.numel() == 0:
                 break
             lo, hi = float(x0.min()), float(x0.max())
@@ -391,8 +405,9 @@ def bits_per_dim(
                 raise ValueError(f"images must lie in [-1, 1] for bits/dim; this batch spans [{lo:.3g}, {hi:.3g}]")
             if device is not None:
                 x0 = x0.to(device)
-            gens = [torch.Generator().manual_seed(seed + seen + i) for i in range(x0.shape[0])]
+            gens = [torch.Generator().manual_seed(seed + int(i)) for i in index]
             res = diffusion.bound(net, x0, timesteps_k=timesteps_k, generators=gens, clip_denoised=clip_denoised)
+            indices.append(index)
             totals.append(res.total)
             priors.append(res.prior)
             decoders.append(res.decoder)
@@ -408,19 +423,49 @@ def bits_per_dim(
             bar.close()
         if was_training:
             net.train()
-    if seen == 0:
+    empty = torch.empty(0, dtype=torch.float64)
+    return PerImageBound(
+        index=torch.cat(indices) if indices else torch.empty(0, dtype=torch.long),
+        total=torch.cat(totals) if totals else empty, prior=torch.cat(priors) if priors else empty,
+        decoder=torch.cat(decoders) if decoders else empty, term_sum=term_sum, timesteps_k=timesteps_k,
+    )
+
+
+def summarize_bound(parts: Sequence[PerImageBound]) -> BoundEstimate:
+    """Mean bits/dim over the images of all ``parts`` (e.g. one per process) and its standard error."""
+    index = torch.cat([p.index for p in parts])
+    if index.numel() == 0:
         raise ValueError("bits_per_dim got no images: the batch iterable was empty")
-    total = torch.cat(totals)
-    se = float(total.std(unbiased=True) / math.sqrt(seen)) if seen > 1 else math.nan
+    if index.unique().numel() != index.numel():
+        raise ValueError("bits_per_dim: an image index occurs twice; the parts overlap")
+    order = index.argsort()  # a fixed summation order, whatever the split over processes
+    total, prior, decoder = (torch.cat([getattr(p, k) for p in parts])[order] for k in ("total", "prior", "decoder"))
+    n = total.numel()
+    sums = [p.term_sum for p in parts if p.term_sum is not None]
+    term_sum = torch.stack(sums).sum(0) if sums else None
     return BoundEstimate(
         bpd=float(total.mean()),
-        bpd_se=se,
-        num_images=seen,
-        prior_bpd=float(torch.cat(priors).mean()),
-        decoder_bpd=float(torch.cat(decoders).mean()),
-        terms_bpd=(term_sum / seen).tolist() if term_sum is not None else [],
-        timesteps_k=timesteps_k,
+        bpd_se=float(total.std(unbiased=True) / math.sqrt(n)) if n > 1 else math.nan,
+        num_images=n,
+        prior_bpd=float(prior.mean()),
+        decoder_bpd=float(decoder.mean()),
+        terms_bpd=(term_sum / n).tolist() if term_sum is not None else [],
+        timesteps_k=parts[0].timesteps_k,
     )
+
+
+def bits_per_dim(net: Callable, diffusion: Diffusion, batches: Iterable[dict], **options: Any) -> BoundEstimate:
+    """The variational bound over a data set, in bits/dim: mean over images and its standard error.
+
+    ``batches`` yields dicts with ``"image"``: float (B, C, H, W) in [−1, 1] on the 256-level grid (as the
+    streaming loader gives them), optionally ``"index"`` (see ``bound_per_image``). Image n of the stream
+    uses a generator seeded with ``seed + n``, so the result does not depend on the batch size.
+    ``timesteps_k``: 0 = exact sum over all T (T network calls per batch), K = the unbiased K-timestep
+    estimate (the standard error then includes its sampling noise). ``net`` is put in eval mode for the
+    call and restored afterwards. ``options``: those of ``bound_per_image`` (timesteps_k, max_images, device,
+    seed, clip_denoised, progress).
+    """
+    return summarize_bound([bound_per_image(net, diffusion, batches, **options)])
 
 
 class DDPMLoss(nn.Module):

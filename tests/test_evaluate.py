@@ -16,6 +16,7 @@ from evaluation.evaluate import (
     EvaluationError,
     draw_samples,
     evaluate,
+    held_out_batches,
     load_network,
     read_checkpoint,
     seed_block,
@@ -43,6 +44,27 @@ def test_seed_blocks_partition_the_seeds():
         assert sum(blocks, []) == list(range(n))
 
 
+def test_held_out_batches_split_over_ranks_cover_the_split_once(digits):
+    one = list(held_out_batches(digits, "test", 23, 4))
+    assert [b["index"].tolist() for b in one] == [list(range(i, min(i + 4, 23))) for i in range(0, 23, 4)]
+    shares = [list(held_out_batches(digits, "test", 23, 4, rank=r, world_size=3)) for r in range(3)]
+    assert [len(x) for x in shares] == [2, 2, 2]  # batches 0,3 / 1,4 / 2,5
+    merged = sorted((b for share in shares for b in share), key=lambda b: int(b["index"][0]))
+    for a, b in zip(one, merged, strict=True):
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["image"], b["image"])
+
+
+def test_bound_parts_that_overlap_are_refused():
+    from pipeline.diffusion import PerImageBound, summarize_bound
+
+    part = PerImageBound(index=torch.tensor([0, 1]), total=torch.ones(2, dtype=torch.float64),
+                         prior=torch.zeros(2, dtype=torch.float64), decoder=torch.zeros(2, dtype=torch.float64),
+                         term_sum=None, timesteps_k=4)
+    assert summarize_bound([part]).bpd == 1.0
+    with pytest.raises(ValueError, match="occurs twice"):
+        summarize_bound([part, part])
+
+
 def test_samples_do_not_depend_on_batch_size(digits, tmp_path):
     cfg = tiny_config(digits, tmp_path / "run", ["eval.num_samples=9"])
     ckpt = write_checkpoint(cfg, 10)
@@ -51,7 +73,7 @@ def test_samples_do_not_depend_on_batch_size(digits, tmp_path):
     runs = []
     for bs in (2, 9, 4):
         cfg.eval.batch_size = bs
-        images, _ = draw_samples(net, diffusion, cfg, torch.device("cpu"))
+        images, _, _ = draw_samples(net, diffusion, cfg, torch.device("cpu"))
         runs.append(images)
     assert runs[0].shape == (9, 1, 8, 8) and runs[0].dtype == np.uint8
     assert runs[0].std() > 0
@@ -138,8 +160,10 @@ def test_incomplete_checkpoint_and_missing_bpd_split_are_explained(digits, tmp_p
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_draw_the_one_process_samples(digits, tmp_path):
-    cfg = tiny_config(digits, tmp_path / "run", ["eval.bpd_split=''", "eval.num_samples=11", "eval.batch_size=3"])
+def test_two_gloo_processes_draw_the_one_process_samples_and_figures(digits, tmp_path):
+    # Sampling, sample features and bits/dim are all spread over the two processes and gathered on rank 0.
+    cfg = tiny_config(digits, tmp_path / "run", ["eval.bpd_split=test", "eval.bpd_timesteps=4",
+                                                 "eval.bpd_max_images=13", "eval.num_samples=11", "eval.batch_size=3"])
     ckpt = write_checkpoint(cfg, 70, seed=6)
     one = evaluate(ckpt, save_samples_to=str(tmp_path / "one.npz"), log_to_run=False, out_dir=str(tmp_path / "e1"))
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -153,5 +177,10 @@ def test_two_gloo_processes_draw_the_one_process_samples(digits, tmp_path):
         np.testing.assert_array_equal(a["images"], b["images"])
         np.testing.assert_array_equal(a["seeds"], b["seeds"])
     two = json.loads((tmp_path / "e2" / "metrics.json").read_text())
-    assert two["eval/fid_digits"] == pytest.approx(one.metrics["eval/fid_digits"], rel=1e-12)
+    # features of the same images in other batch compositions: equal up to float rounding
+    assert two["eval/fid_digits"] == pytest.approx(one.metrics["eval/fid_digits"], rel=1e-6)
+    # bits/dim: each image keeps its generator (seed + its index) and its batch: the same per-image terms,
+    # summed in index order, so the same figures
+    assert (two["eval/bpd"], two["eval/bpd_se"]) == (one.metrics["eval/bpd"], one.metrics["eval/bpd_se"])
+    assert one.provenance["bpd"]["num_images"] == 13
     assert json.loads((tmp_path / "e2" / "provenance.json").read_text())["world_size"] == 2

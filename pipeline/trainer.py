@@ -131,6 +131,9 @@ def train(cfg: Config) -> int:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     fault_steps = _fault_steps()
+    # Test hook: stall (as a hung job would) once step N's checkpoint is written, so a test can SIGKILL the
+    # run at a known step however fast the steps are.
+    stall_after = int(os.environ.get("DDPM_FAULT_STALL_AFTER_STEP", "0") or 0)
     trace_dir = os.environ.get("DDPM_TRACE_BATCHES_DIR", "")
     # Test hook (tests/test_gpu.py): make any host-device sync inside a training step an error, from the
     # third step on (the first ones initialise CUDA, cuDNN and the allocator), DDP/1-GPU path only.
@@ -375,6 +378,9 @@ def train(cfg: Config) -> int:
         if done or preempted or step % tc.checkpoint_every_steps == 0:
             path = save(finished=done)
             accelerator.print(f"checkpoint {path}")
+        if step == stall_after and not done:
+            accelerator.print(f"fault injection: stalling after step {step}", flush=True)
+            time.sleep(3600)
         if preempted and not done:
             accelerator.print(f"preempted (signal {stop_signal[:1]}): checkpoint at step {step}, exiting with "
                               f"{PREEMPTED_EXIT_CODE}")

@@ -81,14 +81,19 @@ def test_two_process_resume_after_sigkill_is_bitwise(digits, tmp_path):
                           port=h.free_port())
         environ = h.launch_env(multi=True, DDPM_TRACE_BATCHES_DIR=str(tmp_path / name / "trace"))
         if name == "killed":
-            proc = h.start(cmd, environ, tmp_path / "killed.log")
-            h.wait_for(lambda: any(s >= 4 for s in h.complete_steps(tmp_path / "killed" / "run")), 300, proc,
-                       "checkpoint 4")
+            # Both ranks stall once checkpoint 4 is written (a test hook): the kill lands there however fast
+            # the steps are (polling for the checkpoint once let the run finish first).
+            proc = h.start(cmd, {**environ, "DDPM_FAULT_STALL_AFTER_STEP": "4"}, tmp_path / "killed.log")
+            h.wait_for(lambda: 4 in h.complete_steps(tmp_path / "killed" / "run"), 300, proc, "checkpoint 4")
+            workers = h.workers(proc)  # torchrun's workers live in sessions of their own: kill them too
+            assert len(workers) == 2
             h.kill_group(proc, signal.SIGKILL)
+            h.signal_pids(workers.values(), signal.SIGKILL)
             proc.wait(30)
-            killed_at = max(h.complete_steps(tmp_path / "killed" / "run"))
-            assert killed_at < 8, "the run finished before it could be killed"
-            cmd[cmd.index("--main_process_port") + 1] = str(h.free_port())  # the killed one may linger
+            pids = list(workers.values())
+            h.wait_for(lambda: not any(h.alive(pid) for pid in pids), 30, None, "the workers' end")  # noqa: B023
+            assert max(h.complete_steps(tmp_path / "killed" / "run")) == 4
+            cmd[cmd.index("--main_process_port") + 1] = str(h.free_port())
         r = h.run(cmd, environ)
         assert r.returncode == 0, r.stderr[-3000:]
         runs[name] = tmp_path / name

@@ -44,7 +44,7 @@ def _wait_exit(proc: subprocess.Popen, log, timeout_s: float = 300) -> int:
 
 # ---- preemption: SIGTERM / SIGUSR1 to the training processes of a 2-process launch ------------------
 
-PREEMPT_TOTAL_STEPS = 48  # ~2-3 s of training here: the signal lands long before the end
+PREEMPT_TOTAL_STEPS = 160  # ~8 s of training here: the signal (sent after the first step) lands long before the end
 CHECK_EVERY = 4  # train.preempt_check_every_steps: the ranks may only agree at multiples of this
 
 

@@ -50,12 +50,13 @@ def test_resume_after_sigkill_is_bitwise(baseline, shards, tmp_path):
     cmd = h.train_cmd([f"data.shards={shards}", f"train.out_dir={tmp_path}/run", "train.total_steps=8",
                        "train.checkpoint_every_steps=2", "train.keep_checkpoints=10"])
     environ = h.env(DDPM_TRACE_BATCHES_DIR=str(tmp_path / "trace"))
-    proc = h.start(cmd, environ, tmp_path / "killed.log")
-    h.wait_for(lambda: any(s >= 4 for s in h.complete_steps(tmp_path / "run")), 240, proc, "checkpoint 4")
+    # The run stalls once checkpoint 4 is written (a test hook), so the kill lands there however fast it trains.
+    proc = h.start(cmd, {**environ, "DDPM_FAULT_STALL_AFTER_STEP": "4"}, tmp_path / "killed.log")
+    h.wait_for(lambda: 4 in h.complete_steps(tmp_path / "run"), 240, proc, "checkpoint 4")
     h.kill_group(proc, signal.SIGKILL)
     assert proc.wait(30) == -signal.SIGKILL
     killed_at = max(h.complete_steps(tmp_path / "run"))
-    assert killed_at < 8, "the run finished before it could be killed"
+    assert killed_at == 4
     r = h.run(cmd, environ)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"at step {killed_at}" in r.stdout

@@ -195,7 +195,7 @@ def test_preemption_requeues_resumes_into_the_same_run_then_evaluation_follows(
     pytest.importorskip("evaluation.evaluate", exc_type=ModuleNotFoundError)
     from mlflow.tracking import MlflowClient
 
-    total, every = 80, 20
+    total, every = 200, 20  # the preemption lands well before the end, however fast the steps
     out_dir, log, eval_log, env = tmp_path / "run", tmp_path / "train.out", tmp_path / "eval.out", job_env(tmp_path)
     job, eval_job = submit_train_and_eval(slurm, digits_shards, tmp_path, total, every, "afterok",
                                           ["--checkpoint", str(out_dir / f"step-{total:08d}")])

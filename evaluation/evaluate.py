@@ -408,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
                      log_to_run=not a.no_log)
         if r is not None:
             print(format_result(r))
+        dist.shutdown()  # an orderly teardown of the process groups (no collective follows)
         return 0
     except (EvaluationError, ConfigError, ValueError, RuntimeError) as exc:
         print(f"evaluate: error: {exc}", file=sys.stderr)

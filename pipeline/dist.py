@@ -40,6 +40,17 @@ def barrier() -> None:
         dist.barrier(group=_flag_group)
 
 
+def shutdown() -> None:
+    """Tear this rank's process groups down while the interpreter is whole (on success; no barrier, so a rank
+    that is done need not wait for rank 0's work). Left to interpreter exit, a rank that finished first once
+    aborted in gloo's teardown (SIGABRT, "terminate called without an active exception")."""
+    global _flag_group
+    if not is_initialized():
+        return
+    dist.destroy_process_group()
+    _flag_group = None
+
+
 def init_flag_group() -> None:
     """Create a gloo group for host-side agreement (preemption flag, error flag).
 

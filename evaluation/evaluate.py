@@ -183,17 +183,19 @@ def held_out_batches(shards: str, split: str, max_images: int, batch_size: int, 
     from evaluation.fid import iter_split_images
     from pipeline.data.manifest import read_manifest
 
+    def batch(imgs: list[torch.Tensor], start: int) -> dict[str, torch.Tensor]:
+        return {"image": torch.stack(imgs).float() / 127.5 - 1.0, "index": torch.arange(start, start + len(imgs))}
+
     buf: list[torch.Tensor] = []
-    k = 0
-    for n, img in enumerate(iter_split_images(read_manifest(shards), split, max_images)):
+    start = k = 0  # the split position of buf[0]; batch number
+    for img in iter_split_images(read_manifest(shards), split, max_images):
         buf.append(torch.from_numpy(np.array(img)))
         if len(buf) == batch_size:
             if k % world_size == rank:
-                yield {"image": torch.stack(buf).float() / 127.5 - 1.0, "index": torch.arange(n + 1 - len(buf), n + 1)}
-            buf, k = [], k + 1
+                yield batch(buf, start)
+            start, buf, k = start + len(buf), [], k + 1
     if buf and k % world_size == rank:
-        n_total = k * batch_size + len(buf)
-        yield {"image": torch.stack(buf).float() / 127.5 - 1.0, "index": torch.arange(n_total - len(buf), n_total)}
+        yield batch(buf, start)
 
 
 # --------------------------------------------------------------------------------------- the stage

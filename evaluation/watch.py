@@ -101,6 +101,7 @@ def watch(
             time.sleep(poll_s)
     ledger_path = Path(ledger) if ledger else default_ledger(out_dir)
     state = read_ledger(ledger_path)
+    last_progress = time.monotonic()  # the folder's appearance counts as progress: each wait has its own bound
     while True:
         done = (out_dir / DONE).is_file()  # read before the scan: a checkpoint written after it is seen next round
         todo = pending(out_dir, state)

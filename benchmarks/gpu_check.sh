@@ -5,10 +5,10 @@
 #                                                 # into .whl/ (ignored by git; pip needs the registry)
 #   bash benchmarks/gpu_check.sh                  # on the GPU machine, from the repository root
 #
-# On this project's lent machines (the device tool): command "bash benchmarks/gpu_check.sh", carry [".whl"],
-# timeout_s 540. Logs and the table go to $OUT (or /tmp/gpu-check): gpu_tests.log, gpu_throughput.log,
-# gpu_throughput.md. Needs torch with CUDA, accelerate, safetensors, scikit-learn, Pillow, PyYAML, tqdm
-# (present in that image); MLflow is not needed (tracking is off in both parts).
+# Copy the working tree with .whl/ to the GPU machine and run it there (about 9 minutes). Logs and the table
+# go to $OUT (or /tmp/gpu-check): gpu_tests.log, gpu_throughput.log, gpu_throughput.md. Needs torch with
+# CUDA, accelerate, safetensors, scikit-learn, Pillow, PyYAML and tqdm installed there; MLflow is not
+# needed (tracking is off in both parts).
 set -uo pipefail
 
 WHEELS=(omegaconf==2.4.0 ema-pytorch==0.8.3 webdataset==1.0.2 braceexpand==0.1.7 tenacity==9.2.1)

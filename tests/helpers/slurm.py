@@ -19,7 +19,7 @@ For developers::
     python -m tests.helpers.slurm status
     python -m tests.helpers.slurm down
 
-Settings (see ../shared/STACK_NOTES.md, measured on SLURM 22.05): auth/none + cred/none (no munge),
+Settings (measured on SLURM 22.05, docs/slurm.md): auth/none + cred/none (no munge),
 proctrack/pgid (linuxproc leaked a trap's background child), task/none, select/cons_tres with CR_CPU.
 """
 

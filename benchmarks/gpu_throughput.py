@@ -86,8 +86,8 @@ def run_variant(name: str, config: str, shards: Path, out: Path, steps: int, log
                 workers: int) -> dict:
     cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(REPO / config),
            f"data.shards={shards}", f"data.num_workers={workers}", f"train.out_dir={out}",
-           f"train.total_steps={steps}", f"train.log_every_steps={log_every}", "train.sample_every_steps=0",
-           f"train.checkpoint_every_steps={10 * steps}", "train.keep_checkpoints=1", "tracking.enabled=false",
+           f"train.total_steps={steps}", f"logging.every_steps={log_every}", "logging.sample_every_steps=0",
+           f"checkpoint.every_steps={10 * steps}", "checkpoint.keep=1", "tracking.enabled=false",
            *VARIANTS[name]]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)

@@ -26,8 +26,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.config import DataConfig
+from pipeline.data.loader import StreamingLoader
 from pipeline.data.prepare import prepare
-from pipeline.data.stream import StreamingLoader
 
 BATCH = 128
 

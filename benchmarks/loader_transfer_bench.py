@@ -5,11 +5,12 @@
 The worker only fills a batch of B=128 3x32x32 float32 images (plus int64 labels and indices) and
 yields it; the main process takes it. Three layouts, alternated per repeat so machine load hits all:
   three tensors   a fresh shared-memory image tensor + two label/index tensors per batch (each tensor
-                  sent as its own file descriptor): what stream.py did before
+                  sent as its own file descriptor): what the loader did before
   one buffer      one fresh shared-memory uint8 buffer per batch holding all three (one descriptor):
-                  stream.py's path when the geometry is unknown or a batch exceeds 16 MiB
+                  the loader's path when the geometry is unknown or a batch exceeds 16 MiB
   ring            preallocated shared slots; only the slot number is sent, the main process copies the
-                  batch out and frees the slot: stream.py's path otherwise
+                  batch out and frees the slot: the loader's path otherwise
+The two shared layouts are pipeline/data/transport.py's.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ from torch.utils.data import DataLoader, IterableDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.data.stream import _nbytes, _Ring, _views
+from pipeline.data.transport import Ring, batch_nbytes, batch_views
 
 B, CHW = 128, (3, 32, 32)
-NBYTES = _nbytes(B, *CHW)
+NBYTES = batch_nbytes(B, *CHW)
 
 
 class ThreeTensors(IterableDataset):
@@ -51,12 +52,12 @@ class OneBuffer(IterableDataset):
     def __iter__(self):
         for _ in range(self.n):
             buf = torch.empty(NBYTES, dtype=torch.uint8).share_memory_()
-            _views(buf, B, CHW)[0].numpy()[:] = 0.5
+            batch_views(buf, B, CHW)[0].numpy()[:] = 0.5
             yield {"_buf": buf}
 
 
-class Ring(IterableDataset):
-    def __init__(self, n: int, ring: _Ring):
+class RingSlots(IterableDataset):
+    def __init__(self, n: int, ring: Ring):
         self.n, self.ring = n, ring
 
     def __iter__(self):
@@ -64,22 +65,22 @@ class Ring(IterableDataset):
         for seq in range(self.n):
             while int(self.ring.done[0]) < seq - slots + 1:
                 time.sleep(0.0002)
-            _views(self.ring.buf[0, seq % slots], B, CHW)[0].numpy()[:] = 0.5
+            batch_views(self.ring.buf[0, seq % slots], B, CHW)[0].numpy()[:] = 0.5
             yield {"_slot": seq % slots, "_seq": seq}
 
 
 def per_batch_ms(kind: str, n: int) -> float:
-    ring = _Ring.create(1, 2 + 2, NBYTES) if kind == "ring" else None
+    ring = Ring.create(1, 2 + 2, NBYTES) if kind == "ring" else None
     ds = {"three tensors": lambda: ThreeTensors(n + 10), "one buffer": lambda: OneBuffer(n + 10),
-          "ring": lambda: Ring(n + 10, ring)}[kind]()
+          "ring": lambda: RingSlots(n + 10, ring)}[kind]()
     it = iter(DataLoader(ds, batch_size=None, num_workers=1, prefetch_factor=2))
 
     def take():
         b = next(it)
         if kind == "one buffer":
-            return _views(b["_buf"], B, CHW)
+            return batch_views(b["_buf"], B, CHW)
         if kind == "ring":
-            out = _views(ring.buf[0, b["_slot"]].clone(), B, CHW)
+            out = batch_views(ring.buf[0, b["_slot"]].clone(), B, CHW)
             ring.done[0] = b["_seq"] + 1
             return out
         return b["image"], b["label"], b["index"]
@@ -126,7 +127,7 @@ def main() -> None:
     ]
     for k in kinds:
         lines.append(f"| {k} | {med[k]:.2f} | {med['three tensors'] / med[k]:.1f}x |")
-    lines += ["", "At 32x32 one worker decodes a batch of 128 in ~11-24 ms (benchmarks/loader_results.md), so the "
+    lines += ["", "At 32x32 one worker decodes a batch of 128 in ~11-28 ms (benchmarks/loader_results.md), so the "
               "old layout's transfer was a sizeable share of the DataLoader-worker path."]
     with open(a.out, "w") as f:
         f.write("\n".join(lines) + "\n")

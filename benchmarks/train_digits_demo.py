@@ -34,8 +34,8 @@ def main() -> None:
     from pipeline.checkpoint import complete_checkpoints, read_ema
     from pipeline.config import DiffusionConfig, ModelConfig
     from pipeline.diffusion import Diffusion
+    from pipeline.images import image_grid
     from pipeline.sampling import sample
-    from pipeline.tracking import image_grid
     from pipeline.unet import UNet
 
     out = Path(a.out)

@@ -93,13 +93,13 @@ def worker_ours_breakdown(w: dict, shards: str, steps: int) -> dict:
     import torch
     from accelerate import Accelerator
 
-    from pipeline.config import DataConfig, DiffusionConfig
-    from pipeline.data.stream import StreamingLoader
+    from pipeline.config import DataConfig, DiffusionConfig, EMAConfig
+    from pipeline.data.loader import StreamingLoader
     from pipeline.diffusion import DDPMLoss, Diffusion
     from pipeline.ema import EMA
 
     net = _unet(w)
-    ema = EMA(net, decay=0.9999, warmup_steps=0, update_every=1, power=0.75)
+    ema = EMA(net, EMAConfig(decay=0.9999, warmup_steps=0, update_every=1, power=0.75))
     acc = Accelerator()
     model, opt = acc.prepare(DDPMLoss(net, Diffusion(DiffusionConfig())), torch.optim.Adam(net.parameters(), 2e-4,
                                                                                          fused=True))
@@ -134,7 +134,7 @@ def worker_ours_e2e(w: dict, shards: str, steps: int, out_dir: str) -> dict:
     cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "digits.yaml"),
            *model_overrides(w), f"data.shards={shards}", "data.num_workers=1", "data.hflip=false",
            f"train.out_dir={out_dir}", f"train.batch_size={w['batch']}", f"train.total_steps={2 * steps}",
-           f"train.log_every_steps={steps}", f"train.checkpoint_every_steps={10 * steps}", "train.sample_every_steps=0",
+           f"logging.every_steps={steps}", f"checkpoint.every_steps={10 * steps}", "logging.sample_every_steps=0",
            "tracking.enabled=false"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     rates = [float(m) for m in re.findall(r"([\d.]+) img/s", r.stdout)]
@@ -253,6 +253,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workloads", default="digits,cifar-w32")
+    p.add_argument("--contenders", default="ours_e2e,ours,lucidrains,diffusers",
+                   help="which to run (ours_e2e,ours need no extra packages)")
     p.add_argument("--worker", nargs="*")
     a = p.parse_args()
     if a.worker:
@@ -277,6 +279,8 @@ def main() -> None:
                 for kind, data, rest in (("ours_e2e", shards, [str(root / f"o{r}{name}")]), ("ours", shards, []),
                                          ("lucidrains", folder, [str(root / f"l{r}{name}")]),
                                          ("diffusers", folder, [])):
+                    if kind not in a.contenders.split(","):
+                        continue
                     res = sub([kind, name, str(data), str(a.steps), *rest], a.threads)
                     print(name, r, kind, res, flush=True)
                     rounds.setdefault((name, kind), []).append(res.get("images_per_s", 0.0))
@@ -290,7 +294,7 @@ def main() -> None:
           "| EMA % of step |")
     print("| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name in a.workloads.split(","):
-        for kind in ("ours_e2e", "ours", "lucidrains", "diffusers"):
+        for kind in [k for k in ("ours_e2e", "ours", "lucidrains", "diffusers") if (name, k) in results]:
             r = results[(name, kind)]
             if "error" in r:
                 print(f"| {name} | {kind} | error: {r['error'][-120:]!r} | | | | | | | | |")
@@ -303,7 +307,7 @@ def main() -> None:
             print(f"| {name} | {kind} | {r['images_per_s']:.1f} | {statistics.median(all_rounds):.1f} | {spread} | {step} "
                   f"| {' | '.join(cells)} | {pct} |")
         print(f"| {name} | (U-Net parameters: ours/lucidrains {results[(name, 'params')]:,}; diffusers "
-              f"{results[(name, 'diffusers')].get('params', 0):,}) | | | | | | | | | |")
+              f"{results.get((name, 'diffusers'), {}).get('params', 0):,}) | | | | | | | | | |")
 
 
 if __name__ == "__main__":

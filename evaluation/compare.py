@@ -21,7 +21,7 @@ from typing import Any
 
 LOSS_KEY = "train/loss"
 IMAGES_PER_S_KEY = "train/images_per_s"
-BPD_KEYS = ("eval/bpd", "bpd")
+BPD_KEY = "eval/bpd"
 PROTOCOL_PREFIX = "fid_protocol."
 PROTOCOL_INFO_FIELDS = ("step",)  # informational: may differ without making numbers incomparable
 MISSING = "-"
@@ -56,12 +56,12 @@ class Comparison:
 
 def metric_keys(runs: list[RunSummary], metric: str) -> dict[str, str]:
     """``{metric key: extractor}`` read as FID. An exact key if some run has it; else the family
-    ``eval/<metric>_<ext>`` (also ``<metric>_<ext>``, ``<metric>/<ext>`` of older runs)."""
+    ``eval/<metric>_<ext>``."""
     every = sorted({k for r in runs for k in r.latest})
     if metric in every:
-        m = re.match(r"^(?:eval/)?[^/_]+[_/](.+)$", metric)
+        m = re.match(r"^eval/[^/_]+_(.+)$", metric)
         return {metric: m.group(1) if m else metric}
-    pattern = re.compile(rf"^(?:eval/)?{re.escape(metric)}[_/](.+)$")
+    pattern = re.compile(rf"^eval/{re.escape(metric)}_(.+)$")
     return {k: m.group(1) for k in every if (m := pattern.match(k))}
 
 
@@ -192,7 +192,7 @@ def compare(runs: list[RunSummary], *, experiment: str, out_dir: str | os.PathLi
                 row += [_at(best[1], best[0], 2), _at(hist[-1][1], hist[-1][0], 2)]
             else:
                 row += [MISSING, MISSING]
-        bpd = next((run.latest[k] for k in BPD_KEYS if k in run.latest), None)
+        bpd = run.latest.get(BPD_KEY)
         ips = run.histories.get(IMAGES_PER_S_KEY, [])
         row += [_fmt(bpd, 3), _fmt(statistics.median(v for _, v in ips) if ips else None, 1)]
         rows.append(row)

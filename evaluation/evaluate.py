@@ -15,7 +15,9 @@ overrides apply on top, e.g. ``eval.*`` or ``data.shards``) and the MLflow run (
 which FID/KID/bits-per-dim are logged at the checkpoint's step with the protocol as tags
 (docs/tracking.md). Only files are read from the checkpoint: the training job is never waited for.
 
-Exit status: 0 done; 2 invalid arguments, configuration or checkpoint; 3 ``--watch`` gave up after
+Exit status: 0 done; 1 an unexpected failure (a bug, CUDA out of memory, NCCL, ...: the traceback is
+printed); 2 invalid input: arguments, configuration, checkpoint, data, reference statistics, unavailable
+feature-extractor weights (one line ``evaluate: error: ...``); 3 ``--watch`` gave up after
 ``--max-wait-s`` before the training wrote TRAINING_DONE (what was there was evaluated).
 """
 
@@ -29,6 +31,7 @@ import math
 import os
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,16 +39,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from evaluation.errors import EvaluationError
 from pipeline import dist
-from pipeline.checkpoint import COMPLETE, DONE, read_ema, step_dir_name
-from pipeline.config import Config, ConfigError, load_config
+from pipeline.checkpoint import DONE, Checkpoint, CheckpointError, step_dir_name
+from pipeline.config import Config, ConfigError
 
 log = logging.getLogger("evaluation")
 WATCH_GAVE_UP_EXIT_CODE = 3  # --watch stopped after --max-wait-s without the training's TRAINING_DONE
-
-
-class EvaluationError(RuntimeError):
-    """A checkpoint or setting that cannot be evaluated; the message says what to do."""
 
 
 @dataclass
@@ -61,55 +61,31 @@ class EvalResult:
 # ------------------------------------------------------------------------------------------- loading
 
 
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """A complete checkpoint folder (pipeline.checkpoint.Checkpoint), or EvaluationError saying why not."""
+    try:
+        return Checkpoint(path, what="--checkpoint")
+    except CheckpointError as exc:
+        raise EvaluationError(f"{exc}; or use --watch to wait for new ones") from None
+
+
 def read_checkpoint(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, dict]:
     """The resolved config (with overrides) and meta.json of a complete checkpoint folder."""
-    path = Path(path)
-    if not path.is_dir():
-        raise EvaluationError(f"--checkpoint {path}: no such folder; give an out_dir/step-NNNNNNNN folder")
-    if not (path / COMPLETE).is_file():
-        raise EvaluationError(
-            f"--checkpoint {path} has no {COMPLETE} marker: it is still being written (or the job died while "
-            "writing it); evaluate a complete step-NNNNNNNN folder, or use --watch to wait for new ones"
-        )
-    cfg = load_config(path / "config.yaml", list(overrides))
-    meta = json.loads((path / "meta.json").read_text())
-    return cfg, meta
+    ckpt = open_checkpoint(path)
+    return ckpt.config(overrides), ckpt.meta
 
 
-def _strip_prefixes(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
-    """Raw weights as accelerate saved them may carry wrapper prefixes (DDPMLoss.net., DDP module., compile)."""
-    for prefix in ("", "net.", "module.", "module.net.", "_orig_mod.", "net._orig_mod."):
-        cand = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        if set(cand) == expected:
-            return cand
-    raise EvaluationError(f"raw weights do not match the U-Net: e.g. {sorted(state)[:3]} vs {sorted(expected)[:3]}")
-
-
-def load_raw_weights(ckpt: Path, expected: set[str]) -> dict[str, torch.Tensor]:
-    """The training weights of the accelerate state (single-model save_state; DDP or plain)."""
-    from safetensors.torch import load_file
-
-    acc = ckpt / "accelerate"
-    if (acc / "model.safetensors").is_file():
-        return _strip_prefixes(load_file(str(acc / "model.safetensors")), expected)
-    if (acc / "pytorch_model.bin").is_file():
-        return _strip_prefixes(torch.load(acc / "pytorch_model.bin", map_location="cpu", weights_only=True), expected)
-    raise EvaluationError(
-        f"eval.use_ema=false needs the raw weights in {acc}/model.safetensors (or pytorch_model.bin); not found "
-        "(a DeepSpeed checkpoint keeps them sharded: convert with DeepSpeed's zero_to_fp32.py first), "
-        "or evaluate the EMA weights (eval.use_ema=true)"
-    )
-
-
-def load_network(ckpt: Path, cfg: Config, use_ema: bool, device: torch.device) -> torch.nn.Module:
+def load_network(ckpt: str | Path, cfg: Config, use_ema: bool, device: torch.device) -> torch.nn.Module:
+    """The U-Net of ``cfg.model`` with the checkpoint's EMA (or raw training) weights, in eval mode."""
     from pipeline.unet import UNet
 
+    checkpoint = open_checkpoint(ckpt)
     net = UNet(cfg.model)
     expected = set(net.state_dict())
-    if use_ema:
-        weights, _ = read_ema(ckpt / "ema.safetensors")
-    else:
-        weights = load_raw_weights(ckpt, expected)
+    try:
+        weights = checkpoint.ema_weights() if use_ema else checkpoint.raw_weights(expected)
+    except CheckpointError as exc:
+        raise EvaluationError(f"{exc}" + ("" if use_ema else " (eval.use_ema=false)")) from None
     missing = expected - set(weights)
     if missing:
         raise EvaluationError(
@@ -178,24 +154,12 @@ def save_samples(images: np.ndarray, dest: str | Path, seed0: int) -> Path:
 
 
 def held_out_batches(shards: str, split: str, max_images: int, batch_size: int, rank: int = 0, world_size: int = 1):
-    """Deterministic batches {"image": float in [-1, 1], "index": positions in the split} of a split, in
-    manifest order; with ``world_size`` > 1, batch k goes to rank k mod world_size (the others only read it)."""
-    from evaluation.fid import iter_split_images
-    from pipeline.data.manifest import read_manifest
+    """Deterministic batches {"image": float in [-1, 1], "label", "index": positions in the split} of a split,
+    in manifest order, decoded and scaled exactly as the training loader does; with ``world_size`` > 1,
+    batch k goes to rank k mod world_size (the others only read it)."""
+    from pipeline.data.sequential import split_batches
 
-    def batch(imgs: list[torch.Tensor], start: int) -> dict[str, torch.Tensor]:
-        return {"image": torch.stack(imgs).float() / 127.5 - 1.0, "index": torch.arange(start, start + len(imgs))}
-
-    buf: list[torch.Tensor] = []
-    start = k = 0  # the split position of buf[0]; batch number
-    for img in iter_split_images(read_manifest(shards), split, max_images):
-        buf.append(torch.from_numpy(np.array(img)))
-        if len(buf) == batch_size:
-            if k % world_size == rank:
-                yield batch(buf, start)
-            start, buf, k = start + len(buf), [], k + 1
-    if buf and k % world_size == rank:
-        yield batch(buf, start)
+    return split_batches(shards, split, batch_size, rank=rank, world_size=world_size, max_images=max_images)
 
 
 # --------------------------------------------------------------------------------------- the stage
@@ -299,7 +263,7 @@ def evaluate(ckpt: str | Path, overrides: list[str] | tuple[str, ...] = (), *, s
         provenance["bpd"] = {"split": e.bpd_split, "num_images": est.num_images,
                              "timesteps_k": e.bpd_timesteps or "exact (all T)"}  # fmt: skip
 
-    from pipeline.tracking import image_grid
+    from pipeline.images import image_grid
 
     grid_path = out / "grid.png"
     _save_png(image_grid(images[: e.grid_images]), grid_path)
@@ -394,27 +358,52 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     _init_distributed()
+    bad_input = _input_errors()
     try:
         if a.watch:
-            from evaluation.watch import watch
-
-            state = watch(a.watch, a.overrides, poll_s=a.poll_s, ledger=a.ledger, once=a.once,
-                          log_to_run=not a.no_log, max_wait_s=a.max_wait_s)
-            if not a.once and not (Path(a.watch) / DONE).is_file():
-                # gave up after --max-wait-s: say so in the exit status (a job chained on it must not go on)
-                print(f"evaluate: the watcher stopped before {a.watch}/{DONE} appeared, after "
-                      f"{len(state['checkpoints'])} checkpoint(s); did the training fail or stall?", file=sys.stderr)
-                return WATCH_GAVE_UP_EXIT_CODE
-            return 0
+            return _watch(a)
         r = evaluate(a.checkpoint, a.overrides, save_samples_to=a.save_samples, out_dir=a.out,
                      log_to_run=not a.no_log)
         if r is not None:
             print(format_result(r))
         dist.shutdown()  # an orderly teardown of the process groups (no collective follows)
         return 0
-    except (EvaluationError, ConfigError, ValueError, RuntimeError) as exc:
+    except bad_input as exc:
         print(f"evaluate: error: {exc}", file=sys.stderr)
         return 2
+    except Exception:
+        # not the input: a bug or the machine (CUDA out of memory, NCCL); whoever debugs it needs the traceback
+        traceback.print_exc()
+        return 1
+
+
+def _input_errors() -> tuple[type[Exception], ...]:
+    """The exceptions that mean "fix the input" (exit 2, one line); anything else is a failure (exit 1)."""
+    from evaluation.features import InceptionWeightsUnavailable
+    from evaluation.fid import ReferenceStatsError
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.data.manifest import ManifestError
+    from pipeline.data.report import CorruptDataError
+
+    return (EvaluationError, ConfigError, CheckpointError, ManifestError, ReferenceStatsError,
+            InceptionWeightsUnavailable, CorruptDataError)
+
+
+def _watch(a: argparse.Namespace) -> int:
+    """--watch: evaluate each new checkpoint once; exit 3 if it gave up before TRAINING_DONE."""
+    from evaluation.watch import StopReason, watch
+
+    if dist.world_size() > 1:
+        raise EvaluationError("--watch runs in one process (it keeps one ledger); launch it without accelerate")
+    stopped = watch(a.watch, lambda ckpt: evaluate(ckpt, a.overrides, log_to_run=not a.no_log),
+                    report_fn=lambda r: print(format_result(r), flush=True),
+                    poll_s=a.poll_s, ledger=a.ledger, once=a.once, max_wait_s=a.max_wait_s)
+    if stopped.reason is StopReason.GAVE_UP:
+        # say so in the exit status: a job chained on the watcher must not go on
+        print(f"evaluate: the watcher stopped before {a.watch}/{DONE} appeared, after "
+              f"{len(stopped.ledger['checkpoints'])} checkpoint(s); did the training fail or stall?", file=sys.stderr)
+        return WATCH_GAVE_UP_EXIT_CODE
+    return 0
 
 
 def _init_distributed() -> None:

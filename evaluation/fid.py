@@ -4,9 +4,10 @@ The distances are clean-fid's (``frechet_distance``, ``kernel_distance``); what 
 reference features come from and how they are cached:
 
 - from the data set's shards (``eval.reference = "train"`` or ``"test"``): every image of that split, in
-  manifest order, through the chosen extractor; cached as ``.npz`` under a key made of the manifest's
-  SHA-256, the split, the extractor (name + weights hash) and the clean-fid mode, so changed shards or
-  another extractor never reuse stale statistics;
+  manifest order, read and decoded by the training loader's code (the trainer's pixels, bit for bit),
+  through the chosen extractor; cached as ``.npz`` under a key made of the manifest's SHA-256, the
+  split, the extractor (name + weights hash) and the clean-fid mode, so changed shards or another
+  extractor never reuse stale statistics;
 - clean-fid's named statistics (``eval.reference = "clean-fid:cifar10/train/32"``), downloaded by
   clean-fid (Inception only): the protocol that compares with published numbers (docs/fid.md).
 """
@@ -14,13 +15,10 @@ reference features come from and how they are cached:
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-import tarfile
 import urllib.error
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from cleanfid.features import get_reference_statistics
 
 from evaluation.features import INCEPTION_NAME, FeatureExtractor
 from pipeline.data.manifest import Manifest, is_url, read_manifest
+from pipeline.data.sequential import iter_split
 
 CLEANFID_PREFIX = "clean-fid:"
 STATS_FORMAT = 1
@@ -95,72 +94,14 @@ def kid(feats: np.ndarray, ref_feats: np.ndarray, *, num_subsets: int = 100, max
 # ----------------------------------------------------------------------------------------------- shards
 
 
-def _decode(name: str, ext: str, payload: bytes, manifest: Manifest) -> np.ndarray:
-    """uint8 (C, H, W) from one sample's image field."""
-    if ext == "png":
-        from PIL import Image
-
-        with Image.open(io.BytesIO(payload)) as im:
-            arr = np.asarray(im.convert("L" if manifest.channels == 1 else "RGB"))
-    elif ext == "u8":  # raw bytes of (H, W) or (H, W, C), as prepare --encoding u8 writes them
-        s, c = manifest.image_size, manifest.channels
-        arr = np.frombuffer(payload, dtype=np.uint8)
-        if arr.size != s * s * c:
-            raise ReferenceStatsError(f"{name}: raw image has {arr.size} bytes, expected {s}x{s}x{c}")
-        arr = arr.reshape(s, s, c)
-    else:
-        raise ReferenceStatsError(f"{name}: image field .{ext} is not png or u8")  # pragma: no cover
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
-
-
-def iter_split_samples(manifest: Manifest, split: str, max_images: int = 0) -> Iterator[tuple[np.ndarray, int]]:
-    """(uint8 (C, H, W) image, label or -1) for every sample of a split once, in manifest order.
-
-    A plain sequential read (shards in manifest order, samples in tar order; no shuffle, no augmentation):
-    reference statistics must see the data as stored.
-    """
-    count = 0
-    for shard in manifest.shards(split):
-        if is_url(shard.url):
-            import fsspec
-
-            opener = fsspec.open(shard.url, "rb")
-        else:
-            opener = open(shard.url, "rb")  # noqa: SIM115 - closed by the with below
-        with opener as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-            key, image, label = None, None, -1
-            for member in tar:
-                if not member.isfile():
-                    continue
-                base = member.name.rsplit("/", 1)[-1]
-                member_key, _, ext = base.partition(".")
-                if member_key != key:  # WebDataset groups consecutive members by key
-                    if image is not None:
-                        yield image, label
-                        count += 1
-                        if max_images and count >= max_images:
-                            return
-                    key, image, label = member_key, None, -1
-                if ext in ("png", "u8"):
-                    image = _decode(f"{shard.name}:{member.name}", ext, tar.extractfile(member).read(), manifest)
-                elif ext == "cls":
-                    label = int(tar.extractfile(member).read().decode().strip())
-            if image is not None:  # the shard's last sample
-                yield image, label
-                count += 1
-                if max_images and count >= max_images:
-                    return
-
-
-def iter_split_images(manifest: Manifest, split: str, max_images: int = 0) -> Iterator[np.ndarray]:
-    for image, _ in iter_split_samples(manifest, split, max_images):
-        yield image
-
-
 def load_split_images(manifest: Manifest, split: str, max_images: int = 0) -> np.ndarray:
-    images = list(iter_split_images(manifest, split, max_images))
+    """uint8 (N, C, H, W): every image of a split once (the first ``max_images`` when > 0), in manifest order.
+
+    Read by the training loader's own reader and decoder, unshuffled and unflipped
+    (pipeline.data.sequential), so the statistics are of the pixels the model is trained on; a corrupt
+    shard or sample is skipped with a CorruptDataWarning, as in training.
+    """
+    images = [sample.image for sample in iter_split(manifest, split, max_images)]
     if not images:
         raise ReferenceStatsError(f"split {split!r} of {manifest.location} holds no images")
     return np.stack(images)

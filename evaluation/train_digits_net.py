@@ -25,16 +25,14 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from evaluation import digits_net
-from evaluation.fid import iter_split_samples
-from pipeline.data.manifest import read_manifest
 from pipeline.data.prepare import prepare, resize_center_crop
+from pipeline.data.sequential import iter_split
 
 
 def load_split(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    manifest = read_manifest(data_dir)
-    samples = list(iter_split_samples(manifest, split))
-    images = np.stack([img for img, _ in samples])
-    labels = np.array([lab for _, lab in samples], dtype=np.int64)
+    samples = list(iter_split(data_dir, split))
+    images = np.stack([s.image for s in samples])
+    labels = np.array([s.label for s in samples], dtype=np.int64)
     if (labels < 0).any():
         raise ValueError(f"{data_dir} split {split!r} has unlabelled samples; the digits net needs labels")
     return images, labels

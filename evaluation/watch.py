@@ -9,22 +9,47 @@ stops once ``TRAINING_DONE`` exists and every complete checkpoint is in the ledg
 training folder's checkpoints (and writes its ledger and figures under ``<out_dir>/eval/``), so training
 never waits for it. A checkpoint deleted by keep-k before its turn is recorded as skipped. Started before
 the training has created its out_dir (``sbatch --dependency=after:TRAIN``), it waits for the folder
-(``--max-wait-s`` bounds that wait too).
+(``--max-wait-s`` bounds that wait too). How a checkpoint is evaluated and reported is the caller's
+(``evaluate_fn``, ``report_fn``; evaluation.evaluate's ``--watch`` passes its evaluator), so this module
+does not import the evaluator; ``watch`` returns why it stopped.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from evaluation.errors import EvaluationError
 from pipeline.checkpoint import DONE, complete_checkpoints
 
 LEDGER_FORMAT = 1
+
+
+class Evaluated(Protocol):
+    """What ``evaluate_fn`` returns, as far as the ledger is concerned (evaluation.evaluate.EvalResult)."""
+
+    step: int
+    metrics: dict[str, float]
+    logged_to_run: str | None
+
+
+class StopReason(enum.Enum):
+    DONE = "done"  # TRAINING_DONE was there and every complete checkpoint is in the ledger
+    GAVE_UP = "gave_up"  # max_wait_s passed with nothing new and no TRAINING_DONE
+    ONCE = "once"  # once=True: one scan
+
+
+@dataclass
+class WatchResult:
+    reason: StopReason
+    ledger: dict[str, Any]
 
 
 def default_ledger(out_dir: str | Path) -> Path:
@@ -38,9 +63,9 @@ def read_ledger(path: str | Path) -> dict[str, Any]:
     try:
         ledger = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise RuntimeError(f"ledger {path} is not valid JSON ({exc}); delete it to re-evaluate every checkpoint") from exc
+        raise EvaluationError(f"ledger {path} is not valid JSON ({exc}); delete it to re-evaluate every checkpoint") from exc
     if ledger.get("format") != LEDGER_FORMAT:
-        raise RuntimeError(f"ledger {path} has format {ledger.get('format')!r}, expected {LEDGER_FORMAT}")
+        raise EvaluationError(f"ledger {path} has format {ledger.get('format')!r}, expected {LEDGER_FORMAT}")
     return ledger
 
 
@@ -63,26 +88,20 @@ def pending(out_dir: str | Path, ledger: dict[str, Any]) -> list[Path]:
 
 def watch(
     out_dir: str | Path,
-    overrides: list[str] | tuple[str, ...] = (),
+    evaluate_fn: Callable[[Path], Evaluated],
     *,
+    report_fn: Callable[[Evaluated], None] | None = None,
     poll_s: float = 60.0,
     ledger: str | Path = "",
     once: bool = False,
-    log_to_run: bool = True,
-    evaluate_fn: Callable[..., Any] | None = None,
     max_wait_s: float = 0.0,
-) -> dict[str, Any]:
-    """Evaluate new checkpoints until training is done and all are evaluated; returns the ledger.
+) -> WatchResult:
+    """Evaluate new checkpoints with ``evaluate_fn(ckpt)`` until training is done and all are evaluated.
 
-    ``once``: one scan, then return. ``max_wait_s`` (> 0): give up after this long without anything new.
-    ``evaluate_fn(ckpt, overrides, log_to_run=...)`` defaults to ``evaluation.evaluate.evaluate``.
+    ``report_fn(result)`` is called after each evaluation. ``once``: one scan, then return. ``max_wait_s``
+    (> 0): give up after this long without anything new. Raises EvaluationError for a folder that is not
+    (or never becomes) a training out_dir, or an unreadable ledger; returns why it stopped, with the ledger.
     """
-    from evaluation.evaluate import EvaluationError, evaluate, format_result
-    from pipeline import dist
-
-    if dist.world_size() > 1:
-        raise EvaluationError("--watch runs in one process (it keeps one ledger); launch it without accelerate")
-    evaluate_fn = evaluate_fn or evaluate
     out_dir = Path(out_dir)
     last_progress = time.monotonic()
     if out_dir.exists() and not out_dir.is_dir():
@@ -104,11 +123,10 @@ def watch(
     last_progress = time.monotonic()  # the folder's appearance counts as progress: each wait has its own bound
     while True:
         done = (out_dir / DONE).is_file()  # read before the scan: a checkpoint written after it is seen next round
-        todo = pending(out_dir, state)
-        for ckpt in todo:
+        for ckpt in pending(out_dir, state):
             entry: dict[str, Any] = {"evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             try:
-                result = evaluate_fn(ckpt, overrides, log_to_run=log_to_run)
+                result = evaluate_fn(ckpt)
             except Exception as exc:
                 if ckpt.exists():
                     raise  # a real problem (settings, weights): stop and say so rather than mark it done
@@ -117,13 +135,16 @@ def watch(
                 print(f"watch: {ckpt.name} was removed before it could be evaluated; skipped", file=sys.stderr)
             else:
                 entry.update(status="ok", step=result.step, metrics=result.metrics, run_id=result.logged_to_run)
-                print(format_result(result), flush=True)
+                if report_fn is not None:
+                    report_fn(result)
             state["checkpoints"][ckpt.name] = entry
             write_ledger(ledger_path, state)
             last_progress = time.monotonic()
-        if once or (done and not pending(out_dir, state)):
-            return state
+        if once:
+            return WatchResult(StopReason.ONCE, state)
+        if done and not pending(out_dir, state):
+            return WatchResult(StopReason.DONE, state)
         if max_wait_s and time.monotonic() - last_progress > max_wait_s:
             print(f"watch: nothing new in {out_dir} for {max_wait_s:.0f} s and no {DONE}; stopping", file=sys.stderr)
-            return state
+            return WatchResult(StopReason.GAVE_UP, state)
         time.sleep(poll_s)

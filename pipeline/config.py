@@ -14,6 +14,7 @@ U-Net, ...), never the whole object.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,19 +34,20 @@ def _choice(key: str, value: Any, allowed: tuple) -> None:
 
 
 def _positive(key: str, value: float, *, zero_ok: bool = False) -> None:
-    if value < 0 or (value == 0 and not zero_ok):
-        raise ConfigError(f"{key}={value!r} must be {'>= 0' if zero_ok else '> 0'}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):  # NaN fails every comparison
+        finite = "" if math.isfinite(value) else "a finite number "
+        raise ConfigError(f"{key}={value!r} must be {finite}{'>= 0' if zero_ok else '> 0'}")
 
 
 def _unit_interval(key: str, value: float, *, closed: bool = True) -> None:
-    ok = 0.0 <= value <= 1.0 if closed else 0.0 < value < 1.0
+    ok = 0.0 <= value <= 1.0 if closed else 0.0 < value < 1.0  # False for NaN
     if not ok:
         raise ConfigError(f"{key}={value!r} must lie in {'[0, 1]' if closed else '(0, 1)'}")
 
 
 @dataclass
 class DataConfig:
-    """The streaming loader (pipeline/data/stream.py)."""
+    """The streaming loader (pipeline/data/loader.py)."""
 
     shards: str = MISSING  # a prepared folder (its manifest.json), a manifest path, a brace pattern or URLs
     split: str = "train"  # which split of the manifest to stream
@@ -142,59 +144,27 @@ class DiffusionConfig:
 
 @dataclass
 class TrainConfig:
-    """The training loop (pipeline/trainer.py). Step counts are optimizer steps."""
+    """The training run (pipeline/trainer.py): batch, length, precision, determinism. Steps are optimizer steps."""
 
     out_dir: str = "runs/default"  # checkpoints and exported weights go under here
     batch_size: int = 128  # global batch: all ranks and accumulation steps together
     micro_batch_per_gpu: int = 0  # per-device batch per forward; 0 = batch_size / world_size (no accumulation)
     total_steps: int = 800_000  # optimizer steps to train for
-    lr: float = 2e-4  # Adam learning rate after warm-up
-    warmup_steps: int = 5000  # linear learning-rate warm-up
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
     mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 needs a GPU; loss scaling is automatic)
-    ema_decay: float = 0.9999  # EMA decay once warmed up
-    ema_warmup_steps: int = 0  # steps before the EMA starts tracking (it copies the weights until then)
-    ema_update_every: int = 1  # update the EMA every this many steps
-    ema_power: float = 0.75  # EMA warm-up: decay = min(ema_decay, 1 - (1 + n)^-power) after n updates (ema-pytorch)
-    log_every_steps: int = 100  # metrics tick (the only place the host waits for the device)
-    sample_every_steps: int = 5000  # sample grid from the EMA into tracking (0 = off)
-    sample_grid_images: int = 16  # images in that grid
-    sample_ddim_steps: int = 20  # DDIM steps for that grid
-    checkpoint_every_steps: int = 5000  # training-state checkpoint cadence
-    keep_checkpoints: int = 3  # newest k checkpoints kept
-    resume: str = "auto"  # auto (newest complete checkpoint in out_dir, else fresh) | none | a checkpoint path
     seed: int = 0  # seeds weights, noise and t; per-rank streams derive from it
     deterministic: bool = False  # torch deterministic algorithms (bitwise resume on CPU)
     nonfinite_policy: str = "skip"  # on a non-finite loss: skip the step, or stop
     max_nonfinite_in_row: int = 10  # with skip: stop after this many non-finite steps in a row
     compile: bool = False  # torch.compile the U-Net
     channels_last: bool = False  # channels_last memory format
-    preempt_check_every_steps: int = 10  # ranks agree on a SIGTERM/SIGUSR1 every this many steps (one gloo all-reduce)
 
     def __post_init__(self) -> None:
         _positive("train.batch_size", self.batch_size)
         _positive("train.micro_batch_per_gpu", self.micro_batch_per_gpu, zero_ok=True)
         _positive("train.total_steps", self.total_steps)
-        _positive("train.lr", self.lr)
-        _positive("train.warmup_steps", self.warmup_steps, zero_ok=True)
-        _unit_interval("train.adam_beta1", self.adam_beta1)
-        _unit_interval("train.adam_beta2", self.adam_beta2)
-        _positive("train.grad_clip", self.grad_clip, zero_ok=True)
         if self.mixed_precision in ("False", "false"):
             self.mixed_precision = "no"  # YAML 1.1 reads a bare `no` (in a file or key=value) as false
         _choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
-        _unit_interval("train.ema_decay", self.ema_decay)
-        _positive("train.ema_update_every", self.ema_update_every)
-        _positive("train.ema_power", self.ema_power)
-        _positive("train.preempt_check_every_steps", self.preempt_check_every_steps)
-        _positive("train.log_every_steps", self.log_every_steps)
-        _positive("train.sample_every_steps", self.sample_every_steps, zero_ok=True)
-        _positive("train.checkpoint_every_steps", self.checkpoint_every_steps)
-        _positive("train.keep_checkpoints", self.keep_checkpoints)
         _choice("train.nonfinite_policy", self.nonfinite_policy, ("skip", "stop"))
         _positive("train.max_nonfinite_in_row", self.max_nonfinite_in_row)
         if self.micro_batch_per_gpu and self.batch_size % self.micro_batch_per_gpu:
@@ -202,6 +172,85 @@ class TrainConfig:
                 f"train.batch_size={self.batch_size} is not divisible by "
                 f"train.micro_batch_per_gpu={self.micro_batch_per_gpu}"
             )
+
+
+@dataclass
+class OptimizerConfig:
+    """Adam and its learning-rate schedule (pipeline/trainer.py): the paper's linear warm-up, then constant."""
+
+    lr: float = 2e-4  # Adam learning rate after warm-up
+    warmup_steps: int = 5000  # linear learning-rate warm-up, in optimizer steps
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
+
+    def __post_init__(self) -> None:
+        _positive("optimizer.lr", self.lr)
+        _positive("optimizer.warmup_steps", self.warmup_steps, zero_ok=True)
+        _unit_interval("optimizer.adam_beta1", self.adam_beta1)
+        _unit_interval("optimizer.adam_beta2", self.adam_beta2)
+        _positive("optimizer.adam_eps", self.adam_eps)
+        _positive("optimizer.weight_decay", self.weight_decay, zero_ok=True)
+        _positive("optimizer.grad_clip", self.grad_clip, zero_ok=True)
+
+
+@dataclass
+class EMAConfig:
+    """The EMA of the weights (pipeline/ema.py): ema-pytorch's warm-up, fp32, masked on skipped steps."""
+
+    decay: float = 0.9999  # EMA decay once warmed up
+    warmup_steps: int = 0  # steps before the EMA starts tracking (it copies the weights until then)
+    update_every: int = 1  # update the EMA every this many steps
+    power: float = 0.75  # warm-up: decay = min(decay, 1 - (1 + n)^-power) after n updates (ema-pytorch)
+
+    def __post_init__(self) -> None:
+        _unit_interval("ema.decay", self.decay)
+        _positive("ema.warmup_steps", self.warmup_steps, zero_ok=True)
+        _positive("ema.update_every", self.update_every)
+        _positive("ema.power", self.power)
+
+
+@dataclass
+class CheckpointConfig:
+    """Training-state checkpoints (pipeline/checkpoint.py): cadence, retention, where to resume from."""
+
+    every_steps: int = 5000  # checkpoint cadence, in optimizer steps (and always at the end)
+    keep: int = 3  # newest k complete checkpoints kept
+    resume: str = "auto"  # auto (newest complete checkpoint in train.out_dir, else fresh) | none | a checkpoint path
+
+    def __post_init__(self) -> None:
+        _positive("checkpoint.every_steps", self.every_steps)
+        _positive("checkpoint.keep", self.keep)
+        if not self.resume:
+            raise ConfigError("checkpoint.resume must be auto, none or a step-NNNNNNNN folder")
+
+
+@dataclass
+class LoggingConfig:
+    """What the trainer reports (pipeline/trainer.py): the metrics tick and the EMA sample grids."""
+
+    every_steps: int = 100  # metrics tick: the only place the host waits for the device
+    sample_every_steps: int = 5000  # sample grid from the EMA into tracking (0 = off)
+    sample_grid_images: int = 16  # images in that grid
+    sample_ddim_steps: int = 20  # DDIM steps for that grid
+
+    def __post_init__(self) -> None:
+        _positive("logging.every_steps", self.every_steps)
+        _positive("logging.sample_every_steps", self.sample_every_steps, zero_ok=True)
+        _positive("logging.sample_grid_images", self.sample_grid_images)
+        _positive("logging.sample_ddim_steps", self.sample_ddim_steps)
+
+
+@dataclass
+class PreemptionConfig:
+    """SIGTERM/SIGUSR1 handling (pipeline/trainer.py): checkpoint, then exit 75 so the job is requeued."""
+
+    check_every_steps: int = 10  # ranks agree on a received signal every this many steps (one gloo all-reduce)
+
+    def __post_init__(self) -> None:
+        _positive("preemption.check_every_steps", self.check_every_steps)
 
 
 @dataclass
@@ -302,8 +351,49 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# Keys that moved out of train.* into their components' sections. Old configs still load: each old key is
+# renamed with a warning that names the new one.
+MOVED_KEYS = {
+    **{f"train.{k}": f"optimizer.{k}" for k in ("lr", "warmup_steps", "adam_beta1", "adam_beta2", "adam_eps",
+                                               "weight_decay", "grad_clip")},
+    "train.ema_decay": "ema.decay",
+    "train.ema_warmup_steps": "ema.warmup_steps",
+    "train.ema_update_every": "ema.update_every",
+    "train.ema_power": "ema.power",
+    "train.checkpoint_every_steps": "checkpoint.every_steps",
+    "train.keep_checkpoints": "checkpoint.keep",
+    "train.resume": "checkpoint.resume",
+    "train.log_every_steps": "logging.every_steps",
+    "train.sample_every_steps": "logging.sample_every_steps",
+    "train.sample_grid_images": "logging.sample_grid_images",
+    "train.sample_ddim_steps": "logging.sample_ddim_steps",
+    "train.preempt_check_every_steps": "preemption.check_every_steps",
+}
+
+
+def _move_renamed_keys(layer: Any, where: str) -> None:
+    """Rename MOVED_KEYS in one YAML/override layer (in place), warning once per key."""
+    for old, new in MOVED_KEYS.items():
+        section, name = old.split(".")
+        node = layer.get(section) if hasattr(layer, "get") else None
+        if node is None or not hasattr(node, "keys") or name not in node:
+            continue
+        if OmegaConf.select(layer, new, default=None) is not None:
+            raise ConfigError(f"{where} sets both {old} and {new}; {old} is the old name of {new}: keep only {new}")
+        value = node[name]
+        del node[name]
+        OmegaConf.update(layer, new, value, force_add=True)
+        warnings.warn(f"{old} (in {where}) is now {new}; the old name still works but will go: write {new}",
+                      FutureWarning, stacklevel=3)
 
 
 def _wrap(exc: OmegaConfBaseException, where: str) -> ConfigError:
@@ -328,6 +418,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             layers.append(OmegaConf.load(path))
         except Exception as exc:  # YAML syntax errors come from several libraries
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        _move_renamed_keys(layers[-1], str(path))
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"overrides must look like key=value (e.g. train.lr=1e-4); got {bad}")
@@ -335,6 +426,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         layers.append(OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as exc:
         raise _wrap(exc, "the command-line overrides") from exc
+    _move_renamed_keys(layers[-1], "the overrides")
     try:
         merged = OmegaConf.merge(schema, *layers)
         missing = sorted(OmegaConf.missing_keys(merged))
@@ -358,7 +450,10 @@ def to_yaml(cfg: Any) -> str:
 
 def from_yaml(text: str, cls: type = Config) -> Any:
     """Inverse of to_yaml (used to read the config saved beside a checkpoint)."""
-    merged = OmegaConf.merge(OmegaConf.structured(cls), OmegaConf.create(text))
+    layer = OmegaConf.create(text)
+    if cls is Config:
+        _move_renamed_keys(layer, "a saved config.yaml")
+    merged = OmegaConf.merge(OmegaConf.structured(cls), layer)
     return OmegaConf.to_object(merged)
 
 

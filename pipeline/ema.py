@@ -16,9 +16,13 @@ that ``refresh_source_from_deepspeed`` fills from DeepSpeed's fp32 master weight
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from ema_pytorch import EMA as _LucidrainsEMA
 from torch import nn
+
+from pipeline.config import EMAConfig
 
 
 class _MaskedEMA(_LucidrainsEMA):
@@ -37,14 +41,14 @@ class _MaskedEMA(_LucidrainsEMA):
 class EMA:
     """An fp32 EMA of ``source``; identical on every rank because every rank sees the same weights."""
 
-    def __init__(self, source: nn.Module, *, decay: float, warmup_steps: int, update_every: int, power: float):
+    def __init__(self, source: nn.Module, cfg: EMAConfig):
         self.source = source
         self.inner = _MaskedEMA(
             source,
-            beta=decay,
-            update_after_step=warmup_steps,
-            update_every=update_every,
-            power=power,
+            beta=cfg.decay,
+            update_after_step=cfg.warmup_steps,
+            update_every=cfg.update_every,
+            power=cfg.power,
             include_online_model=False,
             use_foreach=True,
         )
@@ -75,13 +79,14 @@ class EMA:
         """The EMA U-Net's state_dict in fp32 on the CPU (what ema.safetensors holds)."""
         return {k: v.detach().float().cpu().contiguous() for k, v in self.inner.ema_model.state_dict().items()}
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"step": self.inner.step.clone(), "initted": self.inner.initted.clone()}
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the EMA is: its weights (fp32, CPU) and ema-pytorch's warm-up counters."""
+        return {"weights": self.weights(), "num_updates": int(self.inner.step), "initted": bool(self.inner.initted)}
 
-    def load(self, weights: dict[str, torch.Tensor], counters: dict[str, torch.Tensor]) -> None:
-        self.inner.ema_model.load_state_dict(weights)
-        self.inner.step.copy_(counters["step"])
-        self.inner.initted.copy_(counters["initted"])
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.ema_model.load_state_dict(state["weights"])
+        self.inner.step.fill_(int(state["num_updates"]))
+        self.inner.initted.fill_(bool(state["initted"]))
 
 
 @torch.no_grad()

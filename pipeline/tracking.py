@@ -1,46 +1,23 @@
-"""MLflow tracking for training and evaluation: an outage-tolerant sink on the main process, a null sink elsewhere.
+"""The tracking interface: ``NullSink`` (the methods every sink has), ``make_sink`` and where runs are stored.
 
     sink = make_sink(cfg.tracking, out_dir=cfg.train.out_dir, is_main_process=acc.is_main_process,
                      run_id=meta.get("mlflow_run_id"), run_name=cfg.name)
     sink.log_metrics({"train/loss": 0.03}, step=100)
     sink.finish("FINISHED")
 
-The training loop must never wait on the network and never see an exception from tracking. So every
-call only puts an item on a bounded queue; one background thread sends the items with MLflow's client,
-retries a failing call a few times (tenacity), and after that treats the store as down: it drops
-calls (counted in ``sink.dropped``) and probes it once per ``probe_interval_s`` until it answers again.
-Names of metrics, params, tags and artifacts: docs/tracking.md.
+The main process gets the MLflow transport (pipeline/mlflow_sink.py: a bounded queue and a sender thread, so
+that no call waits on the network or raises); every other process, and ``tracking.enabled=false``, gets a
+``NullSink``. Names of metrics, params, tags and artifacts: docs/tracking.md.
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
-import logging
-import math
 import os
-import queue
-import threading
-import time
-import weakref
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-import numpy as np
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
-
 from pipeline.config import ConfigError, TrackingConfig
-
-log = logging.getLogger(__name__)
-
-# MLflow's limits (mlflow.utils.validation), copied so that importing this module does not import mlflow.
-MAX_PARAM_VAL_LENGTH = 6000
-MAX_TAG_VAL_LENGTH = 8000
-MAX_PARAMS_TAGS_PER_BATCH = 100
-MAX_METRICS_PER_BATCH = 1000
 
 STATUSES = ("FINISHED", "KILLED", "FAILED")
 
@@ -59,41 +36,14 @@ def resolve_tracking_uri(cfg: TrackingConfig, out_dir: str | os.PathLike) -> str
     return uri
 
 
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(unquote(urlparse(uri).path)) if uri.startswith("sqlite:///") else None
+
+
 def sqlite_artifact_location(uri: str) -> str | None:
     """``<folder of the .db>/mlartifacts`` for a ``sqlite:///`` URI (artifacts beside the store), else None."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    db = Path(unquote(urlparse(uri).path))
-    return str(db.parent / "mlartifacts")
-
-
-def image_grid(images: Any, nrow: int | None = None, padding: int = 2, pad_value: int = 0) -> np.ndarray:
-    """Tile uint8 images (N, C, H, W) into one HWC uint8 image (torchvision's make_grid; grey becomes RGB).
-
-    ``nrow`` images per row; default: ceil(sqrt(N)), a square-ish grid.
-    """
-    import torch
-    from torchvision.utils import make_grid
-
-    t = torch.as_tensor(images).cpu()
-    if t.dtype != torch.uint8 or t.ndim != 4:
-        raise ValueError(f"image_grid wants uint8 images shaped (N, C, H, W); got {t.dtype} {tuple(t.shape)}")
-    n = t.shape[0]
-    grid = make_grid(t, nrow=nrow or math.ceil(math.sqrt(n)), padding=padding, pad_value=pad_value)
-    return grid.permute(1, 2, 0).contiguous().numpy()
-
-
-def _to_hwc_uint8(image: Any) -> np.ndarray:
-    arr = np.asarray(image.detach().cpu() if hasattr(image, "detach") else image)
-    if arr.dtype != np.uint8:
-        raise ValueError(f"log_image wants uint8 pixels (0..255); got {arr.dtype} (convert with image_grid or .to(uint8))")
-    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[2] not in (1, 3, 4):
-        arr = arr.transpose(1, 2, 0)  # CHW -> HWC
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[:, :, 0]
-    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
-        raise ValueError(f"log_image wants HW, HWC or CHW with 1, 3 or 4 channels; got shape {arr.shape}")
-    return np.ascontiguousarray(arr).copy()
+    db = _sqlite_path(uri)
+    return None if db is None else str(db.parent / "mlartifacts")
 
 
 class NullSink:
@@ -118,7 +68,7 @@ class NullSink:
         """Scalar metrics at an optimizer step; values are converted with float() now."""
 
     def log_image(self, image: Any, key: str, step: int) -> None:
-        """A uint8 HWC or CHW image (e.g. ``image_grid(samples)``) as a step-indexed image."""
+        """A uint8 HWC or CHW image (e.g. ``pipeline.images.image_grid(samples)``) as a step-indexed image."""
 
     def log_artifact(self, path: str | os.PathLike | None = None, *, text: str | None = None,
                      name: str | None = None, artifact_path: str | None = None) -> None:
@@ -132,405 +82,7 @@ class NullSink:
         return True
 
     def finish(self, status: str = "FINISHED") -> None:
-        """Flush within the time bound and close the run with FINISHED, KILLED or FAILED."""
-
-
-@dataclass
-class _Op:
-    kind: str  # metrics | params | tags | image | artifact | text | status | finish
-    payload: Any
-    n_metrics: int = 0  # metric values inside, for the dropped count
-
-
-def _transient(exc: BaseException) -> bool:
-    """Worth retrying: connection problems and server errors, not a request the store rejects (4xx)."""
-    from mlflow.exceptions import MlflowException
-
-    if isinstance(exc, MlflowException):
-        return exc.get_http_status_code() >= 500
-    return not isinstance(exc, (ValueError, TypeError, FileNotFoundError))
-
-
-class MLflowSink(NullSink):
-    """Logs into one MLflow run through a bounded queue and a background sender thread."""
-
-    def __init__(self, cfg: TrackingConfig, *, tracking_uri: str, run_id: str | None, run_name: str,
-                 experiment: str, tags: dict[str, str], attach: bool, artifact_location: str | None) -> None:
-        self.cfg = cfg
-        self.tracking_uri = tracking_uri
-        self._run_id = run_id
-        self._run_name = run_name
-        self._experiment = experiment
-        self._tags = tags
-        self._attach = attach
-        self._artifact_location = artifact_location
-        self._queue: queue.Queue[_Op] = queue.Queue(maxsize=cfg.queue_size)
-        self._lock = threading.Lock()
-        self._counts: Counter[str] = Counter()
-        self._down_since: float | None = None
-        self._last_probe = 0.0
-        self._ready = threading.Event()
-        self._done = threading.Event()
-        self._finished = False
-        self._closed = False
-        self._pid = os.getpid()
-        self._client: Any = None
-        self._last_warned: dict[str, float] = {}
-        if run_id is not None and not attach:
-            self._put(_Op("status", "RUNNING"))
-        self._thread = threading.Thread(target=self._worker, name="mlflow-sink", daemon=True)
-        self._thread.start()
-        # A process that dies without finish() leaves a RUNNING run forever; mark it. Weak, so a
-        # sink that is garbage does not stay alive for the hook.
-        ref = weakref.ref(self)
-        atexit.register(lambda: (s := ref()) is not None and s._at_exit())
-
-    # ---- the training side: never blocks, never raises --------------------------------------------
-
-    @property
-    def run_id(self) -> str | None:
-        return self._run_id
-
-    @property
-    def dropped(self) -> int:
-        return self._counts["dropped_metrics"]
-
-    @property
-    def stats(self) -> dict[str, int]:
-        """Counters: sent_ops, dropped_ops, dropped_metrics, failed_attempts, queue_full."""
-        with self._lock:
-            return dict(self._counts)
-
-    def wait_ready(self, timeout_s: float) -> bool:
-        """Wait until the first attempt to create/continue the run has ended; True if a run id is known."""
-        self._ready.wait(timeout_s)
-        return self._run_id is not None
-
-    def log_params(self, params: dict[str, Any]) -> None:
-        flat = {str(k): str(v)[:MAX_PARAM_VAL_LENGTH] for k, v in params.items()}
-        self._put(_Op("params", flat))
-
-    def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
-        from mlflow.entities import Metric
-        from mlflow.exceptions import MlflowException
-        from mlflow.utils.validation import _validate_metric_name
-
-        now_ms = int(time.time() * 1000)
-        batch = []
-        for key, value in metrics.items():
-            try:
-                _validate_metric_name(str(key))  # here: one bad key would make the store reject the whole batch
-                batch.append(Metric(str(key), float(value), now_ms, int(step)))
-            except (TypeError, ValueError, MlflowException) as exc:
-                self._warn_limited("bad_metric", f"metric {key!r}={value!r} not logged: {_short(exc)}")
-        if batch:
-            self._put(_Op("metrics", batch, n_metrics=len(batch)))
-
-    def log_image(self, image: Any, key: str, step: int) -> None:
-        try:
-            arr = _to_hwc_uint8(image)
-        except ValueError as exc:
-            self._warn_limited("bad_image", f"image {key!r} not logged: {exc}")
-            return
-        self._put(_Op("image", (arr, key, int(step))))
-
-    def log_artifact(self, path: str | os.PathLike | None = None, *, text: str | None = None,
-                     name: str | None = None, artifact_path: str | None = None) -> None:
-        if text is not None:
-            if not name:
-                self._warn_limited("bad_artifact", "log_artifact(text=...) needs name=...; not logged")
-                return
-            self._put(_Op("text", (text, name if artifact_path is None else f"{artifact_path}/{name}")))
-        elif path is not None:
-            self._put(_Op("artifact", (str(path), artifact_path)))
-
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        self._put(_Op("tags", {str(k): str(v)[:MAX_TAG_VAL_LENGTH] for k, v in tags.items()}))
-
-    def flush(self, timeout_s: float) -> bool:
-        if self._finished or self._closed:
-            return self._done.is_set()
-        event = threading.Event()
-        deadline = time.monotonic() + timeout_s
-        try:
-            self._queue.put(_Op("flush", event), timeout=max(0.0, timeout_s))
-        except queue.Full:
-            return False
-        return event.wait(max(0.0, deadline - time.monotonic()))
-
-    def finish(self, status: str = "FINISHED") -> None:
-        if self._finished or os.getpid() != self._pid:
-            return
-        self._finished = True
-        if status not in STATUSES:
-            log.warning("tracking: finish(status=%r) is not one of %s; using FAILED", status, STATUSES)
-            status = "FAILED"
-        deadline = time.monotonic() + self.cfg.flush_timeout_s
-        # finish must get through even when the queue is full: wait for room, within the same bound
-        with contextlib.suppress(queue.Full):
-            self._queue.put(_Op("finish", status), timeout=max(0.0, deadline - time.monotonic()))
-        if not self._done.wait(max(0.0, deadline - time.monotonic())):
-            self._closed = True  # the sender drops what it holds and exits at its next turn
-            left = self._drain_and_count()
-            log.warning(
-                "tracking: gave up flushing to %s after %.1f s; %d queued calls dropped (%d metric values "
-                "dropped in all)", self.tracking_uri, self.cfg.flush_timeout_s, left, self.dropped,
-            )
-        elif self.dropped:
-            log.warning("tracking: run %s finished; %d metric values were dropped (see warnings above)",
-                        self._run_id, self.dropped)
-
-    def _at_exit(self) -> None:
-        if not self._finished and os.getpid() == self._pid:
-            self.finish("FAILED")
-
-    def _put(self, op: _Op) -> None:
-        if self._finished:
-            return
-        if self._closed:
-            self._count_drop(op)
-            return
-        try:
-            self._queue.put_nowait(op)
-        except queue.Full:
-            self._count_drop(op)
-            self._count("queue_full")
-            self._warn_limited(
-                "queue_full",
-                f"tracking queue full ({self.cfg.queue_size} calls; the store at {self.tracking_uri} is slow "
-                f"or down): dropping calls ({self.dropped} metric values dropped so far)",
-            )
-
-    def _drain_and_count(self) -> int:
-        n = 0
-        while True:
-            try:
-                op = self._queue.get_nowait()
-            except queue.Empty:
-                return n
-            self._count_drop(op)
-            n += 1
-
-    # ---- bookkeeping --------------------------------------------------------------------------------
-
-    def _count(self, key: str, n: int = 1) -> None:
-        with self._lock:
-            self._counts[key] += n
-
-    def _count_drop(self, op: _Op) -> None:
-        with self._lock:
-            self._counts["dropped_ops"] += 1
-            self._counts["dropped_metrics"] += op.n_metrics
-
-    def _warn_limited(self, key: str, msg: str, every_s: float = 60.0) -> None:
-        """The first warning of a kind always, then at most one per minute (a log flood helps nobody)."""
-        last = self._last_warned
-        now = time.monotonic()
-        if key not in last or now - last[key] >= every_s:
-            last[key] = now
-            log.warning("tracking: %s", msg)
-
-    # ---- the sender thread --------------------------------------------------------------------------
-
-    def _worker(self) -> None:
-        from mlflow import MlflowClient
-
-        try:
-            self._client = MlflowClient(tracking_uri=self.tracking_uri)
-        except Exception as exc:  # e.g. an unknown URI scheme: nothing can be logged, training goes on
-            log.warning("tracking: cannot open %s (%s); nothing will be logged", self.tracking_uri, _short(exc))
-            self._closed = True
-            self._ready.set()
-            self._done.set()
-            return
-        if self._run_id is None:
-            self._call(self._create_run, what="create run", attempts=self.cfg.retries)
-        self._ready.set()
-        pending: _Op | None = None
-        while not self._closed:
-            try:
-                op = pending or self._queue.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            pending = None
-            if op.kind == "metrics":  # coalesce consecutive metric calls into one request
-                batch = list(op.payload)
-                while len(batch) < MAX_METRICS_PER_BATCH:
-                    try:
-                        nxt = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if nxt.kind != "metrics" or len(batch) + len(nxt.payload) > MAX_METRICS_PER_BATCH:
-                        pending = nxt
-                        break
-                    batch.extend(nxt.payload)
-                op = _Op("metrics", batch, n_metrics=len(batch))
-            if op.kind == "flush":
-                op.payload.set()
-                continue
-            if self._closed:
-                self._count_drop(op)
-                return
-            try:
-                self._process(op)
-            except Exception as exc:  # a bug here must not kill the sender and fill the queue
-                self._count_drop(op)
-                self._warn_limited("internal", f"{op.kind} not logged: {_short(exc)}")
-            if op.kind == "finish":
-                self._done.set()
-                return
-        if pending is not None:
-            self._count_drop(pending)
-
-    def _process(self, op: _Op) -> None:
-        if self._run_id is None and not self._call(self._create_run, what="create run", attempts=None):
-            if op.kind == "finish":
-                return
-            self._count_drop(op)
-            return
-        send = {
-            "metrics": self._send_metrics, "params": self._send_params, "tags": self._send_tags,
-            "image": self._send_image, "artifact": self._send_artifact, "text": self._send_text,
-            "status": self._send_status, "finish": self._send_finish,
-        }[op.kind]
-        # finish is always tried (once if the store is down), whatever the probe interval.
-        if self._call(lambda: send(op.payload), what=op.kind, attempts=1 if op.kind == "finish" else None):
-            self._count("sent_ops")
-        elif op.kind != "finish":
-            self._count_drop(op)
-
-    def _call(self, fn: Any, *, what: str, attempts: int | None) -> bool:
-        """Run ``fn`` with retries; False (and a warning) if it failed. ``attempts=None``: by outage state."""
-        if attempts is None:
-            if self._down_since is not None:
-                now = time.monotonic()
-                if now - self._last_probe < self.cfg.probe_interval_s:
-                    return False  # down and not yet time to probe: drop without touching the network
-                self._last_probe = now
-                attempts = 1
-            else:
-                attempts = self.cfg.retries
-        retrying = Retrying(
-            stop=stop_after_attempt(attempts),
-            wait=wait_exponential(multiplier=self.cfg.retry_wait_s, max=8 * max(self.cfg.retry_wait_s, 0.1)),
-            retry=retry_if_exception(_transient),
-            before_sleep=lambda _state: self._count("failed_attempts"),
-            reraise=True,
-        )
-        try:
-            retrying(fn)
-        except Exception as exc:
-            self._count("failed_attempts")
-            if _transient(exc):
-                if self._down_since is None:
-                    self._down_since = self._last_probe = time.monotonic()
-                    log.warning(
-                        "tracking: %s failed at %s after %d attempt(s): %s. Training goes on; tracking calls "
-                        "are dropped (counted) and the store is probed every %.0f s",
-                        what, self.tracking_uri, attempts, _short(exc), self.cfg.probe_interval_s,
-                    )
-            else:
-                self._warn_limited(f"rejected_{what}", f"{what} rejected by {self.tracking_uri}: {_short(exc)}")
-            return False
-        if self._down_since is not None:
-            log.warning("tracking: %s answers again after %.1f s; %d metric values were dropped meanwhile",
-                        self.tracking_uri, time.monotonic() - self._down_since, self.dropped)
-            self._down_since = None
-        return True
-
-    def _create_run(self) -> None:
-        from mlflow.exceptions import MlflowException
-
-        client = self._client
-        exp = client.get_experiment_by_name(self._experiment)
-        if exp is None:
-            try:
-                exp_id = client.create_experiment(self._experiment, artifact_location=self._artifact_location)
-            except MlflowException as exc:  # another process created it meanwhile
-                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
-                exp_id = client.get_experiment_by_name(self._experiment).experiment_id
-        else:
-            exp_id = exp.experiment_id
-        run = client.create_run(exp_id, tags=self._tags, run_name=self._run_name)
-        self._run_id = run.info.run_id
-
-    def _send_status(self, status: str) -> None:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            run = self._client.get_run(self._run_id)
-        except MlflowException as exc:
-            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
-                raise
-            run = None
-        if run is None or run.info.lifecycle_stage == "deleted":
-            log.warning("tracking: run %s to resume is not in %s (or deleted); starting a new run",
-                        self._run_id, self.tracking_uri)
-            self._run_id = None
-            self._create_run()
-            return
-        self._client.update_run(self._run_id, status=status)
-
-    def _send_metrics(self, metrics: list) -> None:
-        self._client.log_batch(self._run_id, metrics=metrics, synchronous=True)
-
-    def _send_params(self, params: dict[str, str]) -> None:
-        from mlflow.entities import Param, RunTag
-
-        # Params are immutable: skip those already there (resume), keep a changed value as a tag.
-        existing = self._client.get_run(self._run_id).data.params
-        new = [Param(k, v) for k, v in params.items() if k not in existing]
-        changed = {k: v for k, v in params.items() if k in existing and existing[k] != v}
-        for i in range(0, len(new), MAX_PARAMS_TAGS_PER_BATCH):
-            self._client.log_batch(self._run_id, params=new[i : i + MAX_PARAMS_TAGS_PER_BATCH], synchronous=True)
-        if changed:
-            self._warn_limited("param_changed", "params changed since this run was started: " + ", ".join(
-                f"{k}: {existing[k]!r} -> {v!r}" for k, v in sorted(changed.items())
-            ) + " (MLflow params are immutable; new values kept as tags param_changed.<key>)")
-            tags = [RunTag(f"param_changed.{k}", v[:MAX_TAG_VAL_LENGTH]) for k, v in changed.items()]
-            for i in range(0, len(tags), MAX_PARAMS_TAGS_PER_BATCH):
-                self._client.log_batch(self._run_id, tags=tags[i : i + MAX_PARAMS_TAGS_PER_BATCH], synchronous=True)
-
-    def _send_tags(self, tags: dict[str, str]) -> None:
-        from mlflow.entities import RunTag
-
-        items = [RunTag(k, v) for k, v in tags.items()]
-        for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
-            self._client.log_batch(self._run_id, tags=items[i : i + MAX_PARAMS_TAGS_PER_BATCH], synchronous=True)
-
-    def _send_image(self, payload: tuple) -> None:
-        arr, key, step = payload
-        self._client.log_image(self._run_id, arr, key=key, step=step, synchronous=True)
-
-    def _send_artifact(self, payload: tuple) -> None:
-        path, artifact_path = payload
-        if not Path(path).exists():
-            raise FileNotFoundError(f"artifact {path} no longer exists (keep files until finish, or log text)")
-        self._client.log_artifact(self._run_id, path, artifact_path)
-
-    def _send_text(self, payload: tuple) -> None:
-        text, name = payload
-        self._client.log_text(self._run_id, text, name)
-
-    def _send_finish(self, status: str) -> None:
-        if not self._attach:
-            self._client.set_terminated(self._run_id, status=status)
-
-
-def _short(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}"
-    return text if len(text) < 300 else text[:300] + "…"
-
-
-_ENV_SET_BY_US: dict[str, str] = {}
-
-
-def _set_http_env(name: str, value: str) -> None:
-    """Set one of MLflow's HTTP variables (read per request) unless the user set it before us."""
-    if name not in os.environ or os.environ[name] == _ENV_SET_BY_US.get(name):
-        os.environ[name] = value
-        _ENV_SET_BY_US[name] = value
+        """Flush within the time bound and close the run with one of ``STATUSES``."""
 
 
 def make_sink(cfg: TrackingConfig, *, out_dir: str | os.PathLike, is_main_process: bool,
@@ -548,14 +100,11 @@ def make_sink(cfg: TrackingConfig, *, out_dir: str | os.PathLike, is_main_proces
     if attach and not run_id:
         raise ValueError("make_sink(attach=True) needs the run_id of the run to log into")
     uri = resolve_tracking_uri(cfg, out_dir)
-    if uri.startswith(("http://", "https://")):
-        # MLflow's defaults (7 retries with backoff, 120 s timeout) keep a dead server busy for minutes;
-        # our sender retries instead.
-        _set_http_env("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        _set_http_env("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, math.ceil(cfg.timeout_s))))
-    if uri.startswith("sqlite:///"):
-        Path(unquote(urlparse(uri).path)).parent.mkdir(parents=True, exist_ok=True)
-    import mlflow  # noqa: F401  (import here, on the calling thread, not racing inside the sender)
+    db = _sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    # here, not at the top: mlflow is imported only by a process that logs
+    from pipeline.mlflow_sink import MLflowSink
 
     run_tags = {"out_dir": str(Path(out_dir).resolve())}
     run_tags.update({str(k): str(v) for k, v in (tags or {}).items()})

@@ -1,4 +1,6 @@
-"""The training loop: one function, in paragraphs (after NVlabs/edm's training_loop.py).
+"""The training loop: ``train(cfg)`` in paragraphs (after NVlabs/edm's training_loop.py), with what a
+step needs behind small objects: ``OptimizerStep`` (the DDP/DeepSpeed difference), ``TickStats`` (the
+device-side statistics of a log tick), ``Preemption`` (SIGTERM/SIGUSR1) and ``FaultHooks`` (test-only).
 
 ``train(cfg) -> exit code``: 0 finished, 75 preempted (a checkpoint was written), raises otherwise
 (launch/train.py maps ConfigError/CheckpointError to 2, anything else to 1).
@@ -11,15 +13,10 @@ Random streams (written down so that resume is bitwise and N ranks equal one ran
   number of processes or on a restart;
 - data order: the loader's own (data.seed, epoch), with its position saved per rank.
 
-Host syncs: the loop never reads a device value except at a log tick (every train.log_every_steps),
-a sample grid or a checkpoint. A non-finite gradient is detected on the device (``ok`` below) and
+Host syncs: the loop never reads a device value except at a log tick (every logging.every_steps),
+a sample grid or a checkpoint. A non-finite gradient is detected on the device (``applied`` below) and
 the optimizer step is skipped on the device (fused Adam's found_inf, the AMP mechanism), the EMA
 update is masked with the same flag, and counters are read at the next tick.
-
-Test-only knobs (environment variables, read once at start; documented in docs/training.md):
-  DDPM_FAULT_NAN_AT_STEP=3,4   make the loss of those optimizer steps (1-based) NaN on rank 0
-  DDPM_TRACE_BATCHES_DIR=DIR   append "step micro sha1" of every consumed batch to DIR/rank-<r>.txt, and at
-                               the end "params sha1" / "ema sha1" of this rank's final weights
 """
 
 from __future__ import annotations
@@ -32,11 +29,12 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline import checkpoint, dist
+from pipeline import dist
 from pipeline.config import Config, ConfigError, flatten, to_yaml
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: a checkpoint was written, requeue the job and it resumes
@@ -81,7 +79,7 @@ def batch_split(batch_size: int, micro_batch_per_gpu: int, world_size: int) -> t
     return micro, batch_size // (micro * world_size)
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
@@ -90,320 +88,434 @@ def _git_commit() -> str:
         return ""
 
 
-def _fault_steps() -> set[int]:
-    raw = os.environ.get("DDPM_FAULT_NAN_AT_STEP", "")
-    try:
-        return {int(s) for s in raw.split(",") if s.strip()}
-    except ValueError as exc:
-        raise ConfigError(f"DDPM_FAULT_NAN_AT_STEP={raw!r}: expected comma-separated step numbers") from exc
+# ------------------------------------------------------------------------------------------ progress
 
 
-def train(cfg: Config) -> int:
-    tc = cfg.train
+class Progress:
+    """Where training stands (the checkpoint's meta.json): steps, images, the MLflow run, finished."""
+
+    def __init__(self) -> None:
+        self.step, self.images_seen, self.finished = 0, 0, False
+        self.mlflow_run_id: str | None = None
+        self.mlflow_tracking_uri: str | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in vars(self):
+            setattr(self, key, state.get(key))
+        self.step, self.images_seen = int(state["step"]), int(state["images_seen"])
+
+
+# -------------------------------------------------------------------------------------- optimizer step
+
+
+class OptimizerStep:
+    """Clip and step once per optimizer step: ``step(lr) -> (applied, grad_norm)``, device tensors, no sync.
+
+    ``applied`` is the same on every rank (decided from the all-reduced gradient). DDP / one process: the
+    global norm is clipped by accelerate and fused Adam skips a non-finite step on the device (found_inf).
+    DeepSpeed stepped inside backward() and skipped a non-finite step itself; its skipped_steps counter
+    tells us which.
+    """
+
+    def __init__(self, accelerator: Any, module: Any, adam: torch.optim.Adam, wrapped: Any, grad_clip: float,
+                 deepspeed: bool):
+        self.accelerator, self.module, self.adam, self.wrapped = accelerator, module, adam, wrapped
+        self.grad_clip, self.deepspeed = grad_clip or math.inf, deepspeed
+        self._ds_skipped = module.skipped_steps if deepspeed else 0
+
+    def step(self, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        for group in self.adam.param_groups:  # DeepSpeed's optimizer shares these groups
+            group["lr"] = lr
+        device = self.accelerator.device
+        if self.deepspeed:
+            applied = self.module.skipped_steps == self._ds_skipped
+            self._ds_skipped = self.module.skipped_steps
+            norm = float(self.module.get_global_grad_norm() or 0.0) if applied else 0.0
+            return torch.tensor(applied, device=device), torch.as_tensor(norm, device=device)
+        grad_norm = self.accelerator.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+        applied = torch.isfinite(grad_norm)
+        self.adam.found_inf = (~applied).float()
+        self.wrapped.step()
+        self.wrapped.zero_grad(set_to_none=True)
+        return applied, grad_norm
+
+
+def configure_deepspeed(accelerator: Any, cfg: Config, micro: int, accum: int) -> None:
+    """We own batch sizes and clipping (global batch semantics); refuse settings that let NaNs through."""
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = micro
+    ds["gradient_accumulation_steps"] = accum
+    ds["train_batch_size"] = cfg.train.batch_size
+    ds["gradient_clipping"] = cfg.optimizer.grad_clip
+    ds.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
+    # Under DeepSpeed, a non-finite step is skipped by the engine's own check; these settings turn it
+    # off (ZeRO-1/2), and the NaN would reach the weights and the EMA unnoticed.
+    disabled = [key for key, value in (("bf16.check_grad_overflow", ds.get("bf16", {}).get("check_grad_overflow")),
+                                       ("zero_optimization.compute_grad_norm",
+                                        ds["zero_optimization"].get("compute_grad_norm")))
+                if str(value).lower() == "false"]
+    if disabled:
+        raise ConfigError(
+            f"the DeepSpeed config sets {' and '.join(disabled)} to false: DeepSpeed would then apply steps with "
+            "non-finite gradients, which train.nonfinite_policy relies on it to skip; remove "
+            "those keys (both default to true)"
+        )
+
+
+# ------------------------------------------------------------------------------------ tick statistics
+
+
+class TickStats:
+    """Sums over one log tick, kept on the device; ``flush()`` is the one host sync and resets them."""
+
+    def __init__(self, device: torch.device, num_timesteps: int, loss_scaling: bool):
+        self.device, self.T, self.loss_scaling = device, num_timesteps, loss_scaling
+        z = torch.zeros((), device=device)
+        self.loss_q, self.count_q = torch.zeros(4, device=device), torch.zeros(4, device=device)  # by t-quartile
+        self.grad_norm, self.applied, self.nonfinite, self.scaler_skips = z.clone(), z.clone(), z.clone(), z.clone()
+        self.nonfinite_run = z.clone()  # non-finite steps in a row, now
+        self.nonfinite_run_max = z.clone()  # the longest such run since the last flush
+        self.steps, self.data_wait_s, self.start = 0, 0.0, time.perf_counter()
+
+    def quartiles(self, loss_ps: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample losses summed by t-quartile, and their counts."""
+        q = (t * 4 // self.T).clamp(max=3)
+        return (torch.zeros(4, device=self.device).index_add_(0, q, loss_ps.detach()),
+                torch.zeros(4, device=self.device).index_add_(0, q, torch.ones_like(loss_ps)))
+
+    def add(self, loss_q: torch.Tensor, count_q: torch.Tensor, applied: torch.Tensor, grad_norm: torch.Tensor,
+            data_wait_s: float) -> None:
+        """One optimizer step. A skipped step's loss stays out of the curve, as its update stays out of the
+        weights; it counts as non-finite unless fp16's loss scaler skipped a step whose loss was finite."""
+        nonfinite, scaler_skip = classify_skip(applied, loss_q.sum(), self.loss_scaling)
+        zero = torch.zeros((), device=self.device)
+        self.loss_q += torch.where(applied, loss_q, zero)
+        self.count_q += torch.where(applied, count_q, zero)
+        self.grad_norm += torch.where(applied, grad_norm.float(), zero)
+        self.applied += applied.float()
+        self.nonfinite += nonfinite
+        self.scaler_skips += scaler_skip
+        self.nonfinite_run = (self.nonfinite_run + 1) * nonfinite
+        self.nonfinite_run_max = torch.maximum(self.nonfinite_run_max, self.nonfinite_run)
+        self.steps += 1
+        self.data_wait_s += data_wait_s
+
+    def flush(self, accelerator: Any, lr: float, batch_size: int) -> tuple[dict[str, float], int]:
+        """(metrics of the tick, longest run of non-finite steps in it); the losses are reduced over ranks."""
+        stats = accelerator.reduce(torch.cat([self.loss_q, self.count_q]), reduction="sum").tolist()
+        loss_q, count_q = stats[:4], stats[4:]
+        applied, nonfinite, scaler_skips = self.applied.item(), self.nonfinite.item(), self.scaler_skips.item()
+        longest = int(self.nonfinite_run_max.item())
+        elapsed = time.perf_counter() - self.start
+        metrics = {
+            "train/loss": sum(loss_q) / max(sum(count_q), 1.0),
+            **{f"train/loss_q{j + 1}": loss_q[j] / count_q[j] for j in range(4) if count_q[j]},
+            "train/lr": lr,
+            "train/grad_norm": self.grad_norm.item() / max(applied, 1.0),
+            "train/images_per_s": self.steps * batch_size / elapsed,
+            "train/step_time_s": elapsed / self.steps,
+            "train/data_wait_s": self.data_wait_s / self.steps,
+            "train/nonfinite_steps": nonfinite,
+            **({"train/loss_scaler_skips": scaler_skips} if self.loss_scaling else {}),
+        }
+        for v in (self.loss_q, self.count_q, self.grad_norm, self.applied, self.nonfinite, self.scaler_skips):
+            v.zero_()
+        self.nonfinite_run_max.copy_(self.nonfinite_run)
+        self.steps, self.data_wait_s, self.start = 0, 0.0, time.perf_counter()
+        return metrics, longest
+
+
+def tick_line(step: int, total_steps: int, metrics: dict[str, float]) -> str:
+    m = metrics
+    return (f"step {step}/{total_steps}  loss {m['train/loss']:.4f}  lr {m['train/lr']:.2e}  "
+            f"{m['train/images_per_s']:.1f} img/s  data {m['train/data_wait_s'] * 1e3:.0f} ms/step"
+            + (f"  non-finite {int(m['train/nonfinite_steps'])}" if m["train/nonfinite_steps"] else "")
+            + (f"  loss-scaler skips {int(m['train/loss_scaler_skips'])}" if m.get("train/loss_scaler_skips") else ""))
+
+
+# ---------------------------------------------------------------------------------------- preemption
+
+
+class Preemption:
+    """SIGTERM/SIGUSR1 (SLURM preemption, scancel) only set a flag; ranks agree on it every
+    ``preemption.check_every_steps`` steps (one tiny gloo all-reduce: every step would be a host round
+    trip per step on many GPU nodes), then the loop checkpoints and exits 75."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, check_every_steps: int):
+        self.check_every_steps, self.received = check_every_steps, []
+        for sig in self.SIGNALS:
+            signal.signal(sig, lambda signum, frame: self.received.append(signum))
+
+    def agreed(self, step: int, final: bool) -> bool:
+        """Collective at the cadence (and at the last step): True on every rank if any rank got a signal."""
+        return (step % self.check_every_steps == 0 or final) and dist.any_true(bool(self.received))
+
+    def ignore_further(self) -> None:
+        # The checkpoint is written. torchrun SIGTERMs the other workers as soon as one exits non-zero;
+        # Python restores SIG_DFL for its handlers during interpreter shutdown, so that SIGTERM turned a
+        # slower rank's exit 75 into a death by signal (-15). An ignored signal stays ignored through
+        # shutdown; this is set before the last barrier, so on every rank before any rank exits.
+        for sig in self.SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
+
+# ---------------------------------------------------------------------------------------- fault hooks
+
+
+class FaultHooks:
+    """Test-only fault injection and tracing, read once from the environment; all off unless set.
+
+    DDPM_FAULT_NAN_AT_STEP=3,4     the loss of those optimizer steps (1-based) is NaN on rank 0
+    DDPM_FAULT_STALL_AFTER_STEP=N  once step N's checkpoint is written, stall as a hung job would (at most
+                                   DDPM_FAULT_STALL_S seconds, default 600, then fail), so that a test can
+                                   SIGKILL the run at a known step however fast the steps are
+    DDPM_TRACE_BATCHES_DIR=DIR     append "step micro sha1" of every consumed batch to DIR/rank-<r>.txt, and
+                                   at the end "params sha1" / "ema sha1" of this rank's final weights
+    DDPM_CUDA_SYNC_CHECK=1         any host-device sync inside a training step is an error, from the third
+                                   step on (the first ones initialise CUDA, cuDNN and the allocator);
+                                   GPU, DDP/1-GPU path only (tests/test_gpu.py)
+    """
+
+    def __init__(self, rank: int, on_gpu: bool, deepspeed: bool):
+        raw = os.environ.get("DDPM_FAULT_NAN_AT_STEP", "")
+        try:
+            self.nan_steps = {int(s) for s in raw.split(",") if s.strip()} if rank == 0 else set()
+            self.stall_after = int(os.environ.get("DDPM_FAULT_STALL_AFTER_STEP", "0") or 0)
+            self.stall_s = float(os.environ.get("DDPM_FAULT_STALL_S", "600"))
+        except ValueError as exc:
+            raise ConfigError(f"DDPM_FAULT_* environment variables must be numbers ({exc})") from exc
+        trace_dir = os.environ.get("DDPM_TRACE_BATCHES_DIR", "")
+        self.trace = open(Path(trace_dir) / f"rank-{rank}.txt", "a", buffering=1) if trace_dir else None  # noqa: SIM115
+        self.sync_check = on_gpu and not deepspeed and os.environ.get("DDPM_CUDA_SYNC_CHECK", "") == "1"
+
+    def batch(self, x: torch.Tensor, step: int, micro: int, first_of_rank: bool) -> torch.Tensor:
+        if self.trace is not None:
+            self.trace.write(f"{step} {micro} {hashlib.sha1(x.cpu().numpy().tobytes()).hexdigest()}\n")
+        return x * float("nan") if first_of_rank and step + 1 in self.nan_steps else x
+
+    def step_window(self, enter: bool, step: int, first_step: int) -> None:
+        if self.sync_check and step >= first_step + 2:
+            torch.cuda.set_sync_debug_mode("error" if enter else "default")
+
+    def after_checkpoint(self, step: int, final: bool) -> None:
+        if step == self.stall_after and not final:
+            print(f"fault injection: stalling after step {step}", flush=True)
+            time.sleep(self.stall_s)
+            raise RuntimeError(f"DDPM_FAULT_STALL_AFTER_STEP: nobody killed the run within {self.stall_s:.0f} s")
+
+    def close(self, params: dict[str, torch.Tensor], ema: dict[str, torch.Tensor]) -> None:
+        if self.trace is None:
+            return
+        for name, sd in (("params", params), ("ema", ema)):  # tests compare these across ranks and runs
+            blob = b"".join(v.detach().float().cpu().numpy().tobytes() for _, v in sorted(sd.items()))
+            self.trace.write(f"{name} {hashlib.sha1(blob).hexdigest()}\n")
+        self.trace.close()
+
+
+# --------------------------------------------------------------------------------------------- train
+
+
+def make_accelerator(tc: Any) -> tuple[Any, bool]:
+    """(Accelerator, under DeepSpeed?). Refuses what cannot run before any process group exists."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    from pipeline.data.stream import StreamingLoader
-    from pipeline.diffusion import DDPMLoss, Diffusion
-    from pipeline.ema import EMA, refresh_source_from_deepspeed
-    from pipeline.sampling import sample
-    from pipeline.tracking import image_grid, make_sink
-    from pipeline.unet import UNet
-
-    # Refuse what cannot run before any process group exists, so the message is the first thing seen.
     on_gpu = torch.cuda.is_available()
     if tc.mixed_precision == "fp16" and not on_gpu:
-        raise ConfigError(
-            "train.mixed_precision=fp16 needs a CUDA GPU (fp16 autocast and loss scaling are GPU-only); "
-            "on CPU use train.mixed_precision=bf16 or no"
-        )
-    use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
-
-    # Accelerator. gloo on CPU: DeepSpeed otherwise believes every rank is alone (STACK_NOTES).
+        raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU (fp16 autocast and loss scaling are "
+                          "GPU-only); on CPU use train.mixed_precision=bf16 or no")
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
+    # gloo on CPU: DeepSpeed otherwise believes every rank is alone (docs/deepspeed.md).
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # a launcher started several processes
     handlers = [InitProcessGroupKwargs(backend="gloo")] if launched and not on_gpu else []
     accelerator = Accelerator(mixed_precision=tc.mixed_precision, kwargs_handlers=handlers)
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     dist.init_flag_group()
-    micro, accum = batch_split(tc.batch_size, tc.micro_batch_per_gpu, world)
-    accelerator.gradient_accumulation_steps = accum
     if tc.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
-    fault_steps = _fault_steps()
-    # Test hook: stall (as a hung job would) once step N's checkpoint is written, so a test can SIGKILL the
-    # run at a known step however fast the steps are.
-    stall_after = int(os.environ.get("DDPM_FAULT_STALL_AFTER_STEP", "0") or 0)
-    trace_dir = os.environ.get("DDPM_TRACE_BATCHES_DIR", "")
-    # Test hook (tests/test_gpu.py): make any host-device sync inside a training step an error, from the
-    # third step on (the first ones initialise CUDA, cuDNN and the allocator), DDP/1-GPU path only.
-    sync_check = on_gpu and not use_deepspeed and os.environ.get("DDPM_CUDA_SYNC_CHECK", "") == "1"
-    out_dir = Path(tc.out_dir)
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.remove_stale_tmp(out_dir)
-    accelerator.wait_for_everyone()
+    return accelerator, deepspeed
 
-    # Model, loss, EMA. The same seed on every rank gives the same initial weights (DDP would
-    # broadcast them anyway; DeepSpeed does not).
+
+def start_tracking(cfg: Config, accelerator: Any, progress: Progress) -> Any:
+    """The tracking sink (a null sink off rank 0), with the resolved config as params and as a file."""
+    from pipeline.tracking import make_sink
+
+    sink = make_sink(cfg.tracking, out_dir=cfg.train.out_dir, is_main_process=accelerator.is_main_process,
+                     run_id=progress.mlflow_run_id, run_name=cfg.tracking.run_name or cfg.name)
+    progress.mlflow_tracking_uri = getattr(sink, "tracking_uri", None)
+    if accelerator.is_main_process:
+        sink.log_params(flatten(cfg) | {"git_commit": git_commit(), "world_size": accelerator.num_processes,
+                                        "slurm_job_id": os.environ.get("SLURM_JOB_ID", "")})
+        sink.log_artifact(text=to_yaml(cfg), name="config.yaml")
+    return sink
+
+
+def uses_loss_scaling(accelerator: Any, tc: Any, deepspeed: bool) -> bool:
+    """fp16 (GPU only): Accelerate's GradScaler, or DeepSpeed's dynamic loss scaler, skips a step whose scaled
+    gradient overflowed and lowers the scale; with a finite loss that is the scaler at work, not a fault."""
+    if tc.mixed_precision == "fp16":
+        return True
+    return deepspeed and str(accelerator.state.deepspeed_plugin.deepspeed_config.get("fp16", {}).get("enabled")
+                             ).lower() == "true"
+
+
+def nonfinite_stop(tc: Any, metrics: dict[str, float], longest: int, tick_steps: int, step: int) -> str:
+    """Why train.nonfinite_policy stops the run after this tick ("" = go on)."""
+    nonfinite = int(metrics["train/nonfinite_steps"])
+    if not nonfinite or (tc.nonfinite_policy == "skip" and longest < tc.max_nonfinite_in_row):
+        return ""
+    why = ("train.nonfinite_policy=stop" if tc.nonfinite_policy == "stop" else
+           f"{longest} in a row >= train.max_nonfinite_in_row={tc.max_nonfinite_in_row}")
+    return (f"non-finite loss/gradient in {nonfinite} of the last {tick_steps} steps (ending at step {step}; "
+            f"{why}); those steps were skipped, the weights and EMA are untouched. The newest checkpoint in "
+            f"{tc.out_dir} is clean: lower optimizer.lr, check the data, or use bf16/no")
+
+
+def log_sample_grid(ema_net: torch.nn.Module, diffusion: Any, lg: Any, sink: Any, step: int) -> None:
+    """A DDIM grid from the EMA into tracking (rank 0; a few seconds on the demo)."""
+    from pipeline.images import image_grid
+    from pipeline.sampling import sample
+
+    device = next(ema_net.parameters()).device
+    images = sample(ema_net, diffusion, range(lg.sample_grid_images), sampler="ddim", steps=lg.sample_ddim_steps,
+                    batch_size=lg.sample_grid_images, device=device)
+    sink.log_image(image_grid(images), key="samples/ema", step=step)
+
+
+def train(cfg: Config) -> int:
+    tc, oc = cfg.train, cfg.optimizer
+    from pipeline.checkpoint import CheckpointManager, PerRank
+    from pipeline.data.loader import StreamingLoader
+    from pipeline.diffusion import DDPMLoss, Diffusion
+    from pipeline.ema import EMA, refresh_source_from_deepspeed
+    from pipeline.unet import UNet
+
+    # Set-up: the accelerator (refusing what cannot run first), the batch split, test hooks.
+    accelerator, deepspeed = make_accelerator(tc)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    micro, accum = batch_split(tc.batch_size, tc.micro_batch_per_gpu, world)
+    accelerator.gradient_accumulation_steps = accum
+    faults = FaultHooks(rank, device.type == "cuda", deepspeed)
+
+    # Model, loss, EMA, optimizer. The same seed on every rank gives the same initial weights (DDP would
+    # broadcast them anyway; DeepSpeed does not). Under DeepSpeed the module may become bf16 or ZeRO-3
+    # partitions: the EMA reads an fp32 copy refreshed from DeepSpeed's master weights.
     torch.manual_seed(tc.seed)
     net = UNet(cfg.model)
     if tc.channels_last:
         net = net.to(memory_format=torch.channels_last)
     diffusion = Diffusion(cfg.diffusion)
-    # Under DeepSpeed the module may become bf16 or ZeRO-3 partitions: the EMA reads an fp32 copy
-    # refreshed from DeepSpeed's master weights; elsewhere it reads the live fp32 U-Net.
-    ema_source = copy.deepcopy(net) if use_deepspeed else net
-    ema = EMA(ema_source, decay=tc.ema_decay, warmup_steps=tc.ema_warmup_steps,
-              update_every=tc.ema_update_every, power=tc.ema_power)
+    ema_source = copy.deepcopy(net) if deepspeed else net
+    ema = EMA(ema_source, cfg.ema)
     ema.model.to(device)
     ema_source.to(device)
     if tc.compile:
         net.compile()  # in place: state_dict keys stay those of the plain U-Net
-    loss_fn = DDPMLoss(net, diffusion)
-    # fused Adam takes found_inf: a non-finite step is skipped on the device, step count included.
-    adam = torch.optim.Adam(net.parameters(), lr=lr_at(0, tc.lr, tc.warmup_steps),
-                            betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps,
-                            weight_decay=tc.weight_decay, fused=not use_deepspeed)
-
-    # DeepSpeed reads batch sizes and clipping from its config; we own them (global batch semantics).
-    if use_deepspeed:
-        ds = accelerator.state.deepspeed_plugin.deepspeed_config
-        ds["train_micro_batch_size_per_gpu"] = micro
-        ds["gradient_accumulation_steps"] = accum
-        ds["train_batch_size"] = tc.batch_size
-        ds["gradient_clipping"] = tc.grad_clip
-        ds.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
-        # Under DeepSpeed, a non-finite step is skipped by the engine's own check; these settings turn it
-        # off (ZeRO-1/2), and the NaN would reach the weights and the EMA unnoticed.
-        disabled = [key for key, value in (("bf16.check_grad_overflow", ds.get("bf16", {}).get("check_grad_overflow")),
-                                           ("zero_optimization.compute_grad_norm",
-                                            ds["zero_optimization"].get("compute_grad_norm")))
-                    if str(value).lower() == "false"]
-        if disabled:
-            raise ConfigError(
-                f"the DeepSpeed config sets {' and '.join(disabled)} to false: DeepSpeed would then apply steps with "
-                "non-finite gradients, which train.nonfinite_policy relies on it to skip; remove "
-                "those keys (both default to true)"
-            )
-    model, optimizer = accelerator.prepare(loss_fn, adam)
-    ds_engine = model if use_deepspeed else None
-    autocast_bf16 = use_deepspeed and tc.mixed_precision == "bf16"  # DeepSpeed does not autocast for us
-
+    adam = torch.optim.Adam(net.parameters(), lr=lr_at(0, oc.lr, oc.warmup_steps), betas=(oc.adam_beta1, oc.adam_beta2),
+                            eps=oc.adam_eps, weight_decay=oc.weight_decay, fused=not deepspeed)
+    if deepspeed:
+        configure_deepspeed(accelerator, cfg, micro, accum)
+    loss_module, wrapped_adam = accelerator.prepare(DDPMLoss(net, diffusion), adam)
+    optimizer_step = OptimizerStep(accelerator, loss_module, adam, wrapped_adam, oc.grad_clip, deepspeed)
+    autocast_bf16 = deepspeed and tc.mixed_precision == "bf16"  # DeepSpeed does not autocast for us
     loader = StreamingLoader(cfg.data, batch_size=micro, rank=rank, world_size=world)
 
-    # Resume: rank 0 picks the folder (auto = newest complete one) and tells the others.
-    resume_path = None
-    if accelerator.is_main_process:
-        resume_path = checkpoint.resolve_resume(out_dir, tc.resume)
-    resume_path = dist.broadcast_object(resume_path)
-    step, images_seen, run_id = 0, 0, None
-    if resume_path is not None:
-        loaded = checkpoint.load(accelerator, Path(resume_path), cfg)
-        ema.load({k: v.to(device) for k, v in loaded.ema_weights.items()}, loaded.ema_counters)
-        loader.load_state_dict(loaded.loader_state)
-        step, images_seen = int(loaded.meta["step"]), int(loaded.meta["images_seen"])
-        run_id = loaded.meta.get("mlflow_run_id")
-        accelerator.print(f"resumed from {resume_path} at step {step}")
+    # Checkpoints and resume: every piece of state is one entry in the registry.
+    progress = Progress()
+    checkpoints = CheckpointManager(tc.out_dir, cfg.checkpoint, accelerator=accelerator, record=cfg,
+                                    parts={"meta": progress, "ema": ema, "data": PerRank(loader)})
+    checkpoints.start()
+    resumed_from = checkpoints.resume()
+    if resumed_from is not None:
+        accelerator.print(f"resumed from {resumed_from} at step {progress.step}")
 
-    # Tracking (rank 0; the sink never raises nor waits on the network).
-    sink = make_sink(cfg.tracking, out_dir=tc.out_dir, is_main_process=accelerator.is_main_process,
-                     run_id=run_id, run_name=cfg.tracking.run_name or cfg.name)
-    if accelerator.is_main_process:
-        sink.log_params(flatten(cfg) | {"git_commit": _git_commit(), "world_size": world,
-                                        "slurm_job_id": os.environ.get("SLURM_JOB_ID", "")})
-        sink.log_artifact(text=to_yaml(cfg), name="config.yaml")
+    # Tracking (rank 0; the sink never raises nor waits on the network), into the resumed run if any.
+    sink = start_tracking(cfg, accelerator, progress)
+    tick = TickStats(device, diffusion.num_timesteps, uses_loss_scaling(accelerator, tc, deepspeed))
+    preemption = Preemption(cfg.preemption.check_every_steps)
+    data_iter, exit_code, first_step = iter(loader), 0, progress.step
+    accelerator.print(f"training: world {world}, micro batch {micro}, accumulation {accum}, from step "
+                      f"{progress.step} to {tc.total_steps}")
 
-    # Preemption: the handler only sets a flag; ranks agree on it every preempt_check_every_steps.
-    stop_signal: list[int] = []
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
-
-    def save(finished: bool) -> Path:
-        return checkpoint.save(
-            accelerator, cfg, step=step,
-            meta={"images_seen": images_seen, "epoch": loader.epoch, "mlflow_run_id": sink.run_id,
-                  "mlflow_tracking_uri": getattr(sink, "tracking_uri", None), "finished": finished},
-            ema_weights=ema.weights(), ema_counters=ema.state_dict(), loader_state=loader.state_dict(),
-        )
-
-    # Device-side accumulators, read only at ticks.
-    T = diffusion.num_timesteps
-    zero = torch.zeros((), device=device)
-    tick = {"loss_q": torch.zeros(4, device=device), "count_q": torch.zeros(4, device=device),
-            "grad_norm": zero.clone(), "ok_steps": zero.clone(), "bad_steps": zero.clone(),
-            "scaler_skips": zero.clone()}
-    # fp16 (GPU only): Accelerate's GradScaler, or DeepSpeed's dynamic loss scaler, skips a step whose scaled
-    # gradient overflowed and lowers the scale; with a finite loss that is the scaler at work, not a fault.
-    loss_scaling = tc.mixed_precision == "fp16" or (
-        use_deepspeed and str(accelerator.state.deepspeed_plugin.deepspeed_config.get("fp16", {}).get("enabled")).lower()
-        == "true")
-    bad_run = zero.clone()  # non-finite steps in a row, now
-    bad_run_max = zero.clone()  # the longest such run since the last tick
-    tick_start, tick_steps, data_wait_s = time.perf_counter(), 0, 0.0
-    ds_skipped = ds_engine.skipped_steps if ds_engine is not None else 0
-    data_iter = iter(loader)
-    exit_code = 0
-    trace = open(Path(trace_dir) / f"rank-{rank}.txt", "a", buffering=1) if trace_dir else None  # noqa: SIM115
-    accelerator.print(f"training: world {world}, micro batch {micro}, accumulation {accum}, from step {step} "
-                      f"to {tc.total_steps}")
-
-    first_step = step
-    while step < tc.total_steps:
-        if sync_check and step >= first_step + 2:
-            torch.cuda.set_sync_debug_mode("error")
+    while progress.step < tc.total_steps:
+        step = progress.step
+        faults.step_window(True, step, first_step)
         # Data: one micro-batch per accumulation step. The only wait on the loader is here.
         t0 = time.perf_counter()
         batches = [next(data_iter)["image"] for _ in range(accum)]
-        data_wait_s += time.perf_counter() - t0
+        data_wait_s = time.perf_counter() - t0
 
         # Forward and backward. accelerator.accumulate skips the DDP all-reduce (and DeepSpeed's step)
         # on all but the last micro-batch and divides the loss by the accumulation count.
-        model.train()
-        step_loss_q, step_count_q = torch.zeros(4, device=device), torch.zeros(4, device=device)
+        loss_module.train()
+        loss_q = count_q = torch.zeros(4, device=device)
         for i, x in enumerate(batches):
             m = rank * accum + i
             torch.manual_seed(micro_seed(tc.seed, step, m))
             x = x.to(device, non_blocking=True)
             if tc.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            if trace is not None:
-                trace.write(f"{step} {m} {hashlib.sha1(x.cpu().numpy().tobytes()).hexdigest()}\n")
-            if step + 1 in fault_steps and rank == 0 and i == 0:
-                x = x * float("nan")
-            with accelerator.accumulate(model), torch.autocast(device.type, torch.bfloat16, enabled=autocast_bf16):
-                loss_ps, t = model(x)
+            x = faults.batch(x, step, m, first_of_rank=i == 0)
+            with accelerator.accumulate(loss_module), torch.autocast(device.type, torch.bfloat16,
+                                                                     enabled=autocast_bf16):
+                loss_ps, t = loss_module(x)
                 loss_ps = loss_ps.float()
                 accelerator.backward(loss_ps.mean())
-            q = (t * 4 // T).clamp(max=3)
-            step_loss_q.index_add_(0, q, loss_ps.detach())
-            step_count_q.index_add_(0, q, torch.ones_like(loss_ps))
+            lq, cq = tick.quartiles(loss_ps, t)
+            loss_q, count_q = loss_q + lq, count_q + cq
 
-        # Optimizer step, skipped on the device when the gradient is not finite. The gradient norm is
-        # taken after the DDP all-reduce, so `ok` is the same on every rank.
-        lr = lr_at(step, tc.lr, tc.warmup_steps)
-        for group in adam.param_groups:
-            group["lr"] = lr
-        if ds_engine is None:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf)
-            ok = torch.isfinite(grad_norm)
-            adam.found_inf = (~ok).float()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            # DeepSpeed stepped inside backward() and skips non-finite steps itself (it syncs to decide);
-            # its skipped_steps counter tells us, at no extra cost.
-            applied = ds_engine.skipped_steps == ds_skipped
-            ds_skipped = ds_engine.skipped_steps
-            ok = torch.tensor(applied, device=device)
-            grad_norm = torch.as_tensor(float(ds_engine.get_global_grad_norm() or 0.0) if applied else 0.0,
-                                        device=device)
-        okf = ok.float()
-        # Skipped steps: non-finite (held against train.nonfinite_policy) unless the loss scaler skipped a
-        # step whose loss was finite. A skipped step's loss stays out of the logged curve, as its update
-        # stays out of the weights.
-        badf, scaler_skip = classify_skip(ok, step_loss_q.sum(), loss_scaling)
-        tick["loss_q"] += torch.where(ok, step_loss_q, zero)
-        tick["count_q"] += torch.where(ok, step_count_q, zero)
-        tick["grad_norm"] += torch.where(ok, grad_norm.float(), zero)
-        tick["ok_steps"] += okf
-        tick["bad_steps"] += badf
-        tick["scaler_skips"] += scaler_skip
-        bad_run = (bad_run + 1) * badf
-        bad_run_max = torch.maximum(bad_run_max, bad_run)
-
-        # EMA from fp32 weights, masked by `ok` so a skipped step leaves it unchanged.
-        if ds_engine is not None:
-            refresh_source_from_deepspeed(ema_source, ds_engine.module.net)
-        ema.update(okf)
-        step += 1
-        images_seen += tc.batch_size
-        tick_steps += 1
-        done = step >= tc.total_steps
-        if sync_check:
-            torch.cuda.set_sync_debug_mode("default")  # what follows (ticks, grids, checkpoints) may sync
+        # Optimizer step, skipped on the device when the gradient is not finite; the EMA from fp32
+        # weights, masked by the same flag so a skipped step leaves it unchanged.
+        lr = lr_at(step, oc.lr, oc.warmup_steps)
+        applied, grad_norm = optimizer_step.step(lr)
+        tick.add(loss_q, count_q, applied, grad_norm, data_wait_s)
+        if deepspeed:
+            refresh_source_from_deepspeed(ema_source, loss_module.module.net)
+        ema.update(applied.float())
+        progress.step, progress.images_seen = step + 1, progress.images_seen + tc.batch_size
+        step, done = progress.step, progress.step >= tc.total_steps
+        faults.step_window(False, step - 1, first_step)  # what follows (ticks, grids, checkpoints) may sync
 
         # Log tick: the one place the host waits for the device.
-        if step % tc.log_every_steps == 0 or done:
-            stats = accelerator.reduce(torch.cat([tick["loss_q"], tick["count_q"]]), reduction="sum").tolist()
-            loss_q, count_q = stats[:4], stats[4:]
-            ok_steps, bad_steps = tick["ok_steps"].item(), tick["bad_steps"].item()
-            scaler_skips = tick["scaler_skips"].item()
-            longest_bad = int(bad_run_max.item())
-            elapsed = time.perf_counter() - tick_start
-            metrics = {
-                "train/loss": sum(loss_q) / max(sum(count_q), 1.0),
-                **{f"train/loss_q{j + 1}": loss_q[j] / count_q[j] for j in range(4) if count_q[j]},
-                "train/lr": lr,
-                "train/grad_norm": tick["grad_norm"].item() / max(ok_steps, 1.0),
-                "train/images_per_s": tick_steps * tc.batch_size / elapsed,
-                "train/step_time_s": elapsed / tick_steps,
-                "train/data_wait_s": data_wait_s / tick_steps,
-                "train/nonfinite_steps": bad_steps,
-                **({"train/loss_scaler_skips": scaler_skips} if loss_scaling else {}),
-            }
+        if step % cfg.logging.every_steps == 0 or done:
+            tick_steps = tick.steps
+            metrics, longest_nonfinite = tick.flush(accelerator, lr, tc.batch_size)
             sink.log_metrics(metrics, step=step)
-            accelerator.print(
-                f"step {step}/{tc.total_steps}  loss {metrics['train/loss']:.4f}  lr {lr:.2e}  "
-                f"{metrics['train/images_per_s']:.1f} img/s  data {metrics['train/data_wait_s'] * 1e3:.0f} ms/step"
-                + (f"  non-finite {int(bad_steps)}" if bad_steps else "")
-                + (f"  loss-scaler skips {int(scaler_skips)}" if scaler_skips else "")
-            )
-            if bad_steps and (tc.nonfinite_policy == "stop" or longest_bad >= tc.max_nonfinite_in_row):
-                why = ("train.nonfinite_policy=stop" if tc.nonfinite_policy == "stop" else
-                       f"{longest_bad} in a row >= train.max_nonfinite_in_row={tc.max_nonfinite_in_row}")
+            accelerator.print(tick_line(step, tc.total_steps, metrics))
+            stop_why = nonfinite_stop(tc, metrics, longest_nonfinite, tick_steps, step)
+            if stop_why:
                 sink.finish("FAILED")
-                raise NonFiniteLossError(
-                    f"non-finite loss/gradient in {int(bad_steps)} of the last {tick_steps} steps (ending at "
-                    f"step {step}; {why}); those steps were skipped, the weights and EMA are untouched. The "
-                    f"newest checkpoint in {out_dir} is clean: lower train.lr, check the data, or use bf16/no"
-                )
-            for v in tick.values():
-                v.zero_()
-            bad_run_max.copy_(bad_run)
-            tick_start, tick_steps, data_wait_s = time.perf_counter(), 0, 0.0
+                raise NonFiniteLossError(stop_why)
 
-        # Sample grid from the EMA (rank 0; a few DDIM steps, a few seconds on the demo).
-        if tc.sample_every_steps and (step % tc.sample_every_steps == 0 or done) and accelerator.is_main_process:
-            seeds = range(tc.sample_grid_images)
-            images = sample(ema.model, diffusion, seeds, sampler="ddim", steps=tc.sample_ddim_steps,
-                            batch_size=tc.sample_grid_images, device=device)
-            sink.log_image(image_grid(images), key="samples/ema", step=step)
+        # Sample grid from the EMA.
+        every = cfg.logging.sample_every_steps
+        if every and (step % every == 0 or done) and accelerator.is_main_process:
+            log_sample_grid(ema.model, diffusion, cfg.logging, sink, step)
 
-        # Preemption: all ranks agree (one tiny gloo all-reduce) every preempt_check_every_steps.
-        # Every step would also work on CPU; on many GPU nodes it is a host round-trip per step.
-        preempted = (step % tc.preempt_check_every_steps == 0 or done) and dist.any_true(bool(stop_signal))
-
-        # Checkpoint: every rank takes part.
-        if done or preempted or step % tc.checkpoint_every_steps == 0:
-            path = save(finished=done)
-            accelerator.print(f"checkpoint {path}")
-        if step == stall_after and not done:
-            accelerator.print(f"fault injection: stalling after step {step}", flush=True)
-            time.sleep(3600)
+        # Preemption and checkpoint: every rank takes part in both.
+        preempted = preemption.agreed(step, done)
+        if checkpoints.due(step, final=done or preempted):
+            progress.finished, progress.mlflow_run_id = done, sink.run_id
+            accelerator.print(f"checkpoint {checkpoints.save(step)}")
+        faults.after_checkpoint(step, done)
         if preempted and not done:
-            accelerator.print(f"preempted (signal {stop_signal[:1]}): checkpoint at step {step}, exiting with "
-                              f"{PREEMPTED_EXIT_CODE}")
+            accelerator.print(f"preempted (signal {preemption.received[:1]}): checkpoint at step {step}, "
+                              f"exiting with {PREEMPTED_EXIT_CODE}")
             exit_code = PREEMPTED_EXIT_CODE
-            # The checkpoint is written. torchrun SIGTERMs the other workers as soon as one exits non-zero;
-            # Python restores SIG_DFL for its handlers during interpreter shutdown, so that SIGTERM turned a
-            # slower rank's exit 75 into a death by signal (-15). An ignored signal stays ignored through
-            # shutdown; this is set before the last barrier, so on every rank before any rank exits.
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
-                signal.signal(sig, signal.SIG_IGN)
+            preemption.ignore_further()
             break
 
-    if trace is not None:  # digests of this rank's final weights: tests compare them across ranks
-        live = ema_source if ds_engine is not None else net
-        for name, sd in (("params", live.state_dict()), ("ema", ema.weights())):
-            blob = b"".join(v.detach().float().cpu().numpy().tobytes() for _, v in sorted(sd.items()))
-            trace.write(f"{name} {hashlib.sha1(blob).hexdigest()}\n")
-        trace.close()
+    # The end: digests for the tests, TRAINING_DONE, the run's status.
+    faults.close(ema_source.state_dict() if deepspeed else net.state_dict(), ema.weights())
     if exit_code == 0:
-        checkpoint.mark_done(out_dir, step)
-    stats = loader.stats
-    if stats.get("skipped_samples") or stats.get("skipped_shards"):
-        accelerator.print(f"data: skipped {stats}")
+        checkpoints.mark_done(progress.step)
+    if loader.stats.get("skipped_samples") or loader.stats.get("skipped_shards"):
+        accelerator.print(f"data: skipped {loader.stats}")
     sink.finish("FINISHED" if exit_code == 0 else "KILLED")
     accelerator.wait_for_everyone()
     accelerator.end_training()

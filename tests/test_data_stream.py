@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, DataConfig, load_config
-from pipeline.data.stream import CorruptDataError, CorruptDataWarning, StreamingLoader
+from pipeline.data.loader import StreamingLoader
+from pipeline.data.report import CorruptDataError, CorruptDataWarning
 from tests.helpers.data import (
     copy_folder,
     cut_file,
@@ -103,14 +104,14 @@ def _check_images(batches, images):
 
 @pytest.mark.parametrize("transfer", ["ring", "ring of one slot", "a buffer per batch"])
 def test_worker_batches_cross_intact_and_stay_valid(shards, monkeypatch, transfer):
-    import pipeline.data.stream as stream
+    import pipeline.data.transport as transport
 
     folder, images = shards
     reference = take(StreamingLoader(cfg(folder, num_workers=2), batch_size=B), 3 * 14)
     if transfer == "ring of one slot":  # each worker must wait until its previous batch was copied out
-        monkeypatch.setattr(stream, "_ring_slots", lambda prefetch: 1)
+        monkeypatch.setattr(transport, "_ring_slots", lambda prefetch: 1)
     if transfer == "a buffer per batch":  # what batches too large for the ring, or of unknown size, take
-        monkeypatch.setattr(stream, "_RING_MAX_BATCH_BYTES", 0)
+        monkeypatch.setattr(transport, "_RING_MAX_BATCH_BYTES", 0)
     loader = StreamingLoader(cfg(folder, num_workers=2), batch_size=B)
     assert (loader._ring() is None) == (transfer == "a buffer per batch")
     batches = take(loader, 3 * 14)  # all kept: a reused slot must not change a batch already handed out

@@ -23,8 +23,8 @@ def _row(out: str, label: str) -> list[str]:
 def test_demo_prepares_trains_evaluates_and_logs_into_the_run(tmp_path):
     data, run = tmp_path / "digits", tmp_path / "run"
     overrides = [
-        f"train.out_dir={run}", "train.total_steps=40", "train.checkpoint_every_steps=40", "train.log_every_steps=20",
-        "train.sample_every_steps=0", "data.num_workers=0", "diffusion.timesteps=100",
+        f"train.out_dir={run}", "train.total_steps=40", "checkpoint.every_steps=40", "logging.every_steps=20",
+        "logging.sample_every_steps=0", "data.num_workers=0", "diffusion.timesteps=100",
         "eval.num_samples=64", "eval.steps=5", "eval.bpd_max_images=16", "eval.bpd_timesteps=4",
         "eval.kid_subsets=10", "eval.kid_subset_size=32",
     ]  # fmt: skip

@@ -30,10 +30,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_split(tmp_path_factory):
     data = prepare_digits(tmp_path_factory.mktemp("data"))
     manifest = read_manifest(data)
-    from evaluation.fid import iter_split_samples
+    from pipeline.data.sequential import iter_split
 
-    samples = list(iter_split_samples(manifest, "test"))
-    return np.stack([s[0] for s in samples]), np.array([s[1] for s in samples])
+    samples = list(iter_split(manifest, "test"))
+    return np.stack([s.image for s in samples]), np.array([s.label for s in samples])
 
 
 def test_committed_weights_reach_the_recorded_heldout_accuracy(test_split):

@@ -28,8 +28,8 @@ def _losses(stdout: str) -> list[float]:
 
 
 def test_fp16_trains_with_loss_scaling_and_resumes(digits, tmp_path):
-    common = [f"data.shards={digits}", "train.mixed_precision=fp16", "train.checkpoint_every_steps=4",
-              "train.keep_checkpoints=10"]
+    common = [f"data.shards={digits}", "train.mixed_precision=fp16", "checkpoint.every_steps=4",
+              "checkpoint.keep=10"]
     straight = h.run(h.train_cmd([*common, f"train.out_dir={tmp_path}/a", "train.total_steps=8"]), h.env())
     assert straight.returncode == 0, straight.stderr[-3000:]
     losses = _losses(straight.stdout)
@@ -52,8 +52,8 @@ def test_fp16_trains_with_loss_scaling_and_resumes(digits, tmp_path):
 
 def test_fp16_nan_loss_is_skipped_not_applied(digits, tmp_path):
     r = h.run(h.train_cmd([f"data.shards={digits}", f"train.out_dir={tmp_path}", "train.mixed_precision=fp16",
-                           "train.total_steps=4", "train.checkpoint_every_steps=1", "train.keep_checkpoints=10",
-                           "train.log_every_steps=4"]),
+                           "train.total_steps=4", "checkpoint.every_steps=1", "checkpoint.keep=10",
+                           "logging.every_steps=4"]),
               h.env(DDPM_FAULT_NAN_AT_STEP="3"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "non-finite 1" in r.stdout, r.stdout[-2000:]  # a NaN loss is not a loss-scaler skip
@@ -64,7 +64,7 @@ def test_fp16_nan_loss_is_skipped_not_applied(digits, tmp_path):
 
 def test_bf16_trains_with_fp32_weights_and_ema(digits, tmp_path):
     r = h.run(h.train_cmd([f"data.shards={digits}", f"train.out_dir={tmp_path}", "train.mixed_precision=bf16",
-                           "train.total_steps=4", "train.checkpoint_every_steps=2"]), h.env())
+                           "train.total_steps=4", "checkpoint.every_steps=2"]), h.env())
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(_losses(r.stdout)) == 2 and all(0 < x < 10 for x in _losses(r.stdout))
     p2, p4 = h.params(tmp_path / "step-00000002"), h.params(tmp_path / "step-00000004")
@@ -77,8 +77,8 @@ def test_training_steps_do_not_sync_host_and_device(digits, tmp_path, precision)
     # "No per-step host sync outside the logging ticks": with DDPM_CUDA_SYNC_CHECK=1 the trainer turns
     # torch.cuda.set_sync_debug_mode("error") on inside each step (from the third), so a sync there is an error.
     r = h.run(h.train_cmd([f"data.shards={digits}", f"train.out_dir={tmp_path}", f"train.mixed_precision={precision}",
-                           "train.total_steps=12", "train.log_every_steps=6", "train.checkpoint_every_steps=100",
-                           "train.preempt_check_every_steps=100", "train.deterministic=false"]),  # as shipped
+                           "train.total_steps=12", "logging.every_steps=6", "checkpoint.every_steps=100",
+                           "preemption.check_every_steps=100", "train.deterministic=false"]),  # as shipped
               h.env(DDPM_CUDA_SYNC_CHECK="1"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(_losses(r.stdout)) == 2

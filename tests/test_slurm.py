@@ -106,8 +106,8 @@ def train_args(shards: Path, out_dir: Path, total_steps: int, checkpoint_every: 
     return [str(TRAIN_SBATCH), "configs/digits.yaml",
             f"data.shards={shards}", "data.num_workers=0",
             f"train.out_dir={out_dir}", f"train.batch_size={BATCH}", f"train.total_steps={total_steps}",
-            f"train.checkpoint_every_steps={checkpoint_every}", "train.log_every_steps=5",
-            "train.sample_every_steps=0", "train.preempt_check_every_steps=1", "train.keep_checkpoints=10",
+            f"checkpoint.every_steps={checkpoint_every}", "logging.every_steps=5",
+            "logging.sample_every_steps=0", "preemption.check_every_steps=1", "checkpoint.keep=10",
             "tracking.experiment=slurm-test"]
 
 

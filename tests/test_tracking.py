@@ -1,4 +1,5 @@
-"""pipeline/tracking.py against real MLflow stores: the embedded sqlite store and a real `mlflow server`.
+"""The tracking interface and its MLflow transport (pipeline/tracking.py, pipeline/mlflow_sink.py) against
+real MLflow stores: the embedded sqlite store and a real `mlflow server`; the image helpers (pipeline/images.py).
 
 The outage tests stop a real server mid-run (and start it again) and time every training-side call.
 """
@@ -17,7 +18,9 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from pipeline.config import ConfigError, TrackingConfig
-from pipeline.tracking import MLflowSink, NullSink, _to_hwc_uint8, image_grid, make_sink, resolve_tracking_uri
+from pipeline.images import image_grid, to_hwc_uint8
+from pipeline.mlflow_sink import MLflowSink
+from pipeline.tracking import NullSink, make_sink, resolve_tracking_uri
 from tests.helpers.mlflow_server import free_port, mlflow_server
 
 CALL_BOUND_S = 0.5  # a training-side call returns within this whatever the store does (a network wait is >= 1 s)
@@ -59,7 +62,7 @@ def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, flo
 
 
 def test_embedded_sqlite_default_logs_params_metrics_and_config(tmp_path, caplog):
-    caplog.set_level(logging.WARNING, logger="pipeline.tracking")
+    caplog.set_level(logging.WARNING, logger="pipeline.mlflow_sink")
     out = tmp_path / "run"
     sink = make_sink(_cfg(), out_dir=out, is_main_process=True, run_name="demo")
     assert sink.tracking_uri == f"sqlite:///{out.resolve()}/mlflow.db"
@@ -94,17 +97,17 @@ def test_embedded_sqlite_default_logs_params_metrics_and_config(tmp_path, caplog
 def test_resume_continues_run_and_keeps_changed_params_as_tags(tmp_path, caplog, empty_store):
     out = _out_dir_with_store(tmp_path, empty_store)
     first = make_sink(_cfg(), out_dir=out, is_main_process=True)
-    first.log_params({"train.lr": 2e-4, "world_size": 2})
+    first.log_params({"optimizer.lr": 2e-4, "world_size": 2})
     for step in range(3):
         first.log_metrics({"train/loss": float(step)}, step=step)
     first.finish("KILLED")
     client = MlflowClient(first.tracking_uri)
     assert client.get_run(first.run_id).info.status == "KILLED"
 
-    caplog.set_level(logging.WARNING, logger="pipeline.tracking")
+    caplog.set_level(logging.WARNING, logger="pipeline.mlflow_sink")
     second = make_sink(_cfg(), out_dir=out, is_main_process=True, run_id=first.run_id)
     assert second.run_id == first.run_id
-    second.log_params({"train.lr": 2e-4, "world_size": 4})  # same lr: skipped; world_size changed
+    second.log_params({"optimizer.lr": 2e-4, "world_size": 4})  # same lr: skipped; world_size changed
     assert second.flush(10.0)
     assert client.get_run(first.run_id).info.status == "RUNNING"
     for step in range(3, 6):
@@ -113,7 +116,7 @@ def test_resume_continues_run_and_keeps_changed_params_as_tags(tmp_path, caplog,
 
     run = client.get_run(first.run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.params == {"train.lr": "0.0002", "world_size": "2"}
+    assert run.data.params == {"optimizer.lr": "0.0002", "world_size": "2"}
     assert run.data.tags["param_changed.world_size"] == "4"
     assert _history(client, first.run_id, "train/loss") == [(s, float(s)) for s in range(6)]
     assert any("world_size: '2' -> '4'" in r.getMessage() for r in caplog.records)
@@ -141,7 +144,7 @@ def test_attach_logs_into_a_running_run_without_touching_its_status(tmp_path, em
 
 
 def test_resume_of_unknown_run_starts_a_new_one(tmp_path, caplog, empty_store):
-    caplog.set_level(logging.WARNING, logger="pipeline.tracking")
+    caplog.set_level(logging.WARNING, logger="pipeline.mlflow_sink")
     out = _out_dir_with_store(tmp_path, empty_store)
     sink = make_sink(_cfg(), out_dir=out, is_main_process=True, run_id="0" * 32)
     sink.log_metrics({"train/loss": 1.5}, step=7)
@@ -191,8 +194,8 @@ def test_image_grid_layout_matches_an_independent_tiling():
     assert grid[:2].max() == 0 and grid[8 + 2 :, 2 * 9 + 2 :].max() == 0  # padding and the empty 6th slot
     grey = image_grid(imgs[:, :1])
     assert np.array_equal(grey[..., 0], grey[..., 2])  # grey tiled as RGB
-    assert np.array_equal(_to_hwc_uint8(imgs[0]), imgs[0].transpose(1, 2, 0))
-    assert _to_hwc_uint8(imgs[0, :1]).shape == (6, 7)
+    assert np.array_equal(to_hwc_uint8(imgs[0]), imgs[0].transpose(1, 2, 0))
+    assert to_hwc_uint8(imgs[0, :1]).shape == (6, 7)
 
 
 # ---- outages without a server ---------------------------------------------------------------------
@@ -209,7 +212,7 @@ def _timed_calls(sink, n: int, start_step: int = 0) -> float:
 
 
 def test_unreachable_uri_at_start_never_raises_and_counts_drops(tmp_path, caplog):
-    caplog.set_level(logging.WARNING, logger="pipeline.tracking")
+    caplog.set_level(logging.WARNING, logger="pipeline.mlflow_sink")
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     t0 = time.perf_counter()
     sink = make_sink(_cfg(uri=uri, start_timeout_s=5.0, flush_timeout_s=3.0), out_dir=tmp_path,
@@ -229,7 +232,7 @@ def test_unreachable_uri_at_start_never_raises_and_counts_drops(tmp_path, caplog
 
 def test_hung_server_fills_the_queue_without_blocking(tmp_path, caplog):
     """A server that accepts connections but never answers: requests wait for the HTTP timeout."""
-    caplog.set_level(logging.WARNING, logger="pipeline.tracking")
+    caplog.set_level(logging.WARNING, logger="pipeline.mlflow_sink")
     with socket.socket() as hole:
         hole.bind(("127.0.0.1", 0))
         hole.listen(64)
@@ -261,7 +264,7 @@ def server(tmp_path_factory):
 def test_server_receives_params_metrics_image_and_resume(server, tmp_path):
     cfg = _cfg(uri=server.uri)
     sink = make_sink(cfg, out_dir=tmp_path, is_main_process=True, run_name="srv")
-    sink.log_params({"train.lr": 2e-4, "model.channel_mult": "[1, 2]"})
+    sink.log_params({"optimizer.lr": 2e-4, "model.channel_mult": "[1, 2]"})
     for step in (0, 10, 20):
         sink.log_metrics({"train/loss": 1.0 + step, "train/images_per_s": 100.0 * step}, step=step)
     grid = image_grid(np.arange(4 * 3 * 4 * 4, dtype=np.uint8).reshape(4, 3, 4, 4))
@@ -273,7 +276,7 @@ def test_server_receives_params_metrics_image_and_resume(server, tmp_path):
     client = MlflowClient(server.uri)
     run = client.get_run(sink.run_id)
     assert run.info.status == "KILLED"
-    assert run.data.params == {"train.lr": "0.0002", "model.channel_mult": "[1, 2]"}
+    assert run.data.params == {"optimizer.lr": "0.0002", "model.channel_mult": "[1, 2]"}
     assert _history(client, sink.run_id, "train/loss") == [(0, 1.0), (10, 11.0), (20, 21.0)]
     pngs = [a.path for a in client.list_artifacts(sink.run_id, "images") if a.path.endswith(".png")]
     assert len(pngs) == 1 and "samples~ema+step+20+" in pngs[0]
@@ -283,7 +286,7 @@ def test_server_receives_params_metrics_image_and_resume(server, tmp_path):
     assert Path(text).read_text() == "a: 1\n"
 
     resumed = make_sink(cfg, out_dir=tmp_path, is_main_process=True, run_id=sink.run_id)
-    resumed.log_params({"train.lr": 2e-4})  # already there, same value: no error
+    resumed.log_params({"optimizer.lr": 2e-4})  # already there, same value: no error
     resumed.log_metrics({"train/loss": 31.0}, step=30)
     resumed.finish("FINISHED")
     run = client.get_run(sink.run_id)
@@ -295,7 +298,7 @@ def test_server_receives_params_metrics_image_and_resume(server, tmp_path):
 @pytest.mark.slow
 def test_server_stopped_mid_run_then_back(tmp_path, caplog):
     """Stop the server mid-logging: calls stay fast, drops are counted; restart it: logging resumes."""
-    caplog.set_level(logging.WARNING, logger="pipeline.tracking")
+    caplog.set_level(logging.WARNING, logger="pipeline.mlflow_sink")
     root = tmp_path / "server"
     with mlflow_server(root) as srv:
         cfg = _cfg(uri=srv.uri, flush_timeout_s=5.0, probe_interval_s=0.5)

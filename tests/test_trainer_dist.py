@@ -77,7 +77,7 @@ def test_two_process_resume_after_sigkill_is_bitwise(digits, tmp_path):
     for name in ("straight", "killed"):
         (tmp_path / name / "trace").mkdir(parents=True)
         cmd = h.train_cmd([f"data.shards={digits}", f"train.out_dir={tmp_path}/{name}/run", "train.total_steps=8",
-                           "train.checkpoint_every_steps=2", "train.keep_checkpoints=10"], nproc=2,
+                           "checkpoint.every_steps=2", "checkpoint.keep=10"], nproc=2,
                           port=h.free_port())
         environ = h.launch_env(multi=True, DDPM_TRACE_BATCHES_DIR=str(tmp_path / name / "trace"))
         if name == "killed":
@@ -111,7 +111,7 @@ def test_two_process_resume_after_sigkill_is_bitwise(digits, tmp_path):
 def test_deepspeed_zero_bf16_train_checkpoint_resume_ema(digits, tmp_path, stage):
     """ema_decay=0: the EMA must equal DeepSpeed's fp32 master weights (not the bf16 module, not a partition)."""
     over = [f"data.shards={digits}", "train.mixed_precision=bf16", "train.micro_batch_per_gpu=4",
-            "train.ema_decay=0.0", "train.checkpoint_every_steps=2", "train.keep_checkpoints=10"]
+            "ema.decay=0.0", "checkpoint.every_steps=2", "checkpoint.keep=10"]
     environ = h.launch_env(deepspeed=True)
     straight = h.run(h.train_cmd([*over, f"train.out_dir={tmp_path}/a", "train.total_steps=4"], nproc=2,
                                  deepspeed_stage=stage, mixed_precision="bf16"), environ)

@@ -45,12 +45,12 @@ def _wait_exit(proc: subprocess.Popen, log, timeout_s: float = 300) -> int:
 # ---- preemption: SIGTERM / SIGUSR1 to the training processes of a 2-process launch ------------------
 
 PREEMPT_TOTAL_STEPS = 160  # ~8 s of training here: the signal (sent after the first step) lands long before the end
-CHECK_EVERY = 4  # train.preempt_check_every_steps: the ranks may only agree at multiples of this
+CHECK_EVERY = 4  # preemption.check_every_steps: the ranks may only agree at multiples of this
 
 
 def _preempt_cmd(digits, out, total_steps=PREEMPT_TOTAL_STEPS) -> list[str]:
     return h.train_cmd([f"data.shards={digits}", f"train.out_dir={out}/run", f"train.total_steps={total_steps}",
-                        "train.checkpoint_every_steps=1000", f"train.preempt_check_every_steps={CHECK_EVERY}"],
+                        "checkpoint.every_steps=1000", f"preemption.check_every_steps={CHECK_EVERY}"],
                        nproc=2, port=h.free_port())
 
 
@@ -169,9 +169,9 @@ def test_mlflow_server_gets_params_metrics_images_and_its_death_mid_run_costs_on
     from mlflow import MlflowClient
 
     overrides = [f"data.shards={digits}", f"train.out_dir={tmp_path}/run", f"train.total_steps={TRACKED_TOTAL_STEPS}",
-                 f"train.log_every_steps={LOG_EVERY}", f"train.sample_every_steps={SAMPLE_EVERY}",
-                 "train.sample_grid_images=4", "train.sample_ddim_steps=2", "train.checkpoint_every_steps=20",
-                 "train.keep_checkpoints=10", "tracking.enabled=true", "tracking.experiment=faults",
+                 f"logging.every_steps={LOG_EVERY}", f"logging.sample_every_steps={SAMPLE_EVERY}",
+                 "logging.sample_grid_images=4", "logging.sample_ddim_steps=2", "checkpoint.every_steps=20",
+                 "checkpoint.keep=10", "tracking.enabled=true", "tracking.experiment=faults",
                  "tracking.timeout_s=2", "tracking.probe_interval_s=1", "tracking.flush_timeout_s=10"]
     root = tmp_path / "server"
     log = tmp_path / "train.log"
@@ -230,7 +230,7 @@ def test_mlflow_server_gets_params_metrics_images_and_its_death_mid_run_costs_on
         assert sorted(history) == sorted(loss_steps), key
         assert all(np.isfinite(v) for v in history.values()), key
     lr = {m.step: m.value for m in store.get_metric_history(run.info.run_id, "train/lr")}
-    assert lr == {s: lr_at(s - 1, cfg.train.lr, cfg.train.warmup_steps) for s in loss_steps}
+    assert lr == {s: lr_at(s - 1, cfg.optimizer.lr, cfg.optimizer.warmup_steps) for s in loss_steps}
     assert all(m.value == 0 for m in store.get_metric_history(run.info.run_id, "train/nonfinite_steps"))
 
     # Sample grids and the config, as the server stored them (artifacts served over HTTP, on disk here).
@@ -257,7 +257,7 @@ def test_deepspeed_zero2_nonfinite_step_is_skipped_in_weights_optimizer_and_ema(
     precision_override = [f"train.mixed_precision={precision}"] if precision != "no" else []
     r = h.run(h.train_cmd([f"data.shards={digits}", f"train.out_dir={tmp_path}", "train.total_steps=4",
                            *precision_override, "train.micro_batch_per_gpu=4",
-                           "train.checkpoint_every_steps=1", "train.keep_checkpoints=10", "train.log_every_steps=4"],
+                           "checkpoint.every_steps=1", "checkpoint.keep=10", "logging.every_steps=4"],
                           nproc=2, deepspeed_stage=2, mixed_precision=precision),
               h.launch_env(deepspeed=True, DDPM_FAULT_NAN_AT_STEP="3"))
     assert r.returncode == 0, r.stderr[-3000:]

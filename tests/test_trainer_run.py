@@ -23,7 +23,7 @@ def baseline(shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("baseline")
     (out / "trace").mkdir()
     r = h.run(h.train_cmd([f"data.shards={shards}", f"train.out_dir={out}/run", "train.total_steps=8",
-                           "train.checkpoint_every_steps=2", "train.keep_checkpoints=10"]),
+                           "checkpoint.every_steps=2", "checkpoint.keep=10"]),
               h.env(DDPM_TRACE_BATCHES_DIR=str(out / "trace")))
     assert r.returncode == 0, r.stderr[-3000:]
     return out
@@ -48,7 +48,7 @@ def test_uninterrupted_run_writes_layout(baseline):
 def test_resume_after_sigkill_is_bitwise(baseline, shards, tmp_path):
     (tmp_path / "trace").mkdir()
     cmd = h.train_cmd([f"data.shards={shards}", f"train.out_dir={tmp_path}/run", "train.total_steps=8",
-                       "train.checkpoint_every_steps=2", "train.keep_checkpoints=10"])
+                       "checkpoint.every_steps=2", "checkpoint.keep=10"])
     environ = h.env(DDPM_TRACE_BATCHES_DIR=str(tmp_path / "trace"))
     # The run stalls once checkpoint 4 is written (a test hook), so the kill lands there however fast it trains.
     proc = h.start(cmd, {**environ, "DDPM_FAULT_STALL_AFTER_STEP": "4"}, tmp_path / "killed.log")
@@ -70,7 +70,7 @@ def test_resume_after_sigkill_is_bitwise(baseline, shards, tmp_path):
 @pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_75_then_resumes(shards, tmp_path):
     (tmp_path / "trace").mkdir()
-    base = [f"data.shards={shards}", f"train.out_dir={tmp_path}/run", "train.checkpoint_every_steps=1000"]
+    base = [f"data.shards={shards}", f"train.out_dir={tmp_path}/run", "checkpoint.every_steps=1000"]
     proc = h.start(h.train_cmd([*base, "train.total_steps=1000"]),
                    h.env(DDPM_TRACE_BATCHES_DIR=str(tmp_path / "trace")), tmp_path / "term.log")
     trace = tmp_path / "trace" / "rank-0.txt"
@@ -89,7 +89,7 @@ def test_sigterm_checkpoints_and_exits_75_then_resumes(shards, tmp_path):
 
 def test_nan_step_is_skipped_and_never_reaches_weights_or_ema(shards, tmp_path):
     r = h.run(h.train_cmd([f"data.shards={shards}", f"train.out_dir={tmp_path}", "train.total_steps=4",
-                           "train.checkpoint_every_steps=1", "train.keep_checkpoints=10"]),
+                           "checkpoint.every_steps=1", "checkpoint.keep=10"]),
               h.env(DDPM_FAULT_NAN_AT_STEP="3"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "non-finite 1" in r.stdout
@@ -103,7 +103,7 @@ def test_nan_step_is_skipped_and_never_reaches_weights_or_ema(shards, tmp_path):
 
 def test_nan_in_a_row_stops_with_clear_error(shards, tmp_path):
     r = h.run(h.train_cmd([f"data.shards={shards}", f"train.out_dir={tmp_path}", "train.total_steps=8",
-                           "train.max_nonfinite_in_row=2", "train.log_every_steps=4"]),
+                           "train.max_nonfinite_in_row=2", "logging.every_steps=4"]),
               h.env(DDPM_FAULT_NAN_AT_STEP="2,3"))
     assert r.returncode == 1
     assert "2 in a row >= train.max_nonfinite_in_row=2" in r.stderr
@@ -112,7 +112,7 @@ def test_nan_in_a_row_stops_with_clear_error(shards, tmp_path):
 
 def test_bf16_trains_on_cpu_with_fp32_weights(shards, tmp_path):
     r = h.run(h.train_cmd([f"data.shards={shards}", f"train.out_dir={tmp_path}", "train.total_steps=4",
-                           "train.mixed_precision=bf16", "train.checkpoint_every_steps=2"]), h.env())
+                           "train.mixed_precision=bf16", "checkpoint.every_steps=2"]), h.env())
     assert r.returncode == 0, r.stderr[-3000:]
     losses = [float(line.split("loss ")[1].split()[0]) for line in r.stdout.splitlines() if line.startswith("step ")]
     assert len(losses) == 2 and all(0 < x < 10 for x in losses)
@@ -152,7 +152,7 @@ def test_checkpoint_of_other_model_is_refused(baseline, shards, tmp_path):
 @pytest.mark.slow
 def test_tracking_sqlite_store_gets_params_metrics_samples_and_resume_continues_the_run(shards, tmp_path):
     base = [f"data.shards={shards}", f"train.out_dir={tmp_path}", "tracking.enabled=true", "tracking.experiment=t",
-            "train.sample_every_steps=2", "train.sample_grid_images=4", "train.sample_ddim_steps=2"]
+            "logging.sample_every_steps=2", "logging.sample_grid_images=4", "logging.sample_ddim_steps=2"]
     r = h.run(h.train_cmd([*base, "train.total_steps=4"]), h.env())
     assert r.returncode == 0, r.stderr[-3000:]
     r = h.run(h.train_cmd([*base, "train.total_steps=6"]), h.env())
@@ -165,7 +165,7 @@ def test_tracking_sqlite_store_gets_params_metrics_samples_and_resume_continues_
     run = runs[0]
     meta = json.loads((tmp_path / "step-00000006" / "meta.json").read_text())
     assert meta["mlflow_run_id"] == run.info.run_id and run.info.status == "FINISHED"
-    assert run.data.params["train.lr"] == "0.001" and run.data.params["world_size"] == "1"
+    assert run.data.params["optimizer.lr"] == "0.001" and run.data.params["world_size"] == "1"
     assert run.data.params["model.channel_mult"] == "[1, 2]" and "git_commit" in run.data.params
     hist = client.get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in hist] == [2, 4, 6] and all(0 < m.value < 10 for m in hist)

@@ -9,7 +9,7 @@ import torch
 from ema_pytorch import EMA as LucidrainsEMA
 
 from pipeline import checkpoint, dist
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, EMAConfig, load_config
 from pipeline.ema import EMA
 from pipeline.trainer import batch_split, classify_skip, lr_at, micro_seed
 from tests.helpers.trainer import REPO
@@ -46,7 +46,7 @@ def _net():
 
 def test_ema_matches_ema_pytorch_and_skipped_step_leaves_it_unchanged():
     net, ref_net = _net(), _net()
-    ours = EMA(net, decay=0.99, warmup_steps=0, update_every=1, power=0.75)
+    ours = EMA(net, EMAConfig(decay=0.99, warmup_steps=0, update_every=1, power=0.75))
     ref = LucidrainsEMA(ref_net, beta=0.99, update_after_step=0, update_every=1, power=0.75)
     for i in range(6):
         with torch.no_grad():
@@ -69,12 +69,13 @@ def test_ema_matches_ema_pytorch_and_skipped_step_leaves_it_unchanged():
 
 def test_ema_counters_roundtrip():
     net = _net()
-    a = EMA(net, decay=0.9, warmup_steps=2, update_every=1, power=0.75)
+    a = EMA(net, EMAConfig(decay=0.9, warmup_steps=2, update_every=1, power=0.75))
     for _ in range(5):
         a.update(torch.tensor(1.0))
-    b = EMA(_net(), decay=0.9, warmup_steps=2, update_every=1, power=0.75)
-    b.load(a.weights(), a.state_dict())
+    b = EMA(_net(), EMAConfig(decay=0.9, warmup_steps=2, update_every=1, power=0.75))
+    b.load_state_dict(a.state_dict())
     assert b.num_updates == 5 and b.inner.get_current_decay() == a.inner.get_current_decay()
+    assert all(torch.equal(b.weights()[k], v) for k, v in a.weights().items())
 
 
 def _fake_checkpoint(out, step, cfg, complete=True):
@@ -108,14 +109,14 @@ def test_mismatched_model_config_is_refused_listing_keys(tmp_path):
     cfg = load_config(REPO / "configs" / "digits.yaml")
     d = _fake_checkpoint(tmp_path, 100, cfg)
     other = load_config(REPO / "configs" / "digits.yaml", ["model.base_channels=64", "diffusion.timesteps=500",
-                                                            "train.lr=1e-5"])
+                                                            "optimizer.lr=1e-5"])
     with pytest.raises(checkpoint.CheckpointError) as err:
         checkpoint.check_compatible(d, other, world_size=1)
     msg = str(err.value)
     assert "model.base_channels: checkpoint 32, now 64" in msg
     assert "diffusion.timesteps: checkpoint 1000, now 500" in msg
-    assert "train.lr" not in msg  # training settings may change on resume
-    assert checkpoint.check_compatible(d, load_config(REPO / "configs" / "digits.yaml", ["train.lr=1e-5"]), 1)
+    assert "optimizer.lr" not in msg  # training settings may change on resume
+    assert checkpoint.check_compatible(d, load_config(REPO / "configs" / "digits.yaml", ["optimizer.lr=1e-5"]), 1)
 
 
 def test_ema_export_carries_its_config(tmp_path):
@@ -149,3 +150,51 @@ def test_skipped_steps_are_classified(applied, loss, loss_scaling, expected):
     bad, scaler_skip = classify_skip(torch.tensor(applied), torch.tensor(loss), loss_scaling)
     assert (bad.item(), scaler_skip.item()) == expected
     assert bad.dtype == scaler_skip.dtype == torch.float32
+
+
+class _Counter:
+    """A piece of state as a user would add one: anything with state_dict / load_state_dict."""
+
+    def __init__(self, n: int = 0):
+        self.n = n
+
+    def state_dict(self):
+        return {"n": self.n}
+
+    def load_state_dict(self, state):
+        self.n = state["n"]
+
+
+def test_checkpoint_manager_saves_and_restores_every_registered_part(tmp_path):
+    from accelerate import Accelerator
+
+    from pipeline.trainer import Progress
+
+    cfg = load_config(REPO / "configs" / "digits.yaml", [f"train.out_dir={tmp_path}", "checkpoint.keep=2",
+                                                         "checkpoint.every_steps=5"])
+    acc = Accelerator(cpu=True)
+    lin = acc.prepare(torch.nn.Linear(3, 2))
+    ema = EMA(lin, cfg.ema)
+    progress, counter, per_rank = Progress(), _Counter(41), _Counter(7)
+    progress.step, progress.images_seen, progress.mlflow_run_id = 10, 640, "abc"
+    manager = checkpoint.CheckpointManager(tmp_path, cfg.checkpoint, accelerator=acc, record=cfg, parts={
+        "meta": progress, "ema": ema, "counter": counter, "data": checkpoint.PerRank(per_rank)})
+    manager.start()
+    assert [manager.due(s, final=False) for s in (4, 5, 10)] == [False, True, True] and manager.due(3, final=True)
+    for step in (5, 10, 15):
+        path = manager.save(step)
+    assert [p.name for p in manager.complete()] == ["step-00000010", "step-00000015"]  # keep 2
+    assert (path / "counter.json").is_file() and (path / "data" / "rank-0.json").is_file()
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["step"] == 15 and meta["images_seen"] == 640 and meta["model_config_hash"] == checkpoint.model_config_hash(cfg)
+
+    fresh_progress, fresh_counter, fresh_per_rank = Progress(), _Counter(), _Counter()
+    fresh_ema = EMA(torch.nn.Linear(3, 2), cfg.ema)
+    again = checkpoint.CheckpointManager(tmp_path, cfg.checkpoint, accelerator=acc, record=cfg, parts={
+        "meta": fresh_progress, "ema": fresh_ema, "counter": fresh_counter,
+        "data": checkpoint.PerRank(fresh_per_rank)})
+    assert again.resume() == path
+    assert (fresh_counter.n, fresh_per_rank.n, fresh_progress.step, fresh_progress.mlflow_run_id) == (41, 7, 15, "abc")
+    assert all(torch.equal(fresh_ema.weights()[k], v) for k, v in ema.weights().items())
+    ckpt = checkpoint.Checkpoint(path)
+    assert ckpt.step == 15 and ckpt.config().checkpoint.keep == 2 and set(ckpt.ema_weights()) == {"weight", "bias"}

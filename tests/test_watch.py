@@ -8,8 +8,9 @@ from collections import Counter
 
 import pytest
 
-from evaluation.evaluate import WATCH_GAVE_UP_EXIT_CODE, EvaluationError, evaluate, main
-from evaluation.watch import default_ledger, read_ledger, watch
+from evaluation.errors import EvaluationError
+from evaluation.evaluate import WATCH_GAVE_UP_EXIT_CODE, evaluate, main
+from evaluation.watch import StopReason, default_ledger, read_ledger, watch
 from tests.helpers.evaluation import mark_done, prepare_digits, tiny_config, training_run, write_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -23,12 +24,16 @@ def digits(tmp_path_factory) -> str:
 FAST = ["eval.num_samples=8", "eval.bpd_split=''", "eval.kid_subsets=2"]
 
 
-def _counting(calls: Counter):
-    def fn(ckpt, overrides, **kw):
+def _counting(calls: Counter, **kw):
+    def fn(ckpt):
         calls[ckpt.name] += 1
-        return evaluate(ckpt, overrides, **kw)
+        return evaluate(ckpt, FAST, **kw)
 
     return fn
+
+
+def _never(ckpt):
+    raise AssertionError(f"nothing to evaluate, yet asked for {ckpt}")
 
 
 def test_each_checkpoint_once_across_a_restart_and_incomplete_ones_skipped(digits, tmp_path):
@@ -44,7 +49,9 @@ def test_each_checkpoint_once_across_a_restart_and_incomplete_ones_skipped(digit
     calls: Counter = Counter()
 
     # first watcher: sees two complete checkpoints, ignores the temporary folder, then is "killed"
-    state = watch(tmp_path / "run", FAST, once=True, evaluate_fn=_counting(calls))
+    stopped = watch(tmp_path / "run", _counting(calls), once=True)
+    state = stopped.ledger
+    assert stopped.reason is StopReason.ONCE
     assert sorted(state["checkpoints"]) == ["step-00000100", "step-00000200"]
     assert calls == Counter({"step-00000100": 1, "step-00000200": 1})
 
@@ -56,7 +63,11 @@ def test_each_checkpoint_once_across_a_restart_and_incomplete_ones_skipped(digit
     mark_done(cfg, 300)
 
     # a restarted watcher: only step 300 is new; it stops by itself once TRAINING_DONE is there
-    state = watch(tmp_path / "run", FAST, poll_s=0.05, evaluate_fn=_counting(calls))
+    reported: list = []
+    stopped = watch(tmp_path / "run", _counting(calls), report_fn=reported.append, poll_s=0.05)
+    state = stopped.ledger
+    assert stopped.reason is StopReason.DONE
+    assert [r.step for r in reported] == [300]
     assert calls == Counter({"step-00000100": 1, "step-00000200": 1, "step-00000300": 1})
     assert sorted(state["checkpoints"]) == ["step-00000100", "step-00000200", "step-00000300"]
     assert all(e["status"] == "ok" and e["run_id"] == run_id for e in state["checkpoints"].values())
@@ -68,7 +79,7 @@ def test_each_checkpoint_once_across_a_restart_and_incomplete_ones_skipped(digit
     assert by_step[300] == pytest.approx(state["checkpoints"]["step-00000300"]["metrics"]["eval/fid_digits"])
 
     # a third start has nothing to do and returns at once
-    assert watch(tmp_path / "run", FAST, poll_s=0.05, evaluate_fn=_counting(calls)) == state
+    assert watch(tmp_path / "run", _counting(calls), poll_s=0.05).ledger == state
     assert sum(calls.values()) == 3
 
 
@@ -78,25 +89,26 @@ def test_checkpoint_removed_by_keep_k_is_skipped_and_real_errors_stop(digits, tm
     write_checkpoint(cfg, 20, seed=2)
     mark_done(cfg, 20)
 
-    def deleted_first(ckpt, overrides, **kw):
+    def deleted_first(ckpt):
         if ckpt == first:
             shutil.rmtree(first)  # the trainer's keep-k got there first
-        return evaluate(ckpt, overrides, **kw)
+        return evaluate(ckpt, FAST, log_to_run=False)
 
-    state = watch(tmp_path / "run", FAST, poll_s=0.05, evaluate_fn=deleted_first, log_to_run=False)
+    state = watch(tmp_path / "run", deleted_first, poll_s=0.05).ledger
     assert state["checkpoints"]["step-00000010"]["status"] == "skipped"
     assert state["checkpoints"]["step-00000020"]["status"] == "ok"
 
     write_checkpoint(cfg, 30, seed=3)
     with pytest.raises(EvaluationError):  # a setting that cannot work stops the watcher, unrecorded
-        watch(tmp_path / "run", FAST, once=True, log_to_run=False,
-              evaluate_fn=lambda c, o, **kw: (_ for _ in ()).throw(EvaluationError("bad setting")))
+        watch(tmp_path / "run", lambda c: (_ for _ in ()).throw(EvaluationError("bad setting")), once=True)
     assert "step-00000030" not in read_ledger(default_ledger(tmp_path / "run"))["checkpoints"]
 
 
 def test_watch_gives_up_after_max_wait_without_training_done(digits, tmp_path, capsys):
     (tmp_path / "run").mkdir()
-    state = watch(tmp_path / "run", FAST, poll_s=0.05, max_wait_s=0.2)
+    stopped = watch(tmp_path / "run", _never, poll_s=0.05, max_wait_s=0.2)
+    assert stopped.reason is StopReason.GAVE_UP
+    state = stopped.ledger
     assert state["checkpoints"] == {}
     # the command says so in its exit status; with TRAINING_DONE there the same call succeeds
     args = ["--watch", str(tmp_path / "run"), "--poll-s", "0.05", "--max-wait-s", "0.2", *FAST]
@@ -122,8 +134,7 @@ def test_watcher_started_before_the_training_waits_for_its_folder(digits, tmp_pa
     timer = threading.Timer(0.5, training)
     timer.start()
     try:
-        state = watch(tmp_path / "run", FAST, poll_s=0.05, max_wait_s=60, log_to_run=False,
-                      evaluate_fn=_counting(calls))
+        state = watch(tmp_path / "run", _counting(calls, log_to_run=False), poll_s=0.05, max_wait_s=60).ledger
     finally:
         timer.join()
     assert calls == Counter({"step-00000100": 1}) and state["checkpoints"]["step-00000100"]["status"] == "ok"
@@ -132,9 +143,9 @@ def test_watcher_started_before_the_training_waits_for_its_folder(digits, tmp_pa
 
 def test_watcher_folder_that_never_appears_is_a_clear_error(tmp_path):
     with pytest.raises(EvaluationError, match="did not appear within 0 s; give the training's train.out_dir"):
-        watch(tmp_path / "typo", FAST, poll_s=0.05, max_wait_s=0.2)
+        watch(tmp_path / "typo", _never, poll_s=0.05, max_wait_s=0.2)
     with pytest.raises(EvaluationError, match="no such folder"):
-        watch(tmp_path / "typo", FAST, once=True)
+        watch(tmp_path / "typo", _never, once=True)
     (tmp_path / "file").write_text("")
     with pytest.raises(EvaluationError, match="not a folder"):
-        watch(tmp_path / "file", FAST, max_wait_s=0.2)
+        watch(tmp_path / "file", _never, max_wait_s=0.2)

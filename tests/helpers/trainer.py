@@ -26,8 +26,8 @@ TINY = [
     "model.num_res_blocks=1", "model.attn_resolutions=[4]", "model.dropout=0.1",
     "diffusion.timesteps=100",
     "data.num_workers=0", "data.shuffle_buffer=50", "data.hflip=false",
-    "train.batch_size=8", "train.lr=1e-3", "train.warmup_steps=2", "train.log_every_steps=2",
-    "train.sample_every_steps=0", "train.ema_decay=0.9", "train.preempt_check_every_steps=1",
+    "train.batch_size=8", "optimizer.lr=1e-3", "optimizer.warmup_steps=2", "logging.every_steps=2",
+    "logging.sample_every_steps=0", "ema.decay=0.9", "preemption.check_every_steps=1",
     "train.deterministic=true", "tracking.enabled=false",
 ]
 

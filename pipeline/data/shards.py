@@ -1,0 +1,151 @@
+"""data.shards -> the list of shards to read, with their counts and image geometry, checked at start.
+
+`data.shards` is a prepared folder, its manifest.json, a brace pattern (`/data/train-{000000..000099}.tar`)
+or URLs joined with `::`. A pattern or URL list is matched against a manifest.json beside its first
+shard when there is one (counts, geometry, members); a manifest that is there but invalid is an error,
+not a silent fallback. Local shards are checked for existence and remote protocols for an installed
+fsspec backend at start; pipe: commands and remote objects are checked when opened (docs/data.md).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from pipeline.data.manifest import MANIFEST_NAME, Manifest, ManifestError, Shard, is_url, read_manifest
+from pipeline.data.report import CorruptDataError
+from pipeline.data.tar import READ_ERRORS, count_samples
+
+
+@dataclass
+class ShardSet:
+    shards: list[Shard]  # num_samples == -1 where unknown
+    image_size: int  # 0 = unknown (taken from each PNG)
+    channels: int  # 0 = unknown (images kept as decoded)
+    encoding: str  # png | u8 | "" (unknown: by member extension)
+    source: str  # what data.shards resolved to, for messages
+    members: frozenset[str] = frozenset()  # extensions every sample has (from the manifest); empty = unknown
+
+    @property
+    def counts_known(self) -> bool:
+        return all(s.num_samples >= 0 for s in self.shards)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.num_samples for s in self.shards)
+
+
+def _count_tar(path: str) -> int:
+    """Samples in a local tar, from its headers; a truncated tar raises naming it and the ways out."""
+    try:
+        return count_samples(path)
+    except READ_ERRORS as exc:
+        raise CorruptDataError(
+            f"shard {path} is unreadable ({type(exc).__name__}: {exc}), so exact mode cannot count its samples; "
+            "re-run prepare (its manifest.json gives the counts), remove it, or use data.mode=resampled"
+        ) from exc
+
+
+def resolve_shards(spec: str, split: str, *, need_counts: bool) -> ShardSet:
+    """data.shards -> shard list: a prepared folder, a manifest path, a brace pattern or URLs ('::'-joined)."""
+    from webdataset.shardlists import expand_urls
+
+    spec = spec.strip()
+    if not spec:
+        raise ValueError("data.shards is empty; set it to a prepared folder (python -m pipeline.data.prepare ...)")
+    looks_like_tars = ".tar" in spec or "{" in spec or "::" in spec or spec.startswith("pipe:")
+    if not looks_like_tars:
+        if not is_url(spec) and not os.path.exists(spec):
+            raise FileNotFoundError(
+                f"data.shards={spec!r} does not exist; give a folder written by "
+                "`python -m pipeline.data.prepare SOURCE --out DIR`, its manifest.json, a brace pattern or URLs"
+            )
+        m = read_manifest(spec)
+        return from_manifest(m, m.shards(split), spec)
+    urls = expand_urls(spec)
+    if not urls:
+        raise ValueError(f"data.shards={spec!r} expands to an empty shard list")
+    manifest = None if urls[0].startswith("pipe:") else _manifest_beside(urls[0], spec)
+    if manifest is not None:
+        by_name = {s.name: s for shards in manifest.splits.values() for s in shards}
+        shards = []
+        for u in urls:
+            n, sha = _count_sha(by_name, u)
+            if n < 0 and need_counts and (p := local_path(u)) is not None and os.path.isfile(p):
+                n = _count_tar(p)  # in the pattern but not in the manifest: count it (headers only)
+            shards.append(Shard(u, u.rsplit("/", 1)[-1], n, sha))
+        return from_manifest(manifest, shards, spec)
+    shards = []
+    for u in urls:
+        n = -1
+        if need_counts and (p := local_path(u)) is not None and os.path.isfile(p):
+            n = _count_tar(p)  # local shards without a manifest: count them (reads tar headers only)
+        shards.append(Shard(u, u.rsplit("/", 1)[-1], n))
+    return ShardSet(shards, 0, 0, "", spec)
+
+
+def _manifest_beside(first: str, spec: str) -> Manifest | None:
+    """The manifest.json in the folder of the first shard; None when there is none."""
+    folder = first.rsplit("/", 1)[0] if "/" in first else "."
+    path = f"{folder}/{MANIFEST_NAME}"
+    try:
+        return read_manifest(path)
+    except ManifestError as exc:
+        if isinstance(exc.__cause__, FileNotFoundError):
+            return None  # shards without a manifest: counts come from their headers (or are unknown)
+        # a broken manifest would silently drop the counts, geometry and labels it promises
+        raise ManifestError(
+            f"{exc}. data.shards={spec!r} takes its shards' counts and image geometry from {path}: fix or "
+            "re-prepare it, or move it away to read the shards without a manifest"
+        ) from exc
+    except (OSError, ValueError, ImportError):
+        return None  # also an unknown protocol: check_shards names it
+
+
+def local_path(url: str) -> str | None:
+    """The file a local shard names (a path or file:// URL); None for pipe: and remote URLs."""
+    if url.startswith("file:"):
+        from urllib.parse import urlparse
+        from urllib.request import url2pathname
+
+        return url2pathname(urlparse(url).path)
+    return None if is_url(url) else url
+
+
+def check_shards(shards: list[Shard], spec: str) -> None:
+    """At start: every local shard exists, and every remote protocol has an fsspec backend installed.
+
+    pipe: commands and remote objects are checked when opened (a failure is counted and skipped, or
+    raises with data.strict=true): probing them all here would cost a round trip per shard per rank.
+    """
+    missing = [s.url for s in shards if (p := local_path(s.url)) is not None and not os.path.isfile(p)]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(shards)} shards of data.shards={spec!r} are missing: {shown}; "
+            "re-run prepare, or fix data.shards"
+        )
+    protocols = sorted({s.url.split("://", 1)[0] for s in shards
+                        if "://" in s.url and not s.url.startswith(("pipe:", "file:"))})
+    for proto in protocols:
+        try:
+            import fsspec
+
+            fsspec.get_filesystem_class(proto)
+        except (ImportError, ValueError) as exc:
+            raise ValueError(
+                f"data.shards={spec!r} uses {proto}:// URLs, which fsspec cannot open here ({exc}); install "
+                f"its backend (e.g. s3fs, gcsfs, aiohttp for http) or use pipe: commands"
+            ) from exc
+
+
+def _count_sha(by_name: dict[str, Shard], url: str) -> tuple[int, str]:
+    s = by_name.get(url.rsplit("/", 1)[-1])
+    return (s.num_samples, s.sha256) if s else (-1, "")
+
+
+def from_manifest(m: Manifest, shards: list[Shard], spec: str) -> ShardSet:
+    """A ShardSet of `shards` with the counts, geometry and per-sample members that manifest `m` gives."""
+    # prepare writes <key>.<encoding> for every sample, and <key>.cls for all of them when labelled
+    members = frozenset({m.encoding} | ({"cls"} if m.num_classes > 0 else set())) if m.encoding else frozenset()
+    return ShardSet(shards, m.image_size, m.channels, m.encoding, spec, members)

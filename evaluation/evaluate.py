@@ -4,6 +4,8 @@
     python -m evaluation.evaluate --checkpoint CKPT eval.num_samples=50000 eval.sampler=ancestral \\
         eval.fid_mode=legacy_tensorflow eval.reference=clean-fid:cifar10/train/32     # the paper's protocol
     python -m evaluation.evaluate --watch runs/digits --poll-s 30                     # every new checkpoint once
+    # several watchers (processes or hosts) on one out_dir share the work, each checkpoint still once:
+    python -m evaluation.evaluate --watch runs/digits & python -m evaluation.evaluate --watch runs/digits
     # sampling spread over processes (image i still comes from seed eval.seed + i):
     accelerate launch --num_processes 8 -m evaluation.evaluate --checkpoint CKPT
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \\
@@ -15,10 +17,17 @@ overrides apply on top, e.g. ``eval.*`` or ``data.shards``) and the MLflow run (
 which FID/KID/bits-per-dim are logged at the checkpoint's step with the protocol as tags
 (docs/tracking.md). Only files are read from the checkpoint: the training job is never waited for.
 
+With ``--watch``, a watcher claims a checkpoint before evaluating it (``<out_dir>/eval/ledger.d/claims/``,
+a file created with O_EXCL, its mtime refreshed every ``--claim-stale-s``/6 s) and records it when done
+(``ledger.d/done/``). A claim without a heartbeat for ``--claim-stale-s`` (its watcher was killed) is taken
+over by another watcher, or by the same one restarted; the one that lost a claim reports nothing. Several
+hosts need a shared file system with atomic rename and O_EXCL, and clocks that agree (docs/fid.md).
+
 Exit status: 0 done; 1 an unexpected failure (a bug, CUDA out of memory, NCCL, ...: the traceback is
 printed); 2 invalid input: arguments, configuration, checkpoint, data, reference statistics, unavailable
 feature-extractor weights (one line ``evaluate: error: ...``); 3 ``--watch`` gave up after
-``--max-wait-s`` before the training wrote TRAINING_DONE (what was there was evaluated).
+``--max-wait-s`` with no new record, before the training wrote TRAINING_DONE or while other watchers
+still held claims on the checkpoints left (what this watcher could claim was evaluated).
 """
 
 from __future__ import annotations
@@ -40,12 +49,13 @@ import numpy as np
 import torch
 
 from evaluation.errors import EvaluationError
+from evaluation.watch import DEFAULT_CLAIM_STALE_S, StopReason, watch
 from pipeline import dist
 from pipeline.checkpoint import DONE, Checkpoint, CheckpointError, step_dir_name
 from pipeline.config import Config, ConfigError
 
 log = logging.getLogger("evaluation")
-WATCH_GAVE_UP_EXIT_CODE = 3  # --watch stopped after --max-wait-s without the training's TRAINING_DONE
+WATCH_GAVE_UP_EXIT_CODE = 3  # --watch stopped after --max-wait-s with checkpoints left to evaluate
 
 
 @dataclass
@@ -298,9 +308,12 @@ def protocol_tags(ext: str, provenance: dict[str, Any]) -> dict[str, str]:
 
 def _log(cfg: Config, meta: dict, ckpt: Path, result: EvalResult, grid_path: Path) -> str | None:
     """Into the training run at the checkpoint's step; returns the run id, or None when nothing was logged."""
-    from pipeline.tracking import make_sink
+    from pipeline.tracking import make_sink, read_run_file
 
     run_id, uri = meta.get("mlflow_run_id"), meta.get("mlflow_tracking_uri")
+    if not run_id:  # saved before its run existed: the training records the run beside its checkpoints too
+        recorded = read_run_file(ckpt.parent)
+        run_id, uri = (recorded["run_id"], recorded["tracking_uri"]) if recorded else (None, uri)
     if not run_id or not uri:
         print(f"note: {ckpt}/meta.json names no MLflow run (tracking was off); figures are in {result.out_dir}")
         return None
@@ -350,10 +363,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="", help="figures folder (default: <out_dir>/eval/step-NNNNNNNN)")
     p.add_argument("--no-log", action="store_true", help="do not log into the training run")
     p.add_argument("--poll-s", type=float, default=60.0, help="--watch: seconds between scans of the folder")
-    p.add_argument("--ledger", default="", help="--watch: ledger file (default: <DIR>/eval/ledger.json)")
-    p.add_argument("--once", action="store_true", help="--watch: one scan, evaluate what is there, exit")
+    p.add_argument("--ledger", default="",
+                   help="--watch: ledger file (default: <DIR>/eval/ledger.json), a summary; the records and claims "
+                        "are in the folder beside it (ledger.d/); watchers with the same ledger share the work")
+    p.add_argument("--once", action="store_true",
+                   help="--watch: one scan, evaluate what is there and not claimed by another watcher, exit")
     p.add_argument("--max-wait-s", type=float, default=0.0,
-                   help="--watch: stop after this long with nothing new and no TRAINING_DONE (0 = wait for ever)")
+                   help="--watch: stop (exit 3) after this long without a new record by any watcher, while "
+                        "TRAINING_DONE is missing or other watchers hold the checkpoints left (0 = wait for ever)")
+    p.add_argument("--claim-stale-s", type=float, default=DEFAULT_CLAIM_STALE_S,
+                   help="--watch: take over another watcher's claim on a checkpoint when its heartbeat is older "
+                        "than this (that watcher was killed); the owner beats every 1/6 of it; keep it well "
+                        "above the clock differences between hosts (default %(default)g)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides (e.g. eval.num_samples=1000)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -390,18 +411,37 @@ def _input_errors() -> tuple[type[Exception], ...]:
 
 
 def _watch(a: argparse.Namespace) -> int:
-    """--watch: evaluate each new checkpoint once; exit 3 if it gave up before TRAINING_DONE."""
-    from evaluation.watch import StopReason, watch
-
+    """--watch: evaluate each new checkpoint once, with any number of watchers; exit 3 if it gave up."""
     if dist.world_size() > 1:
-        raise EvaluationError("--watch runs in one process (it keeps one ledger); launch it without accelerate")
-    stopped = watch(a.watch, lambda ckpt: evaluate(ckpt, a.overrides, log_to_run=not a.no_log),
-                    report_fn=lambda r: print(format_result(r), flush=True),
-                    poll_s=a.poll_s, ledger=a.ledger, once=a.once, max_wait_s=a.max_wait_s)
+        raise EvaluationError("--watch runs in one process (several watchers share an out_dir by themselves); "
+                              "launch each without accelerate")
+    # The MLflow logging is the watcher's report step, apart from the evaluation: it runs only once the
+    # watcher has checked that its claim still holds, so a watcher that lost it never logs a second FID.
+    read: dict[int, tuple[Path, Config, dict]] = {}
+
+    def evaluate_fn(ckpt: Path) -> EvalResult | None:
+        cfg, meta = read_checkpoint(ckpt, a.overrides)  # now: keep-k may delete the folder before the report
+        read[int(meta["step"])] = (ckpt, cfg, meta)
+        return evaluate(ckpt, a.overrides, log_to_run=False)
+
+    def report_fn(r: EvalResult) -> None:
+        ckpt, cfg, meta = read.pop(r.step)
+        if not a.no_log:
+            r.logged_to_run = _log(cfg, meta, ckpt, r, Path(r.out_dir) / "grid.png")
+        print(format_result(r), flush=True)
+
+    stopped = watch(a.watch, evaluate_fn, report_fn=report_fn, poll_s=a.poll_s, ledger=a.ledger, once=a.once,
+                    max_wait_s=a.max_wait_s, claim_stale_s=a.claim_stale_s)
     if stopped.reason is StopReason.GAVE_UP:
         # say so in the exit status: a job chained on the watcher must not go on
-        print(f"evaluate: the watcher stopped before {a.watch}/{DONE} appeared, after "
-              f"{len(stopped.ledger['checkpoints'])} checkpoint(s); did the training fail or stall?", file=sys.stderr)
+        if stopped.training_done:
+            print(f"evaluate: the watcher stopped after --max-wait-s while other watchers still held "
+                  f"{', '.join(stopped.waiting_on)}; they record them, or a watcher started again takes them "
+                  "over once their claims are older than --claim-stale-s", file=sys.stderr)
+        else:
+            print(f"evaluate: the watcher stopped before {a.watch}/{DONE} appeared, after "
+                  f"{len(stopped.ledger['checkpoints'])} checkpoint(s); did the training fail or stall?",
+                  file=sys.stderr)
         return WATCH_GAVE_UP_EXIT_CODE
     return 0
 

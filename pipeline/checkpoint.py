@@ -31,12 +31,17 @@ not complete: the only place that check is made. The learning rate is a function
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
+import sys
 import warnings
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -46,6 +51,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from pipeline import dist
 from pipeline.config import CheckpointConfig, load_config, to_dict, to_yaml
+from pipeline.data.manifest import sha256_file
 
 STEP_RE = re.compile(r"^step-(\d{8})$")
 COMPLETE = "COMPLETE"
@@ -57,6 +63,37 @@ _MODEL_SECTIONS = ("model", "diffusion")  # what must match for the weights to m
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message says why and what to do."""
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """The weights or EMA became non-finite: nothing is checkpointed, the run stops (exit 1)."""
+
+
+def _first_line(exc: BaseException) -> str:
+    """The line of a library's error that says what happened (torch's weights-only refusal puts it last)."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in str(exc).splitlines() if ln.strip()]
+    said = [ln for ln in lines if "Unsupported global" in ln or "WeightsUnpickler error" in ln]
+    return (said or lines or [type(exc).__name__])[0].split(". Please use")[0]  # not torch's how-to-allow advice
+
+
+def _mount_point(path: Path) -> Path:
+    path = path.resolve()
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _disk_full(out_dir: Path, exc: BaseException) -> str:
+    """The file system's mount point when ``exc`` came from a full disk (libraries word it differently:
+    OSError ENOSPC, torch's "iostream error", safetensors' StorageFull), else ""."""
+    text = f"{type(exc).__name__}: {exc}"
+    said = getattr(exc, "errno", None) == errno.ENOSPC or any(
+        w in text for w in ("No space left", "StorageFull", "iostream error", "failed writing file"))
+    try:
+        free = shutil.disk_usage(out_dir).free
+    except OSError:
+        free = None
+    return str(_mount_point(out_dir)) if said or (free is not None and free < (1 << 20)) else ""
 
 
 class Stateful(Protocol):
@@ -93,6 +130,21 @@ def complete_checkpoints(out_dir: str | Path) -> list[Path]:
         return []
     found = [p for p in out.iterdir() if STEP_RE.match(p.name) and (p / COMPLETE).is_file()]
     return sorted(found, key=lambda p: int(STEP_RE.match(p.name).group(1)))
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file's data (and the folders' entries) to disk before COMPLETE is written."""
+    for p in sorted(folder.rglob("*")):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -159,8 +211,62 @@ class Checkpoint:
                 f"{what} {self.path} has no {COMPLETE} marker: it was being written when the job stopped (or is "
                 "still being written); use an older complete step-NNNNNNNN folder"
             )
-        self.meta: dict[str, Any] = json.loads((self.path / "meta.json").read_text())
-        self.step = int(self.meta["step"])
+        try:
+            self.meta: dict[str, Any] = json.loads((self.path / "meta.json").read_text())
+            self.step = int(self.meta["step"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{what} {self.path}: meta.json cannot be read ({exc}); use an older "
+                                  "complete step-NNNNNNNN folder") from None
+
+    def verify(self, files: list[str] | None = None) -> list[str]:
+        """What is wrong with the files against the sha256 that meta.json recorded ([] = intact).
+
+        ``files``: only these (relative paths), e.g. ["ema.safetensors"]; default all. A checkpoint written
+        before checksums were recorded has nothing to verify against and passes.
+        """
+        recorded: dict[str, str] = self.meta.get("sha256", {})
+        problems = []
+        for rel in (files if files is not None else sorted(recorded)):
+            if rel not in recorded:
+                continue
+            try:
+                digest = sha256_file(self.path / rel)
+            except OSError as exc:
+                problems.append(f"{rel} cannot be read ({exc.strerror or exc})")
+                continue
+            if digest != recorded[rel]:
+                problems.append(f"{rel} has sha256 {digest[:12]}..., meta.json recorded {recorded[rel][:12]}... "
+                                "(changed or damaged since it was written)")
+        if files is None:
+            on_disk = {str(p.relative_to(self.path)) for p in self.path.rglob("*") if p.is_file()}
+            problems += [f"{rel} is missing" for rel in sorted(set(recorded) - on_disk)]
+            if not problems:
+                problems = self.unsafe_pickles()
+        return problems
+
+    def unsafe_pickles(self) -> list[str]:
+        """The torch-pickled files of the training state (accelerate's and DeepSpeed's) that the weights-only
+        unpickler refuses. Checked by one process before any rank loads: a file that only some ranks read
+        (a ZeRO partition) would otherwise stop those ranks while the others wait in a collective."""
+        from accelerate.utils.other import TORCH_SAFE_GLOBALS
+
+        allowed = list(TORCH_SAFE_GLOBALS)
+        if (self.path / "accelerate" / "pytorch_model").is_dir():
+            allowed += _deepspeed_safe_globals()
+        problems = []
+        for path in sorted((self.path / "accelerate").rglob("*")):
+            if not path.is_file() or path.suffix not in (".pt", ".pkl", ".bin", ".pth"):
+                continue
+            try:
+                with torch.serialization.safe_globals(allowed):
+                    # mmap: only the pickle is read; the tensor storages stay on disk
+                    torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+            except pickle.UnpicklingError as exc:
+                problems.append(f"{path.relative_to(self.path)} is not plain weights ({_first_line(exc)}); it is "
+                                "refused because unpickling it could run code")
+            except Exception as exc:
+                problems.append(f"{path.relative_to(self.path)} cannot be read ({_first_line(exc)})")
+        return problems
 
     def config(self, overrides: list[str] | tuple[str, ...] = ()) -> Any:
         """The resolved config the checkpoint was trained with, ``key=value`` overrides on top."""
@@ -227,16 +333,38 @@ def check_compatible(path: Path, cfg: Any, world_size: int) -> dict[str, Any]:
 
 
 def resolve_resume(out_dir: str | Path, resume: str) -> Path | None:
-    """``auto``: the newest complete checkpoint in out_dir (None if there is none); ``none``; or a path."""
+    """The checkpoint to resume from: ``none``; a path (it must be complete and intact, else CheckpointError);
+    ``auto``: the newest complete checkpoint in out_dir that passes verification, falling back to older ones
+    with a warning (None if there is none; CheckpointError if there are some and none is intact)."""
     if resume == "none":
         return None
-    if resume == "auto":
-        found = complete_checkpoints(out_dir)
-        return found[-1] if found else None
-    try:
-        return Checkpoint(resume, what="checkpoint.resume").path
-    except CheckpointError as exc:
-        raise CheckpointError(f"{exc}, or checkpoint.resume=auto / none") from None
+    if resume != "auto":
+        try:
+            ckpt = Checkpoint(resume, what="checkpoint.resume")
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc}, or checkpoint.resume=auto / none") from None
+        problems = ckpt.verify()
+        if problems:
+            raise CheckpointError(f"checkpoint.resume={resume}: {problems[0]}; resume from another checkpoint or "
+                                  "use checkpoint.resume=auto (the newest intact one)")
+        return ckpt.path
+    found = complete_checkpoints(out_dir)
+    for path in reversed(found):
+        try:
+            problems = Checkpoint(path).verify()
+        except CheckpointError as exc:
+            problems = [str(exc)]
+        if not problems:
+            return path
+        # printed, not a warning: a resume that skips a checkpoint must be seen whatever the warning filters
+        print(f"checkpoint {path} fails verification: {problems[0]}; trying the next older one", file=sys.stderr,
+              flush=True)
+    if found:
+        raise CheckpointError(
+            f"no complete checkpoint in {out_dir} passes verification ({len(found)} tried; see above); move the "
+            "damaged step-NNNNNNNN folders away, or start fresh with checkpoint.resume=none and another train.out_dir"
+        )
+    return None
 
 
 def remove_stale_tmp(out_dir: str | Path) -> int:
@@ -260,8 +388,11 @@ class CheckpointManager:
     """
 
     def __init__(self, out_dir: str | Path, cfg: CheckpointConfig, *, accelerator: Any,
-                 parts: dict[str, Stateful | PerRank], record: Any):
+                 parts: dict[str, Stateful | PerRank], record: Any, weights_finite: Callable[[], bool] | None = None):
+        if META not in parts:
+            raise ValueError(f"CheckpointManager needs a part named {META!r} (the progress that meta.json records)")
         self.out_dir, self.cfg, self.accelerator, self.parts, self.record = Path(out_dir), cfg, accelerator, parts, record
+        self.weights_finite = weights_finite
         self._metadata = model_identity(record)
 
     # listing and cadence
@@ -281,46 +412,98 @@ class CheckpointManager:
     # resume
     def resume(self) -> Path | None:
         """Restore every part from checkpoint.resume (every rank); the folder, or None for a fresh start."""
-        path = resolve_resume(self.out_dir, self.cfg.resume) if self.accelerator.is_main_process else None
-        path = dist.broadcast_object(path)  # rank 0 decides, so every rank loads the same folder
-        if path is None:
+        decision: tuple[str, Any] = ("fresh", None)
+        if self.accelerator.is_main_process:
+            try:
+                path = resolve_resume(self.out_dir, self.cfg.resume)
+                decision = ("resume", str(path)) if path is not None else ("fresh", None)
+            except CheckpointError as exc:
+                decision = ("error", str(exc))
+        # rank 0 decides (it verifies the files once), so every rank loads the same folder or stops alike
+        kind, value = dist.broadcast_object(decision)
+        if kind == "error":
+            raise CheckpointError(value)
+        if kind == "fresh":
             return None
-        ckpt = Checkpoint(path)
+        ckpt = Checkpoint(value)
         ckpt.check_compatible(self.record, self.accelerator.num_processes)
-        self.accelerator.load_state(str(ckpt.path / "accelerate"))
         rank = self.accelerator.process_index
-        for name, part in self.parts.items():
-            per_rank = isinstance(part, PerRank)
-            (part.part if per_rank else part).load_state_dict(ckpt.part_state(name, rank=rank if per_rank else None))
+        try:
+            # accelerate loads its files weights-only but swallows a refused RNG file with an info log: refuse
+            # it loudly here, before anything is restored
+            from accelerate.utils import load as accelerate_load
+
+            rng_file = ckpt.path / "accelerate" / f"random_states_{rank}.pkl"
+            if rng_file.is_file():
+                accelerate_load(rng_file)
+            self.accelerator.load_state(str(ckpt.path / "accelerate"))
+            for name, part in self.parts.items():
+                per_rank = isinstance(part, PerRank)
+                state = ckpt.part_state(name, rank=rank if per_rank else None)
+                (part.part if per_rank else part).load_state_dict(state)
+        except pickle.UnpicklingError as exc:
+            raise CheckpointError(
+                f"checkpoint {ckpt.path} holds a file that is not plain weights ({_first_line(exc)}); it is refused "
+                "because unpickling it could run code. Resume from a checkpoint you trust"
+            ) from None
+        except Exception as exc:  # any library's refusal of a damaged file (safetensors, torch, DeepSpeed, json)
+            raise CheckpointError(f"checkpoint {ckpt.path} cannot be loaded: {_first_line(exc)}; resume from an "
+                                  "older one (checkpoint.resume=PATH) or start fresh (checkpoint.resume=none)") from None
         return ckpt.path
 
     # save
     def save(self, step: int) -> Path:
-        """Write ``out_dir/step-NNNNNNNN`` (every rank); keep the newest ``checkpoint.keep``."""
+        """Write ``out_dir/step-NNNNNNNN`` (every rank); keep the newest ``checkpoint.keep``.
+
+        Refused (CheckpointError, nothing published) when ``weights_finite()`` says the weights or EMA hold a
+        NaN/inf, or when the disk fills up while writing (the previous checkpoint stays as it was).
+        """
         acc, main = self.accelerator, self.accelerator.is_main_process
+        if self.weights_finite is not None and not self.weights_finite():
+            raise NonFiniteWeightsError(
+                f"the weights or the EMA hold NaN/inf at step {step}: checkpoint not written, training stopped. "
+                f"{self.newest_intact_note()}"
+            )
         final = self.out_dir / step_dir_name(step)
         tmp = self.out_dir / f".tmp-{step_dir_name(step)}"
-        if main:
-            if tmp.exists():  # left by a job killed while saving this same step
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
+        try:
+            if main:
+                if tmp.exists():  # left by a job killed while saving this same step
+                    shutil.rmtree(tmp)
+                tmp.mkdir(parents=True)
+            acc.wait_for_everyone()
 
-        # Collective: every rank writes its part (DeepSpeed shards, RNG state random_states_<r>.pkl).
-        acc.save_state(str(tmp / "accelerate"))
-        for name, part in self.parts.items():
-            if isinstance(part, PerRank):
-                (tmp / name).mkdir(exist_ok=True)
-                _write_text(tmp / name / f"rank-{acc.process_index}.json", json.dumps(part.part.state_dict()))
-            elif main:
-                self._write_part(tmp, name, part.state_dict(), step)
-        if main:
-            _write_text(tmp / "config.yaml", to_yaml(self.record))
-        acc.wait_for_everyone()
+            # Collective: every rank writes its part (DeepSpeed shards, RNG state random_states_<r>.pkl).
+            acc.save_state(str(tmp / "accelerate"))
+            for name, part in self.parts.items():
+                if isinstance(part, PerRank):
+                    (tmp / name).mkdir(exist_ok=True)
+                    _write_text(tmp / name / f"rank-{acc.process_index}.json", json.dumps(part.part.state_dict()))
+                elif main and name != META:
+                    self._write_part(tmp, name, part.state_dict(), step)
+            if main:
+                _write_text(tmp / "config.yaml", to_yaml(self.record))
+            acc.wait_for_everyone()
 
-        # Mark and publish: the rename is atomic, so a folder named step-N always has COMPLETE.
+            # Seal: every file's sha256 into meta.json, everything on disk, then COMPLETE and the atomic rename
+            # (a folder named step-N always has COMPLETE, and COMPLETE means the bytes are there).
+            if main:
+                _fsync_tree(tmp)
+                digests = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+                self._write_part(tmp, META, {**self.parts[META].state_dict(), "sha256": digests}, step)
+                _write_text(tmp / COMPLETE, f"{step}\n")
+                _fsync_tree(tmp)
+        except Exception as exc:
+            full = _disk_full(self.out_dir, exc)
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)  # give the space back; it was never complete
+            if full:
+                raise CheckpointError(
+                    f"no space left on {full} while writing checkpoint {tmp.name}; {self.newest_intact_note()} "
+                    "Free space there (or lower checkpoint.keep) and resume"
+                ) from None
+            raise
         if main:
-            _write_text(tmp / COMPLETE, f"{step}\n")
             if final.exists():  # the same step saved again (a resumed run that stopped at once)
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -328,6 +511,16 @@ class CheckpointManager:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         return final
+
+    def newest_intact_note(self) -> str:
+        """A sentence naming the newest complete checkpoint and whether its files verify (checked, not assumed)."""
+        found = self.complete()
+        if not found:
+            return f"There is no complete checkpoint in {self.out_dir}."
+        problems = Checkpoint(found[-1]).verify()
+        if problems:
+            return f"The newest checkpoint, {found[-1]}, fails verification too ({problems[0]})."
+        return f"The previous checkpoint, {found[-1]}, is intact (its files match their sha256)."
 
     def _write_part(self, folder: Path, name: str, state: dict[str, Any], step: int) -> None:
         if _is_weights_state(state):
@@ -343,3 +536,28 @@ class CheckpointManager:
         """``TRAINING_DONE``: the run reached its step count (the watcher stops on it)."""
         if self.accelerator.is_main_process:
             _write_text(self.out_dir / DONE, f"{step}\n")
+
+
+# ------------------------------------------------------------------------------------------ DeepSpeed
+
+
+def _deepspeed_safe_globals() -> list[Any]:
+    """The classes DeepSpeed's checkpoint files hold besides tensors and containers (ZeRO-1/2/3, fp32/bf16)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def make_deepspeed_loads_weights_only(engine: Any) -> None:
+    """DeepSpeed's checkpoint engine unpickles every file with ``weights_only=False``, so a tampered checkpoint
+    could run code on resume. Route its loads through torch's weights-only unpickler with the few DeepSpeed
+    classes its files need allowed; anything else is refused (pickle.UnpicklingError -> CheckpointError)."""
+    checkpoint_engine = engine.checkpoint_engine
+
+    def load(path: str, map_location: Any = None) -> Any:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    checkpoint_engine.load = load

@@ -189,8 +189,9 @@ class OptimizerConfig:
     def __post_init__(self) -> None:
         _positive("optimizer.lr", self.lr)
         _positive("optimizer.warmup_steps", self.warmup_steps, zero_ok=True)
-        _unit_interval("optimizer.adam_beta1", self.adam_beta1)
-        _unit_interval("optimizer.adam_beta2", self.adam_beta2)
+        for key, beta in (("optimizer.adam_beta1", self.adam_beta1), ("optimizer.adam_beta2", self.adam_beta2)):
+            if not 0.0 <= beta < 1.0:  # beta = 1 makes Adam's bias correction divide by zero
+                raise ConfigError(f"{key}={beta!r} must lie in [0, 1) (e.g. 0.9 / 0.999)")
         _positive("optimizer.adam_eps", self.adam_eps)
         _positive("optimizer.weight_decay", self.weight_decay, zero_ok=True)
         _positive("optimizer.grad_clip", self.grad_clip, zero_ok=True)

@@ -38,7 +38,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_expo
 
 from pipeline.config import TrackingConfig
 from pipeline.images import to_hwc_uint8
-from pipeline.tracking import STATUSES, NullSink
+from pipeline.tracking import RUN_FILE, STATUSES, NullSink, write_run_file
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,8 @@ class MLflowSink(NullSink):
     """Logs into one MLflow run through a bounded queue and a background sender thread."""
 
     def __init__(self, cfg: TrackingConfig, *, tracking_uri: str, run_id: str | None, run_name: str,
-                 experiment: str, tags: dict[str, str], attach: bool, artifact_location: str | None) -> None:
+                 experiment: str, tags: dict[str, str], attach: bool, artifact_location: str | None,
+                 run_file_dir: Path | None = None, supersedes: str | None = None) -> None:
         if tracking_uri.startswith(("http://", "https://")):
             # MLflow's defaults (7 retries with backoff, 120 s timeout) keep a dead server busy for minutes;
             # our sender retries instead.
@@ -74,6 +75,9 @@ class MLflowSink(NullSink):
         self._tags = tags
         self._attach = attach
         self._artifact_location = artifact_location
+        self._run_file_dir = run_file_dir
+        self._supersedes = supersedes
+        self._finish_deadline = math.inf
         self._queue: queue.Queue[_Op] = queue.Queue(maxsize=cfg.queue_size)
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
@@ -172,6 +176,7 @@ class MLflowSink(NullSink):
             log.warning("tracking: finish(status=%r) is not one of %s; using FAILED", status, STATUSES)
             status = "FAILED"
         deadline = time.monotonic() + self.cfg.flush_timeout_s
+        self._finish_deadline = deadline  # the sender retries the final status until then
         # finish must get through even when the queue is full: wait for room, within the same bound
         with contextlib.suppress(queue.Full):
             self._queue.put(_Op("finish", status), timeout=max(0.0, deadline - time.monotonic()))
@@ -249,6 +254,10 @@ class MLflowSink(NullSink):
             return
         if self._run_id is None:
             self._call(self._create_run, what="create run", attempts=self.cfg.retries)
+        elif self._run_file_dir is not None:
+            self._record_run()
+        if self._supersedes and self._supersedes != self._run_id:
+            self._call(self._mark_superseded, what="mark the previous run", attempts=self.cfg.retries)
         self._ready.set()
         pending: _Op | None = None
         while not self._closed:
@@ -297,10 +306,19 @@ class MLflowSink(NullSink):
             "image": self._send_image, "artifact": self._send_artifact, "text": self._send_text,
             "status": self._send_status, "finish": self._send_finish,
         }[op.kind]
-        # finish is always tried (once if the store is down), whatever the probe interval.
-        if self._call(lambda: send(op.payload), what=op.kind, attempts=1 if op.kind == "finish" else None):
+        if op.kind == "finish":
+            # The final status matters most (a run left RUNNING looks alive for ever): retried, whatever the
+            # probe interval, until finish()'s deadline.
+            while not self._call(lambda: send(op.payload), what="finish", attempts=1):
+                wait = min(max(self.cfg.retry_wait_s, 0.1), self._finish_deadline - time.monotonic() - 0.1)
+                if wait <= 0 or self._closed:
+                    return
+                time.sleep(wait)
             self._count("sent_ops")
-        elif op.kind != "finish":
+            return
+        if self._call(lambda: send(op.payload), what=op.kind, attempts=None):
+            self._count("sent_ops")
+        else:
             self._count_drop(op)
 
     def _call(self, fn: Any, *, what: str, attempts: int | None) -> bool:
@@ -356,6 +374,29 @@ class MLflowSink(NullSink):
             exp_id = exp.experiment_id
         run = client.create_run(exp_id, tags=self._tags, run_name=self._run_name)
         self._run_id = run.info.run_id
+        self._record_run()
+
+    def _record_run(self) -> None:
+        if self._run_file_dir is None or self._run_id is None:
+            return
+        try:
+            write_run_file(self._run_file_dir, self._run_id, self.tracking_uri)
+        except OSError as exc:  # the checkpoints still record the run; say so, do not stop the sender
+            self._warn_limited("run_file", f"cannot write {self._run_file_dir}/{RUN_FILE}: {_short(exc)}")
+
+    def _mark_superseded(self) -> None:
+        """A run of this out_dir that a dead job left RUNNING, and that this job does not continue."""
+        try:
+            old = self._client.get_run(self._supersedes)
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return
+            raise
+        if old.info.status == "RUNNING":
+            self._client.set_tag(self._supersedes, "ddpm.superseded_by", self._run_id or "")
+            self._client.set_terminated(self._supersedes, status="KILLED")
+            log.warning("tracking: run %s was left RUNNING by a job that died; marked KILLED (this job logs "
+                        "into %s)", self._supersedes, self._run_id)
 
     def _send_status(self, status: str) -> None:
         try:
@@ -368,7 +409,7 @@ class MLflowSink(NullSink):
             log.warning("tracking: run %s to resume is not in %s (or deleted); starting a new run",
                         self._run_id, self.tracking_uri)
             self._run_id = None
-            self._create_run()
+            self._create_run()  # records the new run in the run file
             return
         self._client.update_run(self._run_id, status=status)
 

@@ -12,6 +12,7 @@ that no call waits on the network or raises); every other process, and ``trackin
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,25 @@ from urllib.parse import unquote, urlparse
 from pipeline.config import ConfigError, TrackingConfig
 
 STATUSES = ("FINISHED", "KILLED", "FAILED")
+RUN_FILE = "mlflow_run.json"  # beside the checkpoints: the training's run, written as soon as it exists
+
+
+def read_run_file(out_dir: str | os.PathLike) -> dict[str, str] | None:
+    """{"run_id", "tracking_uri"} of the training whose out_dir this is, or None (tracking off, or not yet)."""
+    path = Path(out_dir) / RUN_FILE
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) and found.get("run_id") and found.get("tracking_uri") else None
+
+
+def write_run_file(out_dir: str | os.PathLike, run_id: str, tracking_uri: str) -> None:
+    """Atomically (tmp + rename), so a reader never sees half a file."""
+    path = Path(out_dir) / RUN_FILE
+    tmp = path.with_name(f".tmp-{os.getpid()}-{RUN_FILE}")
+    tmp.write_text(json.dumps({"run_id": run_id, "tracking_uri": tracking_uri}))
+    os.replace(tmp, path)
 
 
 def resolve_tracking_uri(cfg: TrackingConfig, out_dir: str | os.PathLike) -> str:
@@ -87,11 +107,14 @@ class NullSink:
 
 def make_sink(cfg: TrackingConfig, *, out_dir: str | os.PathLike, is_main_process: bool,
               run_id: str | None = None, run_name: str | None = None, attach: bool = False,
-              tags: dict[str, Any] | None = None) -> NullSink:
+              tags: dict[str, Any] | None = None, supersedes: str | None = None) -> NullSink:
     """The sink for this process: MLflow on the main process when enabled, else a NullSink.
 
     ``run_id``: continue that run (resume; from the checkpoint) instead of creating one. ``attach``:
-    log into ``run_id`` without changing its status (the evaluation job). Waits at most
+    log into ``run_id`` without changing its status (the evaluation job). A training sink (not ``attach``)
+    records its run in ``out_dir/mlflow_run.json`` as soon as the run exists, so that a checkpoint saved
+    before that moment can still be matched to it; ``supersedes``: a run of the same out_dir that a dead job
+    left RUNNING and that this one does not continue: it is marked KILLED. Waits at most
     ``cfg.start_timeout_s`` for the run to exist, so that ``sink.run_id`` is usually set on return.
     Raises ConfigError only for a URI that can never work (a file store MLflow refuses).
     """
@@ -111,6 +134,7 @@ def make_sink(cfg: TrackingConfig, *, out_dir: str | os.PathLike, is_main_proces
     sink = MLflowSink(
         cfg, tracking_uri=uri, run_id=run_id, run_name=run_name or cfg.run_name or Path(out_dir).name,
         experiment=cfg.experiment, tags=run_tags, attach=attach, artifact_location=sqlite_artifact_location(uri),
+        run_file_dir=None if attach else Path(out_dir), supersedes=supersedes,
     )
     if cfg.start_timeout_s > 0:
         sink.wait_ready(cfg.start_timeout_s)

@@ -79,6 +79,13 @@ def batch_split(batch_size: int, micro_batch_per_gpu: int, world_size: int) -> t
     return micro, batch_size // (micro * world_size)
 
 
+@torch.no_grad()
+def all_finite(module: torch.nn.Module) -> bool:
+    """No NaN/inf in the module's parameters and buffers (one host sync: used at checkpoints only)."""
+    tensors = [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point() and t.numel()]
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all()) if tensors else True
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -115,7 +122,8 @@ class OptimizerStep:
     """Clip and step once per optimizer step: ``step(lr) -> (applied, grad_norm)``, device tensors, no sync.
 
     ``applied`` is the same on every rank (decided from the all-reduced gradient). DDP / one process: the
-    global norm is clipped by accelerate and fused Adam skips a non-finite step on the device (found_inf).
+    global norm is clipped by accelerate and fused Adam skips the step on the device (found_inf) unless the
+    update it would apply (clipped norm x lr) is finite.
     DeepSpeed stepped inside backward() and skipped a non-finite step itself; its skipped_steps counter
     tells us which.
     """
@@ -136,7 +144,11 @@ class OptimizerStep:
             norm = float(self.module.get_global_grad_norm() or 0.0) if applied else 0.0
             return torch.tensor(applied, device=device), torch.as_tensor(norm, device=device)
         grad_norm = self.accelerator.clip_grad_norm_(self.module.parameters(), self.grad_clip)
-        applied = torch.isfinite(grad_norm)
+        # Decide on the update actually applied: the norm after clipping (the clip coefficient is NaN when the
+        # norm or the bound is not finite) times the learning rate, so neither a NaN gradient nor a NaN/inf
+        # setting reaches the weights.
+        clip_coef = torch.clamp(self.grad_clip / (grad_norm + 1e-6), max=1.0)
+        applied = torch.isfinite(grad_norm * clip_coef * lr)
         self.adam.found_inf = (~applied).float()
         self.wrapped.step()
         self.wrapped.zero_grad(set_to_none=True)
@@ -274,6 +286,8 @@ class FaultHooks:
     DDPM_FAULT_STALL_AFTER_STEP=N  once step N's checkpoint is written, stall as a hung job would (at most
                                    DDPM_FAULT_STALL_S seconds, default 600, then fail), so that a test can
                                    SIGKILL the run at a known step however fast the steps are
+    DDPM_FAULT_NAN_WEIGHTS_AT_STEP=N  after optimizer step N, one weight becomes NaN on every rank (a corruption
+                                   no skipped step explains), so that the checkpoint's own check is tested
     DDPM_TRACE_BATCHES_DIR=DIR     append "step micro sha1" of every consumed batch to DIR/rank-<r>.txt, and
                                    at the end "params sha1" / "ema sha1" of this rank's final weights
     DDPM_CUDA_SYNC_CHECK=1         any host-device sync inside a training step is an error, from the third
@@ -286,6 +300,7 @@ class FaultHooks:
         try:
             self.nan_steps = {int(s) for s in raw.split(",") if s.strip()} if rank == 0 else set()
             self.stall_after = int(os.environ.get("DDPM_FAULT_STALL_AFTER_STEP", "0") or 0)
+            self.nan_weights_at = int(os.environ.get("DDPM_FAULT_NAN_WEIGHTS_AT_STEP", "0") or 0)
             self.stall_s = float(os.environ.get("DDPM_FAULT_STALL_S", "600"))
         except ValueError as exc:
             raise ConfigError(f"DDPM_FAULT_* environment variables must be numbers ({exc})") from exc
@@ -297,6 +312,11 @@ class FaultHooks:
         if self.trace is not None:
             self.trace.write(f"{step} {micro} {hashlib.sha1(x.cpu().numpy().tobytes()).hexdigest()}\n")
         return x * float("nan") if first_of_rank and step + 1 in self.nan_steps else x
+
+    @torch.no_grad()
+    def after_step(self, step: int, weights: torch.nn.Module) -> None:
+        if step == self.nan_weights_at:
+            next(weights.parameters()).view(-1)[0] = float("nan")
 
     def step_window(self, enter: bool, step: int, first_step: int) -> None:
         if self.sync_check and step >= first_step + 2:
@@ -341,12 +361,20 @@ def make_accelerator(tc: Any) -> tuple[Any, bool]:
     return accelerator, deepspeed
 
 
-def start_tracking(cfg: Config, accelerator: Any, progress: Progress) -> Any:
-    """The tracking sink (a null sink off rank 0), with the resolved config as params and as a file."""
-    from pipeline.tracking import make_sink
+def start_tracking(cfg: Config, accelerator: Any, progress: Progress, resumed: bool) -> Any:
+    """The tracking sink (a null sink off rank 0), with the resolved config as params and as a file.
 
+    One run per training: a resume continues the checkpoint's run, or, when the checkpoint was saved before
+    its run existed (run id null), the run that out_dir/mlflow_run.json names. A run named there that this
+    job does not continue was left RUNNING by a job that died: the sink marks it KILLED.
+    """
+    from pipeline.tracking import make_sink, read_run_file
+
+    recorded = read_run_file(cfg.train.out_dir) if accelerator.is_main_process else None
+    run_id = progress.mlflow_run_id or (recorded["run_id"] if recorded and resumed else None)
     sink = make_sink(cfg.tracking, out_dir=cfg.train.out_dir, is_main_process=accelerator.is_main_process,
-                     run_id=progress.mlflow_run_id, run_name=cfg.tracking.run_name or cfg.name)
+                     run_id=run_id, run_name=cfg.tracking.run_name or cfg.name,
+                     supersedes=recorded["run_id"] if recorded and recorded["run_id"] != run_id else None)
     progress.mlflow_tracking_uri = getattr(sink, "tracking_uri", None)
     if accelerator.is_main_process:
         sink.log_params(flatten(cfg) | {"git_commit": git_commit(), "world_size": accelerator.num_processes,
@@ -372,8 +400,8 @@ def nonfinite_stop(tc: Any, metrics: dict[str, float], longest: int, tick_steps:
     why = ("train.nonfinite_policy=stop" if tc.nonfinite_policy == "stop" else
            f"{longest} in a row >= train.max_nonfinite_in_row={tc.max_nonfinite_in_row}")
     return (f"non-finite loss/gradient in {nonfinite} of the last {tick_steps} steps (ending at step {step}; "
-            f"{why}); those steps were skipped, the weights and EMA are untouched. The newest checkpoint in "
-            f"{tc.out_dir} is clean: lower optimizer.lr, check the data, or use bf16/no")
+            f"{why}); those steps were skipped, the weights and EMA are untouched: lower optimizer.lr, check the "
+            "data, or use bf16/no.")
 
 
 def log_sample_grid(ema_net: torch.nn.Module, diffusion: Any, lg: Any, sink: Any, step: int) -> None:
@@ -389,7 +417,7 @@ def log_sample_grid(ema_net: torch.nn.Module, diffusion: Any, lg: Any, sink: Any
 
 def train(cfg: Config) -> int:
     tc, oc = cfg.train, cfg.optimizer
-    from pipeline.checkpoint import CheckpointManager, PerRank
+    from pipeline.checkpoint import CheckpointManager, PerRank, make_deepspeed_loads_weights_only
     from pipeline.data.loader import StreamingLoader
     from pipeline.diffusion import DDPMLoss, Diffusion
     from pipeline.ema import EMA, refresh_source_from_deepspeed
@@ -421,6 +449,8 @@ def train(cfg: Config) -> int:
     if deepspeed:
         configure_deepspeed(accelerator, cfg, micro, accum)
     loss_module, wrapped_adam = accelerator.prepare(DDPMLoss(net, diffusion), adam)
+    if deepspeed:
+        make_deepspeed_loads_weights_only(loss_module)
     optimizer_step = OptimizerStep(accelerator, loss_module, adam, wrapped_adam, oc.grad_clip, deepspeed)
     autocast_bf16 = deepspeed and tc.mixed_precision == "bf16"  # DeepSpeed does not autocast for us
     loader = StreamingLoader(cfg.data, batch_size=micro, rank=rank, world_size=world)
@@ -428,14 +458,15 @@ def train(cfg: Config) -> int:
     # Checkpoints and resume: every piece of state is one entry in the registry.
     progress = Progress()
     checkpoints = CheckpointManager(tc.out_dir, cfg.checkpoint, accelerator=accelerator, record=cfg,
-                                    parts={"meta": progress, "ema": ema, "data": PerRank(loader)})
+                                    parts={"meta": progress, "ema": ema, "data": PerRank(loader)},
+                                    weights_finite=lambda: all_finite(ema_source) and all_finite(ema.model))
     checkpoints.start()
     resumed_from = checkpoints.resume()
     if resumed_from is not None:
         accelerator.print(f"resumed from {resumed_from} at step {progress.step}")
 
     # Tracking (rank 0; the sink never raises nor waits on the network), into the resumed run if any.
-    sink = start_tracking(cfg, accelerator, progress)
+    sink = start_tracking(cfg, accelerator, progress, resumed=resumed_from is not None)
     tick = TickStats(device, diffusion.num_timesteps, uses_loss_scaling(accelerator, tc, deepspeed))
     preemption = Preemption(cfg.preemption.check_every_steps)
     data_iter, exit_code, first_step = iter(loader), 0, progress.step
@@ -477,6 +508,7 @@ def train(cfg: Config) -> int:
         if deepspeed:
             refresh_source_from_deepspeed(ema_source, loss_module.module.net)
         ema.update(applied.float())
+        faults.after_step(step + 1, ema_source)
         progress.step, progress.images_seen = step + 1, progress.images_seen + tc.batch_size
         step, done = progress.step, progress.step >= tc.total_steps
         faults.step_window(False, step - 1, first_step)  # what follows (ticks, grids, checkpoints) may sync
@@ -490,7 +522,7 @@ def train(cfg: Config) -> int:
             stop_why = nonfinite_stop(tc, metrics, longest_nonfinite, tick_steps, step)
             if stop_why:
                 sink.finish("FAILED")
-                raise NonFiniteLossError(stop_why)
+                raise NonFiniteLossError(f"{stop_why} {checkpoints.newest_intact_note()}")
 
         # Sample grid from the EMA.
         every = cfg.logging.sample_every_steps

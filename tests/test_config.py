@@ -104,3 +104,15 @@ def test_model_config_defaults_are_the_cifar10_preset():
     from pipeline.unet import PRESETS
 
     assert ModelConfig() == ModelConfig(**PRESETS["cifar10"])
+
+
+@pytest.mark.parametrize(("override", "needle"), [
+    ("optimizer.adam_beta1=1.0", "optimizer.adam_beta1=1.0 must lie in [0, 1)"),
+    ("optimizer.adam_beta2=nan", "optimizer.adam_beta2=nan must lie in [0, 1)"),
+    ("optimizer.adam_eps=-1", "optimizer.adam_eps=-1.0 must be > 0"),
+    ("optimizer.lr=nan", "optimizer.lr=nan must be a finite number > 0"),
+])
+def test_optimizer_settings_that_would_poison_the_weights_are_refused(override, needle):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["data.shards=/x", override])
+    assert needle in str(info.value)

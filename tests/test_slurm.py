@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -278,9 +277,15 @@ def test_watcher_job_evaluates_each_checkpoint_once_while_training_runs(slurm, d
 
 
 def test_scripts_pass_shellcheck():
-    if not shutil.which("shellcheck"):
-        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
-    proc = subprocess.run(["shellcheck", str(TRAIN_SBATCH), str(EVAL_SBATCH)], capture_output=True, text=True)
+    from tests.helpers.slurm import SlurmUnavailable, ensure_installed
+
+    try:
+        ensure_installed()  # installs shellcheck with the SLURM packages (Debian's), as CI does
+    except SlurmUnavailable as exc:
+        pytest.skip(str(exc))
+    scripts = [TRAIN_SBATCH, EVAL_SBATCH, *sorted((REPO / "launch" / "slurm").glob("*.sh")),
+               *sorted((REPO / "benchmarks").glob("*.sh"))]
+    proc = subprocess.run(["shellcheck", *map(str, scripts)], capture_output=True, text=True)
     assert (proc.returncode, proc.stdout) == (0, "")
 
 

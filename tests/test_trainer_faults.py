@@ -299,3 +299,44 @@ def test_deepspeed_config_that_disables_the_nonfinite_check_is_refused(digits, t
         if code == 2:  # invalid configuration, said by that rank
             assert f"[rank {rank}] error: the DeepSpeed config sets bf16.check_grad_overflow to false" in r.stderr
     assert h.complete_steps(tmp_path / "run") == [] and not re.search(r"^step \d+/", r.stdout, re.M)
+
+
+# ---- a DeepSpeed checkpoint whose files are malicious pickles: refused, never run ------------------------
+
+@pytest.mark.parametrize(("stage", "files"), [
+    (2, ["pytorch_model/mp_rank_00_model_states.pt", "pytorch_model/zero_pp_rank_1_mp_rank_00_optim_states.pt"]),
+    (3, ["pytorch_model/zero_pp_rank_0_mp_rank_00_model_states.pt"]),
+])
+def test_deepspeed_checkpoint_with_a_malicious_pickle_is_refused_on_every_rank(digits, tmp_path, stage, files):
+    """DeepSpeed's own checkpoint engine unpickles with weights_only=False; ours loads weights-only. The tampered
+    file's sha256 is resealed into meta.json, as an attacker with write access would, so only the weights-only
+    loading stands between the payload and the interpreter."""
+    from pipeline.data.manifest import sha256_file
+    from tests.test_trainer_run import _malicious_pickle
+
+    cmd = h.train_cmd([f"data.shards={digits}", f"train.out_dir={tmp_path}/run", "train.total_steps=2",
+                       "train.micro_batch_per_gpu=4", "checkpoint.every_steps=2"], nproc=2, deepspeed_stage=stage)
+    r = h.run(cmd, h.launch_env(deepspeed=True))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = tmp_path / "run" / "step-00000002"
+    original = {rel: (ckpt / "accelerate" / rel).read_bytes() for rel in files}
+    original_meta = (ckpt / "meta.json").read_text()
+    assert all(original.values()), "the test names files this DeepSpeed version does not write"
+    for rel in files:
+        marker = tmp_path / f"pwned-{rel.replace('/', '_')}"
+        _malicious_pickle(ckpt / "accelerate" / rel, marker)
+        meta = json.loads((ckpt / "meta.json").read_text())
+        meta["sha256"][f"accelerate/{rel}"] = sha256_file(ckpt / "accelerate" / rel)
+        (ckpt / "meta.json").write_text(json.dumps(meta))
+        r = h.run(h.train_cmd([f"data.shards={digits}", f"train.out_dir={tmp_path}/run", "train.total_steps=4",
+                               "train.micro_batch_per_gpu=4", "checkpoint.every_steps=2"], nproc=2,
+                              deepspeed_stage=stage), h.launch_env(deepspeed=True))
+        assert not marker.exists(), f"{rel}: the payload ran"
+        codes = {rank: code for rank, (code, _) in h.torchrun_failures(r.stderr).items()}
+        assert r.returncode != 0 and 2 in codes.values() and set(codes.values()) <= {2, -signal.SIGTERM}, \
+            r.stderr[-3000:]
+        said = r.stdout + r.stderr  # DeepSpeed's launcher passes the workers' output on through its stdout
+        assert f"accelerate/{rel} is not plain weights (WeightsUnpickler error: Unsupported global" in said, said[-3000:]
+        assert h.complete_steps(tmp_path / "run") == [2]  # nothing was trained on top of it
+        (ckpt / "accelerate" / rel).write_bytes(original[rel])
+        (ckpt / "meta.json").write_text(original_meta)

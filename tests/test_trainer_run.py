@@ -131,6 +131,10 @@ def test_fp16_on_cpu_is_refused(shards, tmp_path):
     ("train.micro_batch_per_gpu=3", "train.batch_size=8 is not divisible by train.micro_batch_per_gpu=3"),
     ("train.nonfinite_policy=ignore", "train.nonfinite_policy='ignore' is not allowed"),
     ("train.no_such_key=1", "no_such_key"),
+    ("optimizer.lr=nan", "optimizer.lr=nan must be a finite number > 0"),
+    ("optimizer.grad_clip=nan", "optimizer.grad_clip=nan must be a finite number >= 0"),
+    ("optimizer.adam_eps=-1", "optimizer.adam_eps=-1.0 must be > 0"),
+    ("optimizer.adam_beta1=1.0", "optimizer.adam_beta1=1.0 must lie in [0, 1)"),
 ])
 def test_invalid_config_exits_2_naming_the_key(shards, tmp_path, override, message):
     r = h.run(h.train_cmd([f"data.shards={shards}", f"train.out_dir={tmp_path}", override]), h.env())
@@ -176,3 +180,136 @@ def test_tracking_sqlite_store_gets_params_metrics_samples_and_resume_continues_
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
     assert "config.yaml" in arts
     assert sum("samples~ema" in p and p.endswith(".png") for p in images) == 3  # steps 2, 4, 6
+
+
+def test_non_finite_weights_are_never_checkpointed_and_the_run_does_not_finish(shards, tmp_path):
+    r = h.run(h.train_cmd([f"data.shards={shards}", f"train.out_dir={tmp_path}", "train.total_steps=8",
+                           "checkpoint.every_steps=2", "checkpoint.keep=10"]),
+              h.env(DDPM_FAULT_NAN_WEIGHTS_AT_STEP="4"))
+    assert r.returncode == 1
+    assert "the weights or the EMA hold NaN/inf at step 4: checkpoint not written" in r.stderr
+    assert f"The previous checkpoint, {tmp_path / 'step-00000002'}, is intact" in r.stderr  # verified, not assumed
+    assert h.complete_steps(tmp_path) == [2] and not list(tmp_path.glob(".tmp-*"))
+    assert not (tmp_path / "TRAINING_DONE").exists()
+
+
+def _malicious_pickle(path, marker):
+    """A file that, when unpickled by anything but a weights-only loader, creates ``marker``."""
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"state": Payload()}, path)
+
+
+def _reseal(ckpt, rel):
+    """Record the tampered file's sha256 in meta.json, as an attacker with write access would."""
+    from pipeline.data.manifest import sha256_file
+
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["sha256"][rel] = sha256_file(ckpt / rel)
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rel", ["accelerate/optimizer.bin", "accelerate/random_states_0.pkl",
+                                 "accelerate/model.safetensors"])
+def test_a_checkpoint_file_that_is_a_malicious_pickle_is_refused_not_run(baseline, shards, tmp_path, rel):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(baseline / "run" / "step-00000008", run / "step-00000008")
+    marker = tmp_path / "pwned"
+    _malicious_pickle(run / "step-00000008" / rel, marker)
+    # unsealed: the sha256 check finds it first, and resume=auto has nothing older to fall back to
+    r = h.run(h.train_cmd([f"data.shards={shards}", f"train.out_dir={run}", "train.total_steps=10"]), h.env())
+    assert r.returncode == 2 and f"fails verification: {rel} has sha256" in r.stderr, r.stderr[-2000:]
+    assert "no complete checkpoint" in r.stderr and not marker.exists()
+    # resealed: only the weights-only loading stands between the file and the interpreter
+    _reseal(run / "step-00000008", rel)
+    r = h.run(h.train_cmd([f"data.shards={shards}", f"train.out_dir={run}", "train.total_steps=10"]), h.env())
+    assert r.returncode == 2, r.stderr[-2000:]
+    # a pickle is refused by the weights-only unpickler before anything loads; a pickle where safetensors were
+    # expected does not parse
+    expected = ("cannot be loaded" if rel.endswith(".safetensors") else
+                f"{rel} is not plain weights (WeightsUnpickler error: Unsupported global")
+    assert expected in r.stderr, r.stderr[-2000:]
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_a_checkpoint_saved_before_its_run_existed_still_belongs_to_that_one_run(shards, tmp_path):
+    """meta.json can hold mlflow_run_id null when the first checkpoint is written before the run exists (a
+    slow store): the run is also recorded in out_dir/mlflow_run.json, which resume and evaluation read."""
+    from mlflow.tracking import MlflowClient
+
+    from evaluation.evaluate import evaluate
+
+    base = [f"data.shards={shards}", f"train.out_dir={tmp_path}", "tracking.enabled=true",
+            "tracking.experiment=t", "checkpoint.every_steps=2", "logging.every_steps=2"]
+    assert h.run(h.train_cmd([*base, "train.total_steps=2"]), h.env()).returncode == 0
+    ckpt = tmp_path / "step-00000002"
+    meta = json.loads((ckpt / "meta.json").read_text())
+    recorded = json.loads((tmp_path / "mlflow_run.json").read_text())
+    assert meta["mlflow_run_id"] == recorded["run_id"]
+    meta["mlflow_run_id"] = None  # as the slow store left it
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    result = evaluate(ckpt, ["eval.feature_extractor=digits", "eval.num_samples=8", "eval.steps=2",
+                             "eval.bpd_max_images=4", "eval.bpd_timesteps=2", "eval.kid_subset_size=4",
+                             "eval.kid_subsets=2"])
+    assert result.logged_to_run == recorded["run_id"]
+    r = h.run(h.train_cmd([*base, "train.total_steps=4"]), h.env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    assert [run.info.run_id for run in runs] == [recorded["run_id"]] and runs[0].info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(recorded["run_id"], "train/loss")] == [2, 4]
+    assert "eval/fid_digits" in runs[0].data.metrics
+    assert json.loads((tmp_path / "step-00000004" / "meta.json").read_text())["mlflow_run_id"] == recorded["run_id"]
+
+
+@pytest.mark.slow
+def test_a_run_left_running_by_a_killed_job_is_marked_when_the_training_starts_again(shards, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    base = [f"data.shards={shards}", f"train.out_dir={tmp_path}", "tracking.enabled=true", "tracking.experiment=t",
+            "checkpoint.every_steps=1000", "logging.every_steps=1000"]
+    proc = h.start(h.train_cmd([*base, "train.total_steps=100000"]), h.env(), tmp_path.parent / "killed.log")
+    try:
+        h.wait_for(lambda: (tmp_path / "mlflow_run.json").is_file(), 120, proc, "the run to be created")
+    finally:
+        h.kill_group(proc)
+        proc.wait()
+    dead = json.loads((tmp_path / "mlflow_run.json").read_text())["run_id"]
+    assert not h.complete_steps(tmp_path)  # killed before its first checkpoint: the next job starts afresh
+    r = h.run(h.train_cmd([*base, "train.total_steps=2"]), h.env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    new = json.loads((tmp_path / "mlflow_run.json").read_text())["run_id"]
+    old = client.get_run(dead)
+    assert new != dead and old.info.status == "KILLED" and old.data.tags["ddpm.superseded_by"] == new
+    assert client.get_run(new).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_previous_checkpoint(shards, tmp_path):
+    import os
+    import subprocess
+
+    small = tmp_path / "small"  # room for one checkpoint of the tiny net (~11 MB), not two
+    small.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(small)],
+                                           capture_output=True).returncode:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        r = h.run(h.train_cmd([f"data.shards={shards}", f"train.out_dir={small}", "train.total_steps=8",
+                               "checkpoint.every_steps=2", "checkpoint.keep=10"]), h.env())
+        assert r.returncode == 2, r.stderr[-3000:]
+        assert f"no space left on {small} while writing checkpoint .tmp-step-00000004" in r.stderr
+        assert f"The previous checkpoint, {small / 'step-00000002'}, is intact" in r.stderr
+        assert "Traceback" not in r.stderr
+        assert h.complete_steps(small) == [2] and not list(small.glob(".tmp-*"))
+        assert not (small / "TRAINING_DONE").exists()
+    finally:
+        subprocess.run(["umount", str(small)], check=True)

@@ -198,3 +198,66 @@ def test_checkpoint_manager_saves_and_restores_every_registered_part(tmp_path):
     assert all(torch.equal(fresh_ema.weights()[k], v) for k, v in ema.weights().items())
     ckpt = checkpoint.Checkpoint(path)
     assert ckpt.step == 15 and ckpt.config().checkpoint.keep == 2 and set(ckpt.ema_weights()) == {"weight", "bias"}
+
+
+@pytest.mark.parametrize(("grad_clip", "lr", "applied"), [
+    (1.0, 1e-3, True),
+    (0.0, 1e-3, True),                    # clipping off
+    (float("nan"), 1e-3, False),          # a NaN bound would make every clipped gradient NaN
+    (1.0, float("inf"), False),           # an infinite step
+    (1.0, float("nan"), False),
+])
+def test_a_step_is_applied_only_if_the_update_it_applies_is_finite(grad_clip, lr, applied):
+    from accelerate import Accelerator
+
+    from pipeline.trainer import OptimizerStep
+
+    acc = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 3)
+    adam = torch.optim.Adam(lin.parameters(), lr=1e-3, fused=True)
+    module, wrapped = acc.prepare(lin, adam)
+    before = {k: v.clone() for k, v in lin.state_dict().items()}
+    acc.backward(module(torch.randn(8, 4)).square().mean())
+    ok, grad_norm = OptimizerStep(acc, module, adam, wrapped, grad_clip, deepspeed=False).step(lr)
+    assert bool(ok) is applied and torch.isfinite(grad_norm)
+    after = lin.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before) is applied
+
+
+def test_checkpoints_record_sha256_and_resume_falls_back_past_a_damaged_one(tmp_path, capsys):
+    from accelerate import Accelerator
+
+    from pipeline.trainer import Progress
+
+    cfg = load_config(REPO / "configs" / "digits.yaml", [f"train.out_dir={tmp_path}", "checkpoint.keep=5"])
+    acc = Accelerator(cpu=True)
+    lin = acc.prepare(torch.nn.Linear(3, 2))
+    ema, progress = EMA(lin, cfg.ema), Progress()
+    finite = [True]
+    manager = checkpoint.CheckpointManager(tmp_path, cfg.checkpoint, accelerator=acc, record=cfg,
+                                           parts={"meta": progress, "ema": ema},
+                                           weights_finite=lambda: finite[0])
+    manager.start()
+    first, second = manager.save(1), manager.save(2)
+    recorded = json.loads((second / "meta.json").read_text())["sha256"]
+    assert {"ema.safetensors", "config.yaml", "accelerate/model.safetensors"} <= set(recorded)
+    assert checkpoint.Checkpoint(second).verify() == []
+    # 16 bytes changed in the newest checkpoint's weights: found, and auto falls back to the older one
+    with open(second / "ema.safetensors", "r+b") as f:
+        f.seek(-16, 2)
+        f.write(bytes(16))
+    assert "ema.safetensors has sha256" in checkpoint.Checkpoint(second).verify()[0]
+    assert checkpoint.resolve_resume(tmp_path, "auto") == first
+    assert f"checkpoint {second} fails verification: ema.safetensors has sha256" in capsys.readouterr().err
+    with pytest.raises(checkpoint.CheckpointError, match=r"checkpoint.resume=.*ema.safetensors has sha256"):
+        checkpoint.resolve_resume(tmp_path, str(second))
+    (first / "config.yaml").unlink()
+    with pytest.raises(checkpoint.CheckpointError, match="no complete checkpoint .* passes"):
+        checkpoint.resolve_resume(tmp_path, "auto")
+    # non-finite weights: nothing is published, and the message names the newest checkpoint as it really is
+    finite[0] = False
+    with pytest.raises(checkpoint.NonFiniteWeightsError, match="fails verification too"):
+        manager.save(3)
+    assert not (tmp_path / "step-00000003").exists() and not list(tmp_path.glob(".tmp-*"))

@@ -1,16 +1,19 @@
-"""The checkpoint watcher: each complete checkpoint once, across restarts; incomplete ones ignored."""
+"""The checkpoint watcher: each complete checkpoint once, across restarts; incomplete ones ignored; the
+stop condition shared with other watchers (their claims and records); a single-file ledger imported.
+Claims themselves and several watcher processes: tests/test_watch_claims.py."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import threading
 from collections import Counter
 
 import pytest
 
 from evaluation.errors import EvaluationError
 from evaluation.evaluate import WATCH_GAVE_UP_EXIT_CODE, evaluate, main
-from evaluation.watch import StopReason, default_ledger, read_ledger, watch
+from evaluation.watch import Claims, Ledger, StopReason, default_ledger, read_ledger, watch
 from tests.helpers.evaluation import mark_done, prepare_digits, tiny_config, training_run, write_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -102,6 +105,7 @@ def test_checkpoint_removed_by_keep_k_is_skipped_and_real_errors_stop(digits, tm
     with pytest.raises(EvaluationError):  # a setting that cannot work stops the watcher, unrecorded
         watch(tmp_path / "run", lambda c: (_ for _ in ()).throw(EvaluationError("bad setting")), once=True)
     assert "step-00000030" not in read_ledger(default_ledger(tmp_path / "run"))["checkpoints"]
+    assert not list(Ledger(default_ledger(tmp_path / "run")).claims_dir.iterdir())  # released: others may retry
 
 
 def test_watch_gives_up_after_max_wait_without_training_done(digits, tmp_path, capsys):
@@ -122,8 +126,6 @@ def test_watch_gives_up_after_max_wait_without_training_done(digits, tmp_path, c
 def test_watcher_started_before_the_training_waits_for_its_folder(digits, tmp_path, capsys):
     # sbatch --dependency=after:TRAIN starts the watcher as soon as the training job starts, before the
     # trainer has created train.out_dir: the watcher waits for it instead of failing.
-    import threading
-
     cfg = tiny_config(digits, tmp_path / "run")
     calls: Counter = Counter()
 
@@ -149,3 +151,61 @@ def test_watcher_folder_that_never_appears_is_a_clear_error(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(EvaluationError, match="not a folder"):
         watch(tmp_path / "file", _never, max_wait_s=0.2)
+
+
+def test_a_checkpoint_claimed_by_a_live_watcher_is_waited_for_not_evaluated(digits, tmp_path, capsys):
+    cfg = tiny_config(digits, tmp_path / "run")
+    write_checkpoint(cfg, 100, seed=1)
+    write_checkpoint(cfg, 200, seed=2)
+    mark_done(cfg, 200)
+    book = Ledger(default_ledger(tmp_path / "run"))
+    other = Claims(book.claims_dir, stale_s=0.5).acquire("step-00000200")  # heartbeating: alive
+    calls: Counter = Counter()
+    try:
+        # TRAINING_DONE is there, but step 200 is someone else's: wait for it, bounded by max_wait_s
+        stopped = watch(tmp_path / "run", _counting(calls, log_to_run=False), poll_s=0.05, max_wait_s=1.5,
+                        claim_stale_s=0.5)
+        assert stopped.reason is StopReason.GAVE_UP and stopped.training_done
+        assert stopped.waiting_on == ["step-00000200"] and sorted(stopped.ledger["checkpoints"]) == ["step-00000100"]
+        assert calls == Counter({"step-00000100": 1})
+        assert "1 are still claimed by other watchers (step-00000200)" in capsys.readouterr().err
+        args = ["--watch", str(tmp_path / "run"), "--poll-s", "0.05", "--max-wait-s", "0.3", "--claim-stale-s", "0.5"]
+        assert main(args) == WATCH_GAVE_UP_EXIT_CODE
+        assert "while other watchers still held step-00000200" in capsys.readouterr().err
+
+        # the other watcher records it while this one waits: done, without evaluating it here
+        def other_finishes():
+            book.record("step-00000200", {"status": "ok", "step": 200, "metrics": {}, "run_id": None})
+            other.release()
+
+        timer = threading.Timer(0.5, other_finishes)
+        timer.start()
+        try:
+            stopped = watch(tmp_path / "run", _counting(calls), poll_s=0.05, max_wait_s=30, claim_stale_s=0.5)
+        finally:
+            timer.join()
+        assert stopped.reason is StopReason.DONE and calls == Counter({"step-00000100": 1})
+        assert sorted(read_ledger(default_ledger(tmp_path / "run"))["checkpoints"]) == ["step-00000100", "step-00000200"]
+    finally:
+        other.release()
+
+
+def test_a_single_file_ledger_of_an_older_watcher_is_imported(digits, tmp_path):
+    cfg = tiny_config(digits, tmp_path / "run")
+    write_checkpoint(cfg, 100, seed=1)
+    write_checkpoint(cfg, 200, seed=2)
+    old = {"evaluated_at": "2024-01-01T00:00:00+0000", "status": "ok", "step": 100, "metrics": {"eval/fid_digits": 1.0},
+           "run_id": None}  # fmt: skip
+    ledger = default_ledger(tmp_path / "run")
+    ledger.parent.mkdir(parents=True)
+    ledger.write_text(json.dumps({"format": 1, "checkpoints": {"step-00000100": old}}))
+    assert read_ledger(ledger)["checkpoints"] == {"step-00000100": old}  # read as it is, before any import
+    calls: Counter = Counter()
+    state = watch(tmp_path / "run", _counting(calls, log_to_run=False), once=True).ledger
+    assert calls == Counter({"step-00000200": 1})
+    assert state["checkpoints"]["step-00000100"] == old
+    assert json.loads((ledger.with_suffix(".d") / "done" / "step-00000100.json").read_text()) == old
+    assert json.loads(ledger.read_text()) == {"format": 2, "checkpoints": state["checkpoints"]}
+    ledger.write_text(json.dumps({"format": 7, "checkpoints": {}}))
+    with pytest.raises(EvaluationError, match="has format 7, expected 1 or 2"):
+        watch(tmp_path / "run", _never, once=True)

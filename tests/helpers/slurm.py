@@ -41,8 +41,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SLURM_BINARIES = ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "squeue", "scancel")
-APT_PACKAGES = ("slurmctld", "slurmd", "slurm-client")
+SLURM_BINARIES = ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "squeue", "scancel", "shellcheck")
+APT_PACKAGES = ("slurmctld", "slurmd", "slurm-client", "shellcheck")  # shellcheck: the job scripts' linter
 NODES = ("node1", "node2")
 PARTITION = "debug"
 CPUS_PER_NODE = 2

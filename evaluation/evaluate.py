@@ -403,11 +403,10 @@ def _input_errors() -> tuple[type[Exception], ...]:
     from evaluation.features import InceptionWeightsUnavailable
     from evaluation.fid import ReferenceStatsError
     from pipeline.checkpoint import CheckpointError
-    from pipeline.data.manifest import ManifestError
-    from pipeline.data.report import CorruptDataError
+    from pipeline.data.report import DataError  # ManifestError, CorruptDataError, missing/empty shard folders
 
-    return (EvaluationError, ConfigError, CheckpointError, ManifestError, ReferenceStatsError,
-            InceptionWeightsUnavailable, CorruptDataError)
+    return (EvaluationError, ConfigError, CheckpointError, DataError, ReferenceStatsError,
+            InceptionWeightsUnavailable)
 
 
 def _watch(a: argparse.Namespace) -> int:

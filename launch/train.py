@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a cl
 
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import ConfigError, load_config
+from pipeline.data.report import DataError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.trainer import train
 
         return train(cfg)
-    except (ConfigError, CheckpointError) as exc:
+    except (ConfigError, CheckpointError, DataError) as exc:
         # Decided: this rank ends with 2. Every rank finds the same error, but the launcher SIGTERMs the
         # slower ones once the first has exited; ignoring it keeps their status 2 instead of -15.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -58,9 +58,13 @@ class DataConfig:
     seed: int = 0  # seeds the shard and sample order together with the epoch
     strict: bool = False  # raise on a corrupt shard or sample instead of counting and skipping it
     prefetch_factor: int = 2  # batches prefetched per worker
+    verify: str = "stream"  # shards vs their manifest sha256: stream (as read), start (all at start), off
 
     def __post_init__(self) -> None:
         _choice("data.mode", self.mode, ("exact", "resampled"))
+        if self.verify == "False":  # YAML, and so a key=value override, reads a bare off (or false, no) as false
+            self.verify = "off"
+        _choice("data.verify", self.verify, ("stream", "start", "off"))
         _positive("data.num_workers", self.num_workers, zero_ok=True)
         _positive("data.shuffle_buffer", self.shuffle_buffer, zero_ok=True)
         _positive("data.prefetch_factor", self.prefetch_factor)

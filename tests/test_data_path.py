@@ -94,7 +94,8 @@ def test_a_cut_shard_costs_the_same_counted_skips_as_in_training(tmp_path):
     shard = os.path.join(bad, "train-000002.tar")
     _, _, data_at = member_spans(shard)[2 * 3]  # sample 3's png (members: png, cls per sample)
     cut_file(shard, data_at + 10)
-    lost = set(range(2 * PER_SHARD + 3, 3 * PER_SHARD))
+    # both reads read the shard to its end to verify its sha256: a shard that cannot be verified is lost whole
+    lost = set(range(2 * PER_SHARD, 3 * PER_SHARD))
 
     report = Report(strict=False)
     with warnings.catch_warnings(record=True) as caught:
@@ -122,6 +123,7 @@ def test_a_cut_shard_costs_the_same_counted_skips_as_in_training(tmp_path):
         list(split_batches(bad, "train", 4, report=Report(strict=True)))
 
 
+@pytest.mark.filterwarnings("ignore:data.verify=stream")  # read without a manifest at the end
 def test_an_invalid_manifest_beside_the_shards_is_an_error_not_a_fallback(tmp_path):
     folder, _ = make_shards(str(tmp_path), N, per_shard=PER_SHARD)
     pattern = os.path.join(folder, "train-{000000..000004}.tar")

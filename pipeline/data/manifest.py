@@ -20,11 +20,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.data.report import DataError
+
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 
 
-class ManifestError(ValueError):
+class ManifestError(DataError):
     """A manifest that is missing, unreadable or inconsistent."""
 
 
@@ -57,6 +59,16 @@ class Manifest:
 
 def is_url(path: str) -> bool:
     return "://" in path or path.startswith("pipe:")
+
+
+def local_path(url: str) -> str | None:
+    """The file a local shard names (a path or file:// URL); None for pipe: and remote URLs."""
+    if url.startswith("file:"):
+        from urllib.parse import urlparse
+        from urllib.request import url2pathname
+
+        return url2pathname(urlparse(url).path)
+    return None if is_url(url) else url
 
 
 def join(location: str, name: str) -> str:
@@ -126,6 +138,20 @@ def sha256_file(path: str, chunk_bytes: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def sha256_problem(path: str, expected: str) -> str:
+    """What differs when the file at `path` does not have sha256 `expected` (for a message); else ""."""
+    try:
+        digest = sha256_file(path)
+    except OSError as exc:
+        return f"cannot be read to check its sha256 ({type(exc).__name__}: {exc})"
+    return "" if digest == expected else sha256_differs(digest, expected)
+
+
+def sha256_differs(digest: str, expected: str) -> str:
+    return (f"its sha256 {digest[:12]}... differs from the manifest's {expected[:12]}... "
+            "(the file changed after prepare)")
+
+
 def verify(manifest: Manifest) -> list[str]:
     """Problems found comparing local shards with the manifest (sizes are not recorded; sha256 is)."""
     problems = []
@@ -135,6 +161,6 @@ def verify(manifest: Manifest) -> list[str]:
                 continue
             if not os.path.exists(s.url):
                 problems.append(f"{split}: {s.url} is missing")
-            elif s.sha256 and sha256_file(s.url) != s.sha256:
-                problems.append(f"{split}: {s.url} sha256 differs from the manifest")
+            elif s.sha256 and (problem := sha256_problem(s.url, s.sha256)):
+                problems.append(f"{split}: {s.url}: {problem}")
     return problems

@@ -1,10 +1,15 @@
 """The corruption policy: an unreadable shard or sample is counted and warned about, or raised when strict.
 
-A failed shard read leaves placeholder slots for its lost samples; counts and the warning happen when
-a slot is emitted, never when a block is (re)read, so the loader's stats are a function of the
-consumer's position and survive resume. A shard counts once per epoch over all streams: by the stream
-whose piece holds its first lost sample. The sequential read for evaluation (pipeline.data.sequential)
-follows the same policy with the same Report.
+A failed shard read (cut or unparsable tar, or bytes that differ from the manifest's sha256) leaves
+placeholder slots for its lost samples; counts and the warning happen when a slot is emitted, never
+when a block is (re)read, so the loader's stats are a function of the consumer's position and survive
+resume. A shard counts once per epoch over all streams: by the stream whose piece holds the slot that
+carries the failure (pipeline.data.samples.read_piece). The sequential read for evaluation
+(pipeline.data.sequential) follows the same policy with the same Report.
+
+Every error about the data input (a missing or empty folder, no manifest, an unknown split, a corrupt
+shard under data.strict) is a DataError with a one-line message naming the path or key and the fix;
+launch/train.py exits 2 on it.
 """
 
 from __future__ import annotations
@@ -17,12 +22,16 @@ if TYPE_CHECKING:
     from pipeline.data.samples import Raw
 
 
+class DataError(ValueError):
+    """The data input is wrong: fix the path, the split or the shards (one line; training exits 2)."""
+
+
 class CorruptDataWarning(UserWarning):
     """A shard or sample was unreadable and has been skipped (counted in loader.stats)."""
 
 
-class CorruptDataError(RuntimeError):
-    """A shard or sample was unreadable and data.strict=true."""
+class CorruptDataError(DataError):
+    """A shard or sample was unreadable (or differs from the manifest) and data.strict=true."""
 
 
 class Report:
@@ -37,10 +46,9 @@ class Report:
         self.skipped_samples = 0
         self.skipped_shards = 0
 
-    def shard_failed(self, shard: Shard, last_key: str | None, exc: BaseException, lost: str) -> str:
+    def shard_failed(self, shard: Shard, problem: str, lost: str, exc: BaseException | None = None) -> str:
         """The message for a failed shard read; raises when strict (at read time, as early as possible)."""
-        where = f"after key {last_key}" if last_key else "before its first sample"
-        msg = f"shard {shard.url}: unreadable {where} ({type(exc).__name__}: {exc})"
+        msg = f"shard {shard.url}: {problem}"
         if self.strict:
             raise CorruptDataError(f"{msg}; re-run prepare for it, or set data.strict=false to skip it") from exc
         return f"{msg}; skipping {lost} (data.strict=true raises instead)"

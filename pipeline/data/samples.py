@@ -2,18 +2,21 @@
 
 Reading yields one Raw per position of the split, so positions stay aligned whatever fails: an
 unreadable sample is a placeholder (parts None) carrying the failure, counted when it is emitted
-(pipeline.data.report). Decoding a Raw gives the uint8 image and label, or None for a skipped one.
+(pipeline.data.report). Reading also checks a shard's sha256 against the manifest (read_piece).
+Decoding a Raw gives the uint8 image and label, or None for a skipped one (an undecodable image, or a
+missing or out-of-range label in a labelled split).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from pipeline.data.decode import decode_image
-from pipeline.data.manifest import Shard
+from pipeline.data.manifest import Shard, sha256_differs
 from pipeline.data.report import Report
 from pipeline.data.shards import ShardSet
 from pipeline.data.tar import READ_ERRORS, tar_samples
@@ -32,29 +35,62 @@ class Raw:
 
 
 def read_piece(shard: Shard, base: int, lo: int, hi: int, report: Report,
-               members: frozenset[str] = frozenset()) -> Iterator[Raw]:
+               shardset: ShardSet) -> Iterator[Raw]:
     """Samples lo..hi-1 of one shard; unreadable ones come out as placeholders so positions stay aligned.
 
-    A shard that fails at its sample k is counted once per epoch over all ranks and workers: by the
-    stream whose piece holds sample k (lo <= k < hi). Streams whose piece starts after k count only
-    their lost samples.
+    The read always starts at the shard's first byte (samples before `lo` are parsed, not decoded).
+    A shard whose read fails at its sample k is counted once per epoch over all ranks and workers: by
+    the stream whose piece holds sample k (lo <= k < hi). Streams whose piece starts after k count only
+    their lost samples; the whole samples before k are delivered.
+
+    sha256 (shardset.hashed_while_read): a piece that ends at the shard's end reads the whole file, so
+    the file's digest is checked, and the piece is held back until then. If the digest differs (or the
+    read fails, so it cannot be checked) none of the piece is delivered; a mismatch is counted on the
+    shard's last sample, i.e. once per epoch by the stream that owns it. A piece that ends earlier is
+    delivered unverified (docs/data.md: the guarantee). A shard verify=start found changed is not read.
     """
-    k, last_key = 0, None
-    try:
-        for key, parts in tar_samples(shard.url, members):
-            if k >= lo:
-                yield Raw(key, parts, base + k, shard.url)
-            k, last_key = k + 1, key
-            if k >= hi:
-                return  # read no further: what lies after this piece is another stream's
-        exc: BaseException = EOFError(f"the tar holds {k} samples, the manifest says {shard.num_samples}")
-    except READ_ERRORS as e:
-        exc = e
-    first = max(k, lo)
-    lost = f"its samples {k}..{shard.num_samples - 1} ({shard.num_samples - k} of {shard.num_samples})"
-    note = report.shard_failed(shard, last_key, exc, lost) if k >= lo or report.strict else ""
+    n, k, last_key = shard.num_samples, 0, None
+    verify = hi == n and shardset.hashed_while_read(shard)
+    held: list[Raw] = []
+    problem, exc = shardset.changed.get(shard.url, ""), None
+    if not problem:
+        digest = hashlib.sha256() if verify else None
+        try:
+            samples = tar_samples(shard.url, shardset.members, digest)
+            for key, parts in samples:
+                if k >= lo:
+                    raw = Raw(key, parts, base + k, shard.url)
+                    if verify:
+                        held.append(raw)
+                    else:
+                        yield raw
+                k, last_key = k + 1, key
+                if k >= hi:
+                    break  # unless verifying, read no further: what lies after this piece is another stream's
+            if k < hi:
+                raise EOFError(f"the tar holds {k} samples, the manifest says {n}")
+            if digest is not None:
+                for _ in samples:  # the rest of the file: tar's padding, or samples the manifest lacks
+                    pass
+                if digest.hexdigest() != shard.sha256:
+                    problem = sha256_differs(digest.hexdigest(), shard.sha256)
+        except READ_ERRORS as e:
+            exc, problem = e, _unreadable(last_key, e)
+    if not problem:
+        yield from held
+        return
+    if exc is not None:  # counted by the owner of the failing sample k (k == n: bytes after the last one)
+        carrier = min(k, n - 1) if k >= lo else -1
+    else:  # a sha256 mismatch: counted on the shard's last sample, which only the piece up to its end holds
+        carrier = hi - 1 if hi == n else -1
+    if exc is not None and not verify:  # the whole samples before the failure were delivered
+        first, lost = max(k, lo), f"its samples {k}..{n - 1} ({n - k} of {n})"
+    else:  # a verifying read, or a shard verify=start found changed: none of the piece is delivered
+        first = lo
+        lost = f"all {n} of its samples" if lo == 0 else f"its samples {lo}..{n - 1} (this stream's part)"
+    note = report.shard_failed(shard, problem, lost, exc) if carrier >= 0 or report.strict else ""
     for j in range(first, hi):
-        yield Raw(f"#{j}", None, base + j, shard.url, failure=note if j == first else "")
+        yield Raw(f"#{j}", None, base + j, shard.url, failure=note if j == carrier else "")
 
 
 def read_all(shard: Shard, report: Report, base: int = -1) -> list[Raw]:
@@ -69,20 +105,33 @@ def read_all(shard: Shard, report: Report, base: int = -1) -> list[Raw]:
             out.append(Raw(key, parts, base + len(out) if base >= 0 else -1, shard.url))
             last = key
     except READ_ERRORS as exc:
-        note = report.shard_failed(shard, last, exc, "the rest of it (its size is unknown without a manifest)")
+        note = report.shard_failed(shard, _unreadable(last, exc),
+                                   "the rest of it (its size is unknown without a manifest)", exc)
         out.append(Raw("", None, -1, shard.url, failure=note, lost=False))
     return out
+
+
+def _unreadable(last_key: str | None, exc: BaseException) -> str:
+    where = f"after key {last_key}" if last_key else "before its first sample"
+    return f"unreadable {where} ({type(exc).__name__}: {exc})"
 
 
 def decode_sample(raw: Raw, shardset: ShardSet, report: Report) -> tuple[np.ndarray, int] | None:
     """(uint8 (H, W, C) image, label or -1), or None for a lost or undecodable sample (counted in `report`)."""
     if raw.parts is None:
-        report.emitted(raw)  # counts a lost sample, and a shard failure on its first one
+        report.emitted(raw)  # counts a lost sample, and a shard failure on the slot that carries it
+        return None
+    if "cls" in shardset.members and "cls" not in raw.parts:
+        report.sample_failed(raw, "has no .cls member, but the manifest says this split is labelled")
         return None
     try:
         image = decode_image(raw.parts, shardset.image_size, shardset.channels, shardset.encoding)
         label = int(raw.parts["cls"]) if "cls" in raw.parts else -1
     except Exception as exc:
         report.sample_failed(raw, f"cannot decode ({type(exc).__name__}: {exc})")
+        return None
+    if shardset.num_classes and not 0 <= label < shardset.num_classes:
+        report.sample_failed(raw, f"label {label} is not one of the manifest's {shardset.num_classes} "
+                                  "classes")
         return None
     return image, label

@@ -8,9 +8,10 @@
 It is the training loader's path without its shuffle, flips and workers: the same tar reader
 (pipeline.data.tar), positions (pipeline.data.samples), decoder and scaling (pipeline.data.decode) and
 corruption policy (pipeline.data.report: a corrupt shard or sample is counted and skipped with a
-CorruptDataWarning, or raises with a strict Report). So FID reference statistics and held-out bits/dim
-see exactly the pixels the trainer sees, and `index` is the sample's position in the split, as in the
-loader's batch["index"].
+CorruptDataWarning, or raises with a strict Report). Every shard is read whole, so every shard with a
+manifest sha256 is verified as in data.verify=stream, and none of its samples is yielded before that.
+So FID reference statistics and held-out bits/dim see exactly the pixels the trainer sees, and `index`
+is the sample's position in the split, as in the loader's batch["index"].
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pipeline.data.decode import to_unit_range
 from pipeline.data.manifest import Manifest
 from pipeline.data.report import Report
 from pipeline.data.samples import Raw, decode_sample, read_all, read_piece
-from pipeline.data.shards import ShardSet, check_shards, from_manifest, resolve_shards
+from pipeline.data.shards import ShardSet, check_shards, from_manifest, resolve_shards, start_verification
 
 
 class SplitSample(NamedTuple):
@@ -46,7 +47,7 @@ def _raws(shardset: ShardSet, report: Report) -> Iterator[Raw]:
     base = 0
     for shard in shardset.shards:
         if shard.num_samples >= 0:  # lost samples keep their positions, as in the loader
-            yield from read_piece(shard, base, 0, shard.num_samples, report, shardset.members)
+            yield from read_piece(shard, base, 0, shard.num_samples, report, shardset)
             base += shard.num_samples
         else:  # no manifest: positions run over the samples read
             raws = read_all(shard, report, base)
@@ -65,6 +66,7 @@ def iter_split(shards: str | Manifest, split: str, max_images: int = 0,
     shardset = _shardset(shards, split)
     check_shards(shardset.shards, shardset.source)
     report = report if report is not None else Report(strict=False)
+    start_verification(shardset, "stream", report.strict)  # every shard is read whole: hashed as it is read
     count, shape = 0, None
     for raw in _raws(shardset, report):
         got = decode_sample(raw, shardset, report)

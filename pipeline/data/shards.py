@@ -2,18 +2,30 @@
 
 `data.shards` is a prepared folder, its manifest.json, a brace pattern (`/data/train-{000000..000099}.tar`)
 or URLs joined with `::`. A pattern or URL list is matched against a manifest.json beside its first
-shard when there is one (counts, geometry, members); a manifest that is there but invalid is an error,
-not a silent fallback. Local shards are checked for existence and remote protocols for an installed
-fsspec backend at start; pipe: commands and remote objects are checked when opened (docs/data.md).
+shard when there is one (counts, geometry, members, sha256); a manifest that is there but invalid is an
+error, not a silent fallback. Local shards are checked for existence and remote protocols for an
+installed fsspec backend at start; pipe: commands and remote objects are checked when opened
+(docs/data.md). With data.verify=start, every local shard's sha256 is checked here too.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
-from pipeline.data.manifest import MANIFEST_NAME, Manifest, ManifestError, Shard, is_url, read_manifest
-from pipeline.data.report import CorruptDataError
+from pipeline.data.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    ManifestError,
+    Shard,
+    is_url,
+    local_path,
+    read_manifest,
+    sha256_problem,
+)
+from pipeline.data.report import CorruptDataError, DataError
 from pipeline.data.tar import READ_ERRORS, count_samples
 
 
@@ -25,6 +37,16 @@ class ShardSet:
     encoding: str  # png | u8 | "" (unknown: by member extension)
     source: str  # what data.shards resolved to, for messages
     members: frozenset[str] = frozenset()  # extensions every sample has (from the manifest); empty = unknown
+    num_classes: int = 0  # from the manifest: labels lie in [0, num_classes); 0 = unlabelled or unknown
+    verify: str = "stream"  # data.verify: stream | start | off
+    # verify=start: url -> what differs, for local shards whose bytes are not the manifest's (read as failed)
+    changed: dict[str, str] = field(default_factory=dict)
+
+    def hashed_while_read(self, shard: Shard) -> bool:
+        """Whether a read of `shard` to its end checks its sha256 (start mode checked local ones at start)."""
+        return bool(shard.sha256) and (
+            self.verify == "stream" or (self.verify == "start" and local_path(shard.url) is None)
+        )
 
     @property
     def counts_known(self) -> bool:
@@ -46,25 +68,45 @@ def _count_tar(path: str) -> int:
         ) from exc
 
 
+def _no_manifest(folder: str) -> DataError:
+    """The error for a local folder without manifest.json: what is in it, and the ways out."""
+    tars = sorted(f for f in os.listdir(folder) if f.endswith(".tar"))
+    if not tars:
+        what = "is empty" if not os.listdir(folder) else "holds no shards and no manifest.json"
+        return DataError(f"data.shards={folder!r} {what}; prepare the data into it: "
+                         f"python -m pipeline.data.prepare SOURCE --out {folder}")
+    return DataError(
+        f"data.shards={folder!r} holds {len(tars)} .tar files ({tars[0]}, ...) but no {MANIFEST_NAME}; "
+        f"re-run prepare, or give the shards as a brace pattern (e.g. {os.path.join(folder, tars[0])}) "
+        "to read them without a manifest"
+    )
+
+
 def resolve_shards(spec: str, split: str, *, need_counts: bool) -> ShardSet:
     """data.shards -> shard list: a prepared folder, a manifest path, a brace pattern or URLs ('::'-joined)."""
     from webdataset.shardlists import expand_urls
 
     spec = spec.strip()
     if not spec:
-        raise ValueError("data.shards is empty; set it to a prepared folder (python -m pipeline.data.prepare ...)")
+        raise DataError("data.shards is empty; set it to a prepared folder "
+                        "(python -m pipeline.data.prepare ...)")
     looks_like_tars = ".tar" in spec or "{" in spec or "::" in spec or spec.startswith("pipe:")
     if not looks_like_tars:
         if not is_url(spec) and not os.path.exists(spec):
-            raise FileNotFoundError(
+            raise DataError(
                 f"data.shards={spec!r} does not exist; give a folder written by "
                 "`python -m pipeline.data.prepare SOURCE --out DIR`, its manifest.json, a brace pattern or URLs"
             )
-        m = read_manifest(spec)
+        try:
+            m = read_manifest(spec)
+        except ManifestError as exc:
+            if isinstance(exc.__cause__, FileNotFoundError) and os.path.isdir(spec):
+                raise _no_manifest(spec) from exc
+            raise
         return from_manifest(m, m.shards(split), spec)
     urls = expand_urls(spec)
     if not urls:
-        raise ValueError(f"data.shards={spec!r} expands to an empty shard list")
+        raise DataError(f"data.shards={spec!r} expands to an empty shard list")
     manifest = None if urls[0].startswith("pipe:") else _manifest_beside(urls[0], spec)
     if manifest is not None:
         by_name = {s.name: s for shards in manifest.splits.values() for s in shards}
@@ -102,16 +144,6 @@ def _manifest_beside(first: str, spec: str) -> Manifest | None:
         return None  # also an unknown protocol: check_shards names it
 
 
-def local_path(url: str) -> str | None:
-    """The file a local shard names (a path or file:// URL); None for pipe: and remote URLs."""
-    if url.startswith("file:"):
-        from urllib.parse import urlparse
-        from urllib.request import url2pathname
-
-        return url2pathname(urlparse(url).path)
-    return None if is_url(url) else url
-
-
 def check_shards(shards: list[Shard], spec: str) -> None:
     """At start: every local shard exists, and every remote protocol has an fsspec backend installed.
 
@@ -121,7 +153,7 @@ def check_shards(shards: list[Shard], spec: str) -> None:
     missing = [s.url for s in shards if (p := local_path(s.url)) is not None and not os.path.isfile(p)]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise FileNotFoundError(
+        raise DataError(
             f"{len(missing)} of {len(shards)} shards of data.shards={spec!r} are missing: {shown}; "
             "re-run prepare, or fix data.shards"
         )
@@ -133,7 +165,7 @@ def check_shards(shards: list[Shard], spec: str) -> None:
 
             fsspec.get_filesystem_class(proto)
         except (ImportError, ValueError) as exc:
-            raise ValueError(
+            raise DataError(
                 f"data.shards={spec!r} uses {proto}:// URLs, which fsspec cannot open here ({exc}); install "
                 f"its backend (e.g. s3fs, gcsfs, aiohttp for http) or use pipe: commands"
             ) from exc
@@ -148,4 +180,33 @@ def from_manifest(m: Manifest, shards: list[Shard], spec: str) -> ShardSet:
     """A ShardSet of `shards` with the counts, geometry and per-sample members that manifest `m` gives."""
     # prepare writes <key>.<encoding> for every sample, and <key>.cls for all of them when labelled
     members = frozenset({m.encoding} | ({"cls"} if m.num_classes > 0 else set())) if m.encoding else frozenset()
-    return ShardSet(shards, m.image_size, m.channels, m.encoding, spec, members)
+    return ShardSet(shards, m.image_size, m.channels, m.encoding, spec, members, m.num_classes)
+
+
+def start_verification(shardset: ShardSet, verify: str, strict: bool) -> None:
+    """data.verify at start: say once that shards without a manifest sha256 go unverified; with `start`,
+    hash every local shard now (in threads: hashlib releases the GIL) and mark those that differ."""
+    shardset.verify = verify
+    if verify == "off":
+        return
+    unhashed = [s for s in shardset.shards if not s.sha256]
+    if unhashed:  # pattern or URL lists without a manifest.json beside them
+        warnings.warn(
+            f"data.verify={verify}: {len(unhashed)} of {len(shardset.shards)} shards "
+            f"(e.g. {unhashed[0].url}) have no sha256 in a manifest.json beside them, so they are read "
+            "unverified",
+            UserWarning, stacklevel=3,
+        )
+    if verify != "start":
+        return
+    local = [(s, p) for s in shardset.shards if s.sha256 and (p := local_path(s.url)) is not None]
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        problems = list(pool.map(lambda sp: sha256_problem(sp[1], sp[0].sha256), local))
+    shardset.changed = {s.url: p for (s, _), p in zip(local, problems) if p}
+    if shardset.changed and strict:
+        shown = "; ".join(f"{u}: {p}" for u, p in list(shardset.changed.items())[:3])
+        more = f" (and {len(shardset.changed) - 3} more)" if len(shardset.changed) > 3 else ""
+        raise CorruptDataError(
+            f"data.verify=start: {len(shardset.changed)} of {len(local)} shards differ from their manifest: "
+            f"{shown}{more}; re-run prepare, or set data.strict=false to skip them"
+        )

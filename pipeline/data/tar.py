@@ -5,52 +5,38 @@ bookkeeping), which is most of the per-sample cost at 32x32; this reads only wha
 use (ustar, GNU long names, pax path) and checks each header's checksum. A stream that ends without
 tar's end-of-archive block (a zero block) is truncated, wherever the cut fell.
 
+Header fields are bounded, so a corrupted header fails as a bad header instead of as a huge
+allocation: a member's size must fit in what is left of a local file, and in MAX_MEMBER_BYTES where
+the stream's size is unknown (pipe:, remote URLs). A checksum, number field or pax record that does
+not parse raises TarFormatError; every failure is one of READ_ERRORS, which the caller counts as a
+failed shard, naming it (pipeline.data.report).
+
 Samples follow the WebDataset convention: consecutive members with the same key (the file name up to
 its first dot) form one sample, {extension: bytes}.
 """
 
 from __future__ import annotations
 
-import tarfile
+import io
+import os
 from collections.abc import Iterator
+from typing import IO, Any
 
-from pipeline.data.manifest import is_url
+from pipeline.data.manifest import local_path
 
 ZERO_BLOCK = bytes(512)
 _REGULAR = (b"0", b"\0", b"7")
-# what reading a shard can raise: a cut or corrupted tar, an unreachable URL, a failing pipe: command
-READ_ERRORS = (OSError, EOFError, tarfile.TarError, ValueError)
+# The largest member a stream of unknown size may declare: samples are images of kilo- to megabytes,
+# so a bigger size field is corruption, and reading it would first try to allocate it.
+MAX_MEMBER_BYTES = 1 << 30
+_BUFFER = 1 << 20
 
 
-def _open(url: str):
-    """Local path, pipe:COMMAND, or any URL fsspec knows (s3://, gs://, http://, ...)."""
-    if url.startswith("pipe:") or not is_url(url) or url.startswith("file:"):
-        from webdataset.gopen import gopen
-
-        return gopen(url, "rb", bufsize=1 << 20)
-    import fsspec
-
-    return fsspec.open(url, "rb").open()
+class TarFormatError(ValueError):
+    """A tar header or pax record that does not parse, or declares more bytes than the shard can hold."""
 
 
-def _octal(field: bytes) -> int:
-    if field[:1] and field[0] & 0x80:  # GNU base-256 for sizes >= 8 GiB
-        return int.from_bytes(field[1:], "big")
-    field = field.split(b"\0", 1)[0].strip()
-    return int(field, 8) if field else 0
-
-
-def _pax(data: bytes) -> dict[str, str]:
-    out, i = {}, 0
-    while i < len(data):
-        length = int(data[i:data.index(b" ", i)])
-        key, _, value = data[data.index(b" ", i) + 1:i + length - 1].partition(b"=")
-        out[key.decode()] = value.decode("utf-8", "replace")
-        i += length
-    return out
-
-
-class _Truncated(EOFError):
+class TruncatedTar(EOFError):
     """The tar stops before a member or its header is whole; `name` is the cut member's (None: unknown)."""
 
     def __init__(self, what: str, name: str | None = None):
@@ -58,27 +44,122 @@ class _Truncated(EOFError):
         self.name = name
 
 
-def _tar_members(stream) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of the regular files of a tar stream, in order (see the module docstring)."""
+# what reading a shard can raise: a cut or corrupted tar, an unreachable URL, a failing pipe: command
+READ_ERRORS = (OSError, EOFError, ValueError)
+
+
+class _Hashed(io.RawIOBase):
+    """A byte stream that feeds every byte read from it into `digest`. Under a BufferedReader the hash
+    is updated once per buffer fill (1 MiB), not once per member."""
+
+    def __init__(self, raw: Any, digest: Any):
+        self.raw, self.digest = raw, digest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        data = self.raw.read(len(buf))  # read(), not readinto(): a pipe: stream has only read()
+        buf[:len(data)] = data
+        self.digest.update(data)
+        return len(data)
+
+    def close(self) -> None:
+        try:
+            self.raw.close()  # a pipe: command's exit status is raised here
+        finally:
+            super().close()
+
+
+def _open(url: str, digest: Any = None) -> tuple[IO[bytes], int | None]:
+    """(stream, its size in bytes or None where unknown) of a local path or file:// URL, pipe:COMMAND or
+    any URL fsspec knows (s3://, gs://, http://, ...); with `digest`, every byte read is hashed into it."""
+    size = None
+    if url.startswith("pipe:"):
+        from webdataset.gopen import gopen
+
+        raw = gopen(url, "rb", bufsize=_BUFFER)
+    elif (path := local_path(url)) is not None:
+        raw = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by the caller, through the reader
+        size = os.fstat(raw.fileno()).st_size
+        if digest is None:
+            return io.BufferedReader(raw, _BUFFER), size
+    else:
+        import fsspec
+
+        raw = fsspec.open(url, "rb").open()
+    return (io.BufferedReader(_Hashed(raw, digest), _BUFFER) if digest is not None else raw), size
+
+
+def _number(header: bytes, lo: int, hi: int, what: str) -> int:
+    """A header's numeric field: NUL/space-terminated octal, or GNU base-256 (0x80 first: positive)."""
+    field = header[lo:hi]
+    if field[0] == 0x80:
+        return int.from_bytes(field[1:], "big")
+    digits = field.split(b"\0", 1)[0].strip(b" ")
+    if field[0] & 0x80 or digits.strip(b"01234567"):  # 0xff = a negative base-256 number: never valid here
+        raise TarFormatError(f"tar header field {what} is not a number ({field!r})")
+    return int(digits, 8) if digits else 0
+
+
+def _pax(data: bytes) -> dict[str, str]:
+    """pax records "LENGTH key=value\\n"; one that does not parse raises (length 0 would loop forever)."""
+    out, i = {}, 0
+    data = data.rstrip(b"\0")  # some writers pad the records with NULs
+    while i < len(data):
+        space = data.find(b" ", i)
+        length = data[i:space]
+        end = i + int(length) if length.isdigit() else -1
+        if not i < space < end <= len(data) or data[end - 1] != 0x0A or b"=" not in data[space:end]:
+            raise TarFormatError(f"pax record at byte {i} of its header does not parse ({data[i:i + 40]!r})")
+        key, _, value = data[space + 1:end - 1].partition(b"=")
+        out[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+        i = end
+    return out
+
+
+def _name(header: bytes, long_name: str | None) -> str:
+    """A member's name for a message (the header may be corrupted)."""
+    return long_name or header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def _tar_members(stream: IO[bytes], size: int | None, skip_data: bool = False) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of the regular files of a tar stream of `size` bytes (None: unknown), in order (see
+    the module docstring). With `skip_data` a seekable stream seeks over regular members' data (b"")."""
     long_name = None
+    left = size  # bytes after the current position; None = unknown
     while True:
         header = stream.read(512)
         if not header:
-            raise _Truncated("tar ends without its end-of-archive block (cut at a member boundary)")
+            raise TruncatedTar("tar ends without its end-of-archive block (cut at a member boundary)")
         if header == ZERO_BLOCK:
             return
         if len(header) < 512:
-            raise _Truncated(f"tar header cut short ({len(header)} of 512 bytes)")
-        stored = _octal(header[148:156])
-        if stored != sum(header[:148]) + 256 + sum(header[156:]):  # checksum field counts as 8 spaces
-            raise tarfile.ReadError("bad tar header checksum (not a tar, or corrupted)")
-        size, kind = _octal(header[124:136]), header[156:157]
-        data = stream.read(size)
-        if len(data) < size:
-            name = long_name or header[:100].split(b"\0", 1)[0].decode(errors="replace")
-            raise _Truncated(f"member {name} truncated ({len(data)} of {size} bytes)", name)
-        if size % 512:
-            stream.read(512 - size % 512)  # a short padding read shows up as a missing header next
+            raise TruncatedTar(f"tar header cut short ({len(header)} of 512 bytes)")
+        if _number(header, 148, 156, "chksum") != sum(header[:148]) + 256 + sum(header[156:]):  # as 8 spaces
+            raise TarFormatError("bad tar header checksum (not a tar, or corrupted)")
+        size_, kind = _number(header, 124, 136, "size"), header[156:157]
+        padded = size_ + -size_ % 512
+        if left is not None:
+            left -= 512
+            if size_ > left:  # a cut file, or a corrupted size field that passed the checksum
+                name = _name(header, long_name)
+                raise TruncatedTar(f"member {name} needs {size_} bytes, {max(left, 0)} are left in the file",
+                                   name)
+            left -= padded
+        elif size_ > MAX_MEMBER_BYTES:
+            raise TarFormatError(f"member {_name(header, long_name)} declares {size_} bytes, more than a "
+                                 f"member may have (MAX_MEMBER_BYTES = {MAX_MEMBER_BYTES})")
+        if skip_data and kind in _REGULAR:
+            stream.seek(padded, io.SEEK_CUR)  # within the file: the bound above
+            data = b""
+        else:
+            data = stream.read(size_)
+            if len(data) < size_:
+                name = _name(header, long_name)
+                raise TruncatedTar(f"member {name} truncated ({len(data)} of {size_} bytes)", name)
+            if size_ % 512:
+                stream.read(512 - size_ % 512)  # a short padding read shows up as a missing header next
         if kind == b"L":
             long_name = data.split(b"\0", 1)[0].decode()
             continue
@@ -102,20 +183,25 @@ def _key_ext(name: str) -> tuple[str, str]:
     return key, ext.lower()
 
 
-def tar_samples(url: str, members: frozenset[str] = frozenset()) -> Iterator[tuple[str, dict[str, bytes]]]:
+def tar_samples(url: str, members: frozenset[str] = frozenset(),
+                digest: Any = None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {ext: bytes}) per sample, grouping consecutive members by key (WebDataset convention).
 
     At a cut or unreadable member, the sample being grouped is yielded only if it is provably whole:
     the failing member belongs to another key, or it has every member a sample of this shard has
     (`members`, from the manifest; without one, the previous sample's). Then the error is raised
     (one of READ_ERRORS); for a `pipe:` command, its exit status.
+
+    With `digest` (a hashlib object) every byte of the stream is hashed into it, up to the end of the
+    file (tar pads its end-of-archive block to a record), before the last sample is yielded; so when
+    the generator is exhausted, the digest is the whole file's.
     """
-    stream = _open(url)
+    stream, size = _open(url, digest)
     finished = False
     try:
         key, parts, ref = None, {}, members or None
         try:
-            for name, data in _tar_members(stream):
+            for name, data in _tar_members(stream, size):
                 k, ext = _key_ext(name)
                 if k != key and key is not None:
                     yield key, parts  # complete: the next key's header has been read
@@ -123,16 +209,20 @@ def tar_samples(url: str, members: frozenset[str] = frozenset()) -> Iterator[tup
                 key = k
                 parts[ext] = data
         except READ_ERRORS as exc:
-            cut = exc.name if isinstance(exc, _Truncated) else None
+            cut = exc.name if isinstance(exc, TruncatedTar) else None
             if key is not None and (
                 (cut is not None and _key_ext(cut)[0] != key) or (ref is not None and ref <= parts.keys())
             ):
                 yield key, parts
             try:
-                stream.close()  # a pipe: command's exit status says more than "truncated"
+                stream.close()
             except OSError as status:
-                raise status from exc
+                if isinstance(exc, EOFError):  # a pipe: command's exit status says more than "truncated"
+                    raise status from exc
             raise
+        if digest is not None:
+            while stream.read(_BUFFER):
+                pass
         if key is not None:
             yield key, parts
         finished = True
@@ -146,15 +236,9 @@ def tar_samples(url: str, members: frozenset[str] = frozenset()) -> Iterator[tup
 
 
 def count_samples(path: str) -> int:
-    """Samples (distinct keys) in a local tar, from its headers only: tarfile seeks over the data.
+    """Samples (distinct keys) in a local tar, from its headers only: the reader seeks over the data.
 
     Raises one of READ_ERRORS for a truncated or corrupted tar, as tar_samples would when reading it.
     """
-    with tarfile.open(path, "r:") as tf:
-        keys = {_key_ext(m.name)[0] for m in tf if m.isfile()}
-        end = tf.offset  # where the end-of-archive block must be
     with open(path, "rb") as f:
-        f.seek(end)
-        if f.read(512) != ZERO_BLOCK:  # tarfile stops quietly at a cut header or member
-            raise EOFError("no end-of-archive block after its last whole member (truncated)")
-    return len(keys)
+        return len({_key_ext(name)[0] for name, _ in _tar_members(f, os.fstat(f.fileno()).st_size, True)})

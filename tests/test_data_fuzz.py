@@ -34,6 +34,7 @@ from pipeline.data.report import CorruptDataError, CorruptDataWarning, Report
 from pipeline.data.sequential import iter_split
 from tests.helpers.corrupt import (
     base256,
+    drain,
     fix_checksum,
     members,
     read_bytes,
@@ -185,15 +186,8 @@ def time_limit(seconds: float, what: str):
 
 def read(loader, n_batches):
     """Delivered (index, image CHW uint8, label), stats, and the CorruptDataWarning messages."""
-    out = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        it = iter(loader)
-        for _ in range(n_batches):
-            b = next(it)
-            out += zip(b["index"].tolist(), to_u8(b["image"]).transpose(0, 3, 1, 2), b["label"].tolist())
-        it.close()
-    return out, loader.stats, [str(w.message) for w in caught if issubclass(w.category, CorruptDataWarning)]
+    out, stats, msgs = drain(loader, n_batches)
+    return [(i, img.transpose(2, 0, 1), label) for i, img, label in out], stats, msgs
 
 
 def named(msgs, damaged):

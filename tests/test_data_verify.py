@@ -16,8 +16,16 @@ from pipeline.config import DataConfig
 from pipeline.data.loader import StreamingLoader
 from pipeline.data.report import CorruptDataError, CorruptDataWarning, Report
 from pipeline.data.sequential import iter_split, split_batches
-from tests.helpers.corrupt import checks_passed, members, read_bytes, unverified, write_bytes, write_members
-from tests.helpers.data import copy_folder, index_of, make_shards, member_spans, to_u8
+from tests.helpers.corrupt import (
+    checks_passed,
+    drain,
+    members,
+    read_bytes,
+    unverified,
+    write_bytes,
+    write_members,
+)
+from tests.helpers.data import copy_folder, index_of, make_shards, member_spans
 
 N, PER_SHARD = 40, 8  # 5 shards
 
@@ -44,16 +52,8 @@ def relabel(folder: str, shard: int, sample: int) -> str:
 
 def run(loader, n_batches):
     """(delivered (index, source index, label) triples, stats after the last batch, the warnings' texts)."""
-    out = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        it = iter(loader)
-        for _ in range(n_batches):
-            b = next(it)
-            out += zip(b["index"].tolist(), [index_of(img) for img in to_u8(b["image"])], b["label"].tolist())
-        it.close()
-    msgs = [str(w.message) for w in caught if issubclass(w.category, CorruptDataWarning)]
-    return out, dict(loader.stats), msgs
+    out, stats, msgs = drain(loader, n_batches)
+    return [(i, index_of(img), label) for i, img, label in out], stats, msgs
 
 
 def test_a_changed_label_is_trained_on_unverified_and_never_verified(shards, tmp_path):

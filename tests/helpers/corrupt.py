@@ -97,3 +97,22 @@ def unverified(loader) -> set[int]:
             out |= {base + j for i, base, lo, hi in plan.pieces(e, start, start + length) if hi < counts[i]
                     for j in range(lo, hi)}
     return out
+
+
+def drain(loader, n_batches: int) -> tuple[list[tuple[int, np.ndarray, int]], dict, list[str]]:
+    """(delivered (split index, image HWC uint8, label) triples, stats after the last batch, the texts of the
+    CorruptDataWarnings raised meanwhile)."""
+    import warnings
+
+    from pipeline.data.report import CorruptDataWarning
+    from tests.helpers.data import to_u8
+
+    out = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        it = iter(loader)
+        for _ in range(n_batches):
+            b = next(it)
+            out += zip(b["index"].tolist(), to_u8(b["image"]), b["label"].tolist())
+        it.close()
+    return out, dict(loader.stats), [str(w.message) for w in caught if issubclass(w.category, CorruptDataWarning)]

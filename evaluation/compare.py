@@ -2,10 +2,17 @@
 
     python -m evaluation.compare --experiment ddpm [--tracking-uri URI ...] [--out DIR] [--metric fid]
 
+The store is the project's one store unless named: ``$MLFLOW_TRACKING_URI``, else
+``sqlite:///<current folder>/runs/mlflow.db`` (where trainings with ``train.out_dir=runs/NAME`` log). A
+``sqlite:///`` store that does not exist is refused (MLflow would create an empty one and report nothing).
+
 One row per run, oldest first: name, short id, status, steps, the params that differ between the runs
-(only those), best and last FID with their steps, bits/dim, images/s. Writes ``DIR/fid_vs_step.png`` and
-``DIR/loss_vs_step.png``, one line per run. Warns when it puts FID values of different protocols side by
-side. Which metric and tag names it reads: docs/tracking.md.
+(only those), best and last FID with their steps and their protocol, bits/dim, images/s. The protocol
+column gives each run's FID sample count and, where its protocol (``fid_protocol.<ext>.*`` tags: sample
+count, extractor weights, mode, reference, sampler, ...) differs from the most common one among the runs
+(ties: the oldest run's), which fields differ; a warning lists the values. Writes ``DIR/fid_vs_step.png``
+(runs of another protocol dashed, of an unknown one dotted, both named so in the legend) and
+``DIR/loss_vs_step.png``, one line per run. Which metric and tag names it reads: docs/tracking.md.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import os
 import re
 import statistics
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +34,9 @@ PROTOCOL_PREFIX = "fid_protocol."
 PROTOCOL_INFO_FIELDS = ("step",)  # informational: may differ without making numbers incomparable
 MISSING = "-"
 MAX_CELL = 32
+DEFAULT_STORE = "runs/mlflow.db"  # under the current folder: the store of trainings with train.out_dir=runs/NAME
+OTHER_PROTOCOL, UNKNOWN_PROTOCOL = "other protocol", "protocol unknown"
+LINE_STYLES = {"": "-", OTHER_PROTOCOL: "--", UNKNOWN_PROTOCOL: ":"}
 
 
 @dataclass
@@ -52,6 +63,7 @@ class Comparison:
     warnings: list[str]
     plots: list[Path]
     notes: list[str]
+    fid_lines: list[tuple[str, str]] = field(default_factory=list)  # (legend label, line style) in fid_vs_step.png
 
 
 def metric_keys(runs: list[RunSummary], metric: str) -> dict[str, str]:
@@ -141,22 +153,62 @@ def protocol_warnings(runs: list[RunSummary], labels: list[str], fid_keys: dict[
     return out
 
 
+def majority_protocol(runs: list[RunSummary], key: str, ext: str) -> dict[str, str]:
+    """The most common known protocol among the runs that logged ``key`` (ties: the oldest run's; runs are
+    oldest first); {} when none is known."""
+    known = [tuple(sorted(r.protocol(ext).items())) for r in runs if key in r.latest and r.protocol(ext)]
+    return dict(Counter(known).most_common(1)[0][0]) if known else {}
+
+
+def protocol_mark(run: RunSummary, ext: str, majority: dict[str, str]) -> tuple[str, list[str]]:
+    """("", []) for the majority protocol, (OTHER_PROTOCOL, fields that differ) or (UNKNOWN_PROTOCOL, [])."""
+    mine = run.protocol(ext)
+    if not mine:
+        return UNKNOWN_PROTOCOL, []
+    differ = sorted(f for f in set(mine) | set(majority) if mine.get(f) != majority.get(f))
+    return (OTHER_PROTOCOL, differ) if differ else ("", [])
+
+
+def protocol_cell(run: RunSummary, key: str, ext: str, majority: dict[str, str]) -> str:
+    """``n=1000`` (the FID's sample count), plus ``, differs: num_samples`` where the protocol is not the majority's."""
+    if key not in run.latest:
+        return MISSING
+    mark, differ = protocol_mark(run, ext, majority)
+    if mark == UNKNOWN_PROTOCOL:
+        return f"? ({UNKNOWN_PROTOCOL})"
+    n = f"n={run.protocol(ext).get('num_samples', '?')}"
+    return f"{n}, differs: {','.join(differ)}" if differ else n
+
+
+class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help with every option's default where one is worth showing (not None, False or empty), and the
+    description and epilog as written (shared with evaluation.evaluate)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        d = action.default
+        if d is None or d is False or d is argparse.SUPPRESS or (isinstance(d, (str, list)) and not d):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _labels(runs: list[RunSummary]) -> list[str]:
     names = [r.name for r in runs]
     return [f"{r.name} ({r.run_id[:8]})" if names.count(r.name) > 1 else r.name for r in runs]
 
 
 def _plot(path: Path, series: list[tuple[str, list[tuple[int, float]]]], ylabel: str, title: str,
-          logy: bool = False) -> None:
+          logy: bool = False, styles: list[str] | None = None) -> list[tuple[str, str]]:
+    """Write the PNG; returns (legend label, line style) of each line as drawn (read back from the axes)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
-    for label, points in series:
+    for i, (label, points) in enumerate(series):
         steps, values = zip(*points)
-        ax.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=label)
+        ax.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=label,
+                linestyle=styles[i] if styles else "-")
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -166,7 +218,9 @@ def _plot(path: Path, series: list[tuple[str, list[tuple[int, float]]]], ylabel:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, format="png")
+    drawn = [(line.get_label(), line.get_linestyle()) for line in ax.get_lines()]
     plt.close(fig)
+    return drawn
 
 
 def compare(runs: list[RunSummary], *, experiment: str, out_dir: str | os.PathLike, metric: str = "fid") -> Comparison:
@@ -176,9 +230,10 @@ def compare(runs: list[RunSummary], *, experiment: str, out_dir: str | os.PathLi
     labels = _labels(runs)
     params = differing_params(runs)
 
+    majority = {key: majority_protocol(runs, key, ext) for key, ext in fid_keys.items()}
     header = ["run", "id", "status", "steps", *params]
     for key in fid_keys:
-        header += [f"best {key}", f"last {key}"]
+        header += [f"best {key}", f"last {key}", "protocol" if len(fid_keys) == 1 else f"protocol {key}"]
     header += ["bpd", "img/s"]
     rows = []
     for label, run in zip(labels, runs):
@@ -192,6 +247,7 @@ def compare(runs: list[RunSummary], *, experiment: str, out_dir: str | os.PathLi
                 row += [_at(best[1], best[0], 2), _at(hist[-1][1], hist[-1][0], 2)]
             else:
                 row += [MISSING, MISSING]
+            row.append(protocol_cell(run, key, fid_keys[key], majority[key]))
         bpd = run.latest.get(BPD_KEY)
         ips = run.histories.get(IMAGES_PER_S_KEY, [])
         row += [_fmt(bpd, 3), _fmt(statistics.median(v for _, v in ips) if ips else None, 1)]
@@ -200,11 +256,18 @@ def compare(runs: list[RunSummary], *, experiment: str, out_dir: str | os.PathLi
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plots, notes = [], []
-    fid_series = [(f"{label} {key}" if len(fid_keys) > 1 else label, run.histories[key])
-                  for label, run in zip(labels, runs) for key in fid_keys if run.histories.get(key)]
+    fid_series, styles = [], []
+    for label, run in zip(labels, runs):
+        for key, ext in fid_keys.items():
+            if run.histories.get(key):
+                mark = protocol_mark(run, ext, majority[key])[0]
+                name = f"{label} {key}" if len(fid_keys) > 1 else label
+                fid_series.append((f"{name} ({mark})" if mark else name, run.histories[key]))
+                styles.append(LINE_STYLES[mark])
+    fid_lines: list[tuple[str, str]] = []
     if fid_series:
         names = ", ".join(fid_keys)
-        _plot(out / "fid_vs_step.png", fid_series, names, f"{experiment}: {names} vs step")
+        fid_lines = _plot(out / "fid_vs_step.png", fid_series, names, f"{experiment}: {names} vs step", styles=styles)
         plots.append(out / "fid_vs_step.png")
     else:
         notes.append(f"no metric matching {metric!r} was logged; fid_vs_step.png not written")
@@ -214,25 +277,53 @@ def compare(runs: list[RunSummary], *, experiment: str, out_dir: str | os.PathLi
         plots.append(out / "loss_vs_step.png")
     else:
         notes.append(f"no {LOSS_KEY} was logged; loss_vs_step.png not written")
-    return Comparison(render_table(header, rows), protocol_warnings(runs, labels, fid_keys), plots, notes)
+    return Comparison(render_table(header, rows), protocol_warnings(runs, labels, fid_keys), plots, notes, fid_lines)
+
+
+def default_store() -> str:
+    """``$MLFLOW_TRACKING_URI``, else the project's one store, ``sqlite:///<abs current folder>/runs/mlflow.db``."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(DEFAULT_STORE).resolve()}"
+
+
+def missing_store(uri: str) -> str:
+    """Why a store cannot be read as named ("" if it can): a ``sqlite:`` database that is not there. MLflow
+    would create it, empty, and the comparison would silently show nothing of the runs meant."""
+    if not uri.startswith("sqlite:"):
+        return ""
+    from sqlalchemy.engine import make_url
+
+    try:
+        database = make_url(uri).database
+    except Exception as exc:  # SQLAlchemy's ArgumentError and friends: the URI itself is malformed
+        return f"--tracking-uri {uri!r} is not a valid sqlite URI ({exc}); write sqlite:///ABS/PATH/mlflow.db"
+    if not database or database == ":memory:":
+        return f"--tracking-uri {uri!r} names an in-memory database, which holds no runs; write sqlite:///ABS/PATH/mlflow.db"
+    if not Path(database).is_file():
+        return f"no MLflow store at {Path(database).resolve()} ({uri})"
+    return ""
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m evaluation.compare", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m evaluation.compare", description=__doc__.split("\n")[0],
+                                     formatter_class=DefaultsHelpFormatter, epilog=__doc__)
     parser.add_argument("--experiment", required=True, help="MLflow experiment name (tracking.experiment)")
     parser.add_argument("--tracking-uri", action="append", default=None,
-                        help="store to read; repeat to merge several (default: $MLFLOW_TRACKING_URI)")
-    parser.add_argument("--out", default="compare-out", help="folder for the PNG plots (default: %(default)s)")
+                        help="store to read; repeat to merge several (default: $MLFLOW_TRACKING_URI, else "
+                             f"sqlite:///<current folder>/{DEFAULT_STORE}, here {default_store()})")
+    parser.add_argument("--out", default="compare-out", help="folder for the PNG plots")
     parser.add_argument("--metric", default="fid",
-                        help="FID metric: a family (fid -> eval/fid_<extractor>) or one exact key (default: %(default)s)")
+                        help="FID metric: a family (fid -> eval/fid_<extractor>) or one exact key")
     parser.add_argument("--max-runs", type=int, default=200, help="at most this many runs per store")
     args = parser.parse_args(argv)
 
-    uris = args.tracking_uri or ([os.environ["MLFLOW_TRACKING_URI"]] if os.environ.get("MLFLOW_TRACKING_URI") else [])
-    if not uris:
-        print("error: no store to read: pass --tracking-uri URI (e.g. sqlite:///ABS/runs/NAME/mlflow.db, the "
-              "trainer's embedded default) or set MLFLOW_TRACKING_URI", file=sys.stderr)
-        return 2
+    uris = args.tracking_uri or [default_store()]
+    for uri in uris:
+        if problem := missing_store(uri):
+            how = ("pass --tracking-uri sqlite:///ABS/PATH/mlflow.db (a training with train.out_dir=DIR/NAME logs "
+                   "into DIR/mlflow.db), run from the folder holding runs/, or set MLFLOW_TRACKING_URI")
+            print(f"error: {problem}; {how}" if not args.tracking_uri else f"error: {problem}; check the path",
+                  file=sys.stderr)
+            return 2
     runs: list[RunSummary] = []
     for uri in uris:
         found = load_runs(uri, args.experiment, args.max_runs)

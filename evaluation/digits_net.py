@@ -10,6 +10,10 @@ versions), the image is converted to grey (mean over channels), resized to the d
 and scaled from [0, 255] to [-1, 1]. The weights are trained by ``evaluation/train_digits_net.py`` on
 the digits train split (with up/down-sampling round trips as augmentation, so the demo's upsampled
 data looks like the native data to it) and committed as ``evaluation/assets/digits_features.safetensors``.
+
+It fits only data like its own (``misfit``): grey 8x8 images of 10 classes, or scikit-learn's digits
+prepared at another size (the manifest's source kind ``digits``). Evaluation refuses it for anything
+else before sampling, and reports its class figures only where it fits.
 """
 
 from __future__ import annotations
@@ -29,6 +33,28 @@ INPUT_PX = 8  # the digits' native resolution: every input is resized to this
 FEATURE_DIM = 64
 NUM_CLASSES = 10
 WEIGHTS_PATH = Path(__file__).resolve().parent / "assets" / "digits_features.safetensors"
+CHANNELS = 1  # the data it was trained on: scikit-learn's digits, grey ...
+SOURCE_KIND = "digits"  # ... prepared by `python -m pipeline.data.prepare digits` (manifest source kind)
+
+
+def misfit(image_size: int, channels: int, num_classes: int, source_kind: str = "") -> list[str]:
+    """How data of this geometry and class count differs from what the net was trained on ([] = it fits).
+
+    Its features and classes mean something only for images like its training data: grey, 10 classes, and
+    8x8 (or the digits themselves prepared at another size: it was trained with resize round trips, so it
+    resizes them back). ``num_classes``: 0 = unlabelled data, -1 = unknown (no manifest); ``image_size`` 0 = unknown.
+    """
+    out = []
+    if channels != CHANNELS:
+        out.append(f"{channels} channels, not {CHANNELS} (grey)")
+    if image_size != INPUT_PX and source_kind != SOURCE_KIND:
+        shown = f"{image_size}x{image_size}" if image_size else "of unknown size"
+        out.append(f"images {shown}, not {INPUT_PX}x{INPUT_PX}")
+    if num_classes != NUM_CLASSES:
+        shown = {0: "no labels", -1: "an unknown class count (no manifest.json)"}.get(num_classes,
+                                                                                     f"{num_classes} classes")
+        out.append(f"{shown}, not {NUM_CLASSES} classes")
+    return out
 
 
 class DigitsNet(nn.Module):

@@ -1,6 +1,7 @@
-"""Evaluate a training checkpoint: samples, FID/KID with provenance, bits/dim, a grid; log into the training run.
+"""Evaluate a training checkpoint: samples, FID/KID with provenance, bits/dim, grids; log into the training run.
 
     python -m evaluation.evaluate --checkpoint runs/digits/step-00002000 eval.feature_extractor=digits
+    python -m evaluation.evaluate --checkpoint runs/digits    # a run folder: its newest complete checkpoint
     python -m evaluation.evaluate --checkpoint CKPT eval.num_samples=50000 eval.sampler=ancestral \\
         eval.fid_mode=legacy_tensorflow eval.reference=clean-fid:cifar10/train/32     # the paper's protocol
     python -m evaluation.evaluate --watch runs/digits --poll-s 30                     # every new checkpoint once
@@ -15,7 +16,14 @@ The checkpoint folder (docs/architecture.md) gives the weights (``ema.safetensor
 of ``accelerate/`` with ``eval.use_ema=false``), the resolved config (``config.yaml``; ``key=value``
 overrides apply on top, e.g. ``eval.*`` or ``data.shards``) and the MLflow run (``meta.json``), into
 which FID/KID/bits-per-dim are logged at the checkpoint's step with the protocol as tags
-(docs/tracking.md). Only files are read from the checkpoint: the training job is never waited for.
+(docs/tracking.md), with two grids side by side: ``grid.png`` (the first eval.grid_images samples) and
+``real.png`` (as many real images of the reference split), enlarged to at least 256 px wide. Only files
+are read from the checkpoint: the training job is never waited for.
+
+Refused before sampling (exit 2): eval.feature_extractor=digits for data other than the digits net's own
+(8x8 grey, 10 classes: evaluation/digits_net.py), and a clean-fid reference of another resolution than
+the checkpoint's images. The digits classifier's figures (confident share, class histogram) are reported
+only where that net fits the data, whatever the feature extractor.
 
 With ``--watch``, a watcher claims a checkpoint before evaluating it (``<out_dir>/eval/ledger.d/claims/``,
 a file created with O_EXCL, its mtime refreshed every ``--claim-stale-s``/6 s) and records it when done
@@ -48,10 +56,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from evaluation.compare import DefaultsHelpFormatter
 from evaluation.errors import EvaluationError
 from evaluation.watch import DEFAULT_CLAIM_STALE_S, StopReason, watch
 from pipeline import dist
-from pipeline.checkpoint import DONE, Checkpoint, CheckpointError, step_dir_name
+from pipeline.checkpoint import (
+    COMPLETE,
+    DONE,
+    EMA_FILE,
+    STEP_RE,
+    Checkpoint,
+    CheckpointError,
+    complete_checkpoints,
+    step_dir_name,
+)
 from pipeline.config import Config, ConfigError
 
 log = logging.getLogger("evaluation")
@@ -66,6 +84,8 @@ class EvalResult:
     out_dir: str
     logged_to_run: str | None = None  # MLflow run id, when logged
     classifier: dict[str, Any] = field(default_factory=dict)  # digits: confident share + class histogram
+    grids: dict[str, str] = field(default_factory=dict)  # "samples" / "real" -> PNG path (figures folder)
+    real_grid_note: str = ""  # which real images real.png shows, or why it was not written
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -83,6 +103,33 @@ def read_checkpoint(path: str | Path, overrides: list[str] | tuple[str, ...] = (
     """The resolved config (with overrides) and meta.json of a complete checkpoint folder."""
     ckpt = open_checkpoint(path)
     return ckpt.config(overrides), ckpt.meta
+
+
+GRID_MIN_WIDTH = 256  # px: the grids are enlarged (nearest neighbour, integer factor) to at least this width
+SAMPLES_GRID, REAL_GRID = "grid.png", "real.png"
+# what an evaluation reads from a checkpoint; a run folder's newest checkpoint must match its recorded sha256
+EVALUATED_FILES = (EMA_FILE, "config.yaml", "accelerate/model.safetensors", "accelerate/pytorch_model.bin")
+
+
+def checkpoint_of(path: str | Path) -> tuple[Path, str]:
+    """``--checkpoint``: a step-NNNNNNNN folder as given, or, for a run folder (a training's out_dir), its newest
+    complete checkpoint whose weights and config match the sha256 recorded at save; with the line to print."""
+    path = Path(path)
+    if not path.is_dir() or (path / COMPLETE).exists() or STEP_RE.match(path.name) or path.name.startswith(".tmp-"):
+        return path, ""  # a checkpoint folder (or not a folder): open_checkpoint says what is wrong with it
+    found = complete_checkpoints(path)
+    if not found:
+        raise EvaluationError(
+            f"{path} holds no complete checkpoint (a step-NNNNNNNN folder with a {COMPLETE} marker); wait for the "
+            f"training to write one, or evaluate each one as it is written with --watch {path}"
+        )
+    for ckpt in reversed(found):
+        problems = Checkpoint(ckpt).verify(list(EVALUATED_FILES))
+        if not problems:
+            return ckpt, (f"{path} is a run folder; evaluating its newest complete checkpoint {path / ckpt.name}")
+        print(f"{path / ckpt.name} fails verification: {problems[0]}; trying the next older one", file=sys.stderr)
+    raise EvaluationError(f"none of the {len(found)} complete checkpoints in {path} passes verification (see above); "
+                          "give a step-NNNNNNNN folder with --checkpoint to evaluate one anyway")
 
 
 def load_network(ckpt: str | Path, cfg: Config, use_ema: bool, device: torch.device) -> torch.nn.Module:
@@ -172,26 +219,115 @@ def held_out_batches(shards: str, split: str, max_images: int, batch_size: int, 
     return split_batches(shards, split, batch_size, rank=rank, world_size=world_size, max_images=max_images)
 
 
+# ------------------------------------------------------------------------------ what fits the data
+
+
+def data_facts(cfg: Config) -> tuple[int, int, int, str]:
+    """(image size, channels, class count, source kind) of the evaluated data: the geometry from the
+    checkpoint's config (what the samples are), the class count (-1: unknown, no manifest.json) and the
+    source kind (``digits``, ``folder``, ...) from the manifest of ``data.shards``."""
+    from pipeline.data.manifest import read_manifest
+    from pipeline.data.report import DataError
+    from pipeline.data.shards import resolve_shards
+
+    shardset = resolve_shards(cfg.data.shards, cfg.data.split, need_counts=False)
+    has_manifest = bool(shardset.image_size)  # 0 = shards without a manifest.json
+    kind = ""
+    if has_manifest:
+        try:
+            source = read_manifest(cfg.data.shards).raw.get("source")
+            kind = str(source.get("kind", "")) if isinstance(source, dict) else ""
+        except DataError:
+            kind = ""  # a brace pattern or URL list: its manifest gave the counts, the kind is not needed
+    size = cfg.model.image_size or shardset.image_size
+    channels = cfg.model.channels or shardset.channels
+    return size, channels, shardset.num_classes if has_manifest else -1, kind
+
+
+def check_fits(cfg: Config) -> bool:
+    """Refuse (EvaluationError, before anything is sampled) a protocol that cannot give a meaningful figure
+    for this checkpoint; return whether the digits classifier fits its data (its figures are reported only
+    then). Data that cannot be read raises DataError here too, rather than after the sampling."""
+    from evaluation import digits_net
+    from evaluation.fid import CLEANFID_PREFIX, parse_cleanfid_spec
+    from pipeline.data.report import DataError
+
+    e = cfg.eval
+    size = cfg.model.image_size
+    if e.reference.startswith(CLEANFID_PREFIX):
+        res = parse_cleanfid_spec(e.reference)[2]
+        if res.isdigit() and size and int(res) != size:
+            raise EvaluationError(
+                f"eval.reference={e.reference!r} holds statistics of {res}x{res} images but this checkpoint makes "
+                f"{size}x{size} images (model.image_size); use clean-fid statistics at resolution {size}, or a "
+                "split of the data shards (eval.reference=train)"
+            )
+    if e.feature_extractor == "digits":
+        misfit = digits_net.misfit(*data_facts(cfg))
+        if misfit:
+            raise EvaluationError(
+                f"eval.feature_extractor=digits: the digits network ({digits_net.NAME}) was trained on scikit-learn's "
+                f"8x8 grey digits (10 classes), and the data of this checkpoint ({cfg.data.shards}) differs: "
+                f"{'; '.join(misfit)}; its FID and class figures would mean nothing. Use "
+                "eval.feature_extractor=inception (clean-fid's InceptionV3; offline: eval.inception_weights=PATH)"
+            )
+        return True
+    if not cfg.data.shards:
+        return False
+    try:
+        return not digits_net.misfit(*data_facts(cfg))
+    except DataError:
+        return False  # e.g. a clean-fid reference without readable shards: no class figures, nothing else lost
+
+
+def real_images(cfg: Config, count: int) -> tuple[np.ndarray | None, str]:
+    """The first ``count`` images of the reference split (of the training split for a clean-fid reference),
+    in manifest order through the one data path, for the grid beside the samples; else None, and why not."""
+    from evaluation.fid import CLEANFID_PREFIX
+    from pipeline.data.report import DataError
+    from pipeline.data.sequential import iter_split
+
+    e = cfg.eval
+    cleanfid = e.reference.startswith(CLEANFID_PREFIX)
+    split = cfg.data.split if cleanfid else e.reference
+    if not cfg.data.shards:
+        return None, "data.shards is not set"
+    try:
+        images = [s.image for s in iter_split(cfg.data.shards, split, count)]
+    except DataError as exc:
+        return None, f"split {split!r} of {cfg.data.shards} cannot be read ({exc})"
+    if not images:
+        return None, f"split {split!r} of {cfg.data.shards} holds no readable image"
+    whose = "the training split: clean-fid's reference images are not at hand" if cleanfid else "the reference split"
+    return np.stack(images), f"the first {len(images)} images of split {split!r} ({whose})"
+
+
 # --------------------------------------------------------------------------------------- the stage
 
 
 def _provenance(cfg: Config, meta: dict, extractor, ref, ckpt: Path, diffusion) -> dict[str, Any]:
+    """What the figures were computed from; the FID keys only when FID was (eval.feature_extractor != none)."""
     e = cfg.eval
-    ref_prov = ref.provenance
-    if ref_prov["source"] == "shards":
-        reference = f"shards:{ref_prov['split']}"
-    else:
-        reference = f"clean-fid:{ref_prov['name']}/{ref_prov['split']}/{ref_prov['resolution']}"
+    fid_keys: dict[str, Any] = {"extractor": "none"}
+    if extractor is not None:
+        ref_prov = ref.provenance
+        if ref_prov["source"] == "shards":
+            reference = f"shards:{ref_prov['split']}"
+        else:
+            reference = f"clean-fid:{ref_prov['name']}/{ref_prov['split']}/{ref_prov['resolution']}"
+        fid_keys = {
+            "extractor": extractor.name,
+            "extractor_sha256": extractor.weights_sha256,
+            "mode": extractor.fid_mode,
+            "resize": extractor.resize,
+            "reference": reference,
+            "reference_count": int(ref_prov["count"]),
+            "reference_sha256": ref.stats_sha256,
+            "reference_location": ref_prov.get("location", ""),
+            "reference_manifest_sha256": ref_prov.get("manifest_sha256", ""),
+        }
     return {
-        "extractor": extractor.name,
-        "extractor_sha256": extractor.weights_sha256,
-        "mode": extractor.fid_mode,
-        "resize": extractor.resize,
-        "reference": reference,
-        "reference_count": int(ref_prov["count"]),
-        "reference_sha256": ref.stats_sha256,
-        "reference_location": ref_prov.get("location", ""),
-        "reference_manifest_sha256": ref_prov.get("manifest_sha256", ""),
+        **fid_keys,
         "num_samples": e.num_samples,
         "seeds": f"{e.seed}..{e.seed + e.num_samples - 1}",
         "sampler": e.sampler,
@@ -221,6 +357,7 @@ def evaluate(ckpt: str | Path, overrides: list[str] | tuple[str, ...] = (), *, s
     cfg, meta = read_checkpoint(ckpt, overrides)
     e = cfg.eval
     step = int(meta["step"])
+    classifier_fits = check_fits(cfg)  # every rank, before any work: a refusal costs nothing
     device = _device(e.device)
     diffusion = Diffusion(cfg.diffusion)
     # Weights are read into memory first, so keep-k deleting the folder later does not matter.
@@ -228,7 +365,7 @@ def evaluate(ckpt: str | Path, overrides: list[str] | tuple[str, ...] = (), *, s
     # Every rank: its block of samples and their features, then its share of the held-out batches for
     # bits/dim; rank 0 gathers both. Only then does rank 0 alone load (or compute) the reference
     # statistics, so no rank waits at a collective meanwhile.
-    extractor = build_extractor(e, device)
+    extractor = build_extractor(e, device) if e.feature_extractor != "none" else None
     images, images_per_s, feats = draw_samples(net, diffusion, cfg, device, features=extractor)
     bpd_skip = ""
     est = None
@@ -245,22 +382,23 @@ def evaluate(ckpt: str | Path, overrides: list[str] | tuple[str, ...] = (), *, s
         est = summarize_bound(parts) if dist.is_main() else None
     if not dist.is_main():
         return None
-    assert images is not None and feats is not None
+    assert images is not None and (feats is not None or extractor is None)
     out = Path(out_dir) if out_dir else ckpt.parent / "eval" / step_dir_name(step)
     out.mkdir(parents=True, exist_ok=True)
     if save_samples_to:
         print(f"samples saved to {save_samples(images, save_samples_to, e.seed)}")
 
-    ref = load_reference(e.reference, cfg.data.shards, extractor,
-                         cache_dir=e.stats_cache_dir, max_images=e.reference_max_images)
     ext = e.feature_extractor
-    metrics = {
-        f"eval/fid_{ext}": fid(feats, ref),
-        f"eval/kid_{ext}": kid(feats, ref.feats, num_subsets=e.kid_subsets, max_subset_size=e.kid_subset_size),
-        "eval/sampling_images_per_s": images_per_s,
-    }
+    metrics = {"eval/sampling_images_per_s": images_per_s}
+    ref = None
+    if extractor is not None:  # eval.feature_extractor=none: no FID/KID, no reference statistics
+        ref = load_reference(e.reference, cfg.data.shards, extractor,
+                             cache_dir=e.stats_cache_dir, max_images=e.reference_max_images)
+        metrics[f"eval/fid_{ext}"] = fid(feats, ref)
+        metrics[f"eval/kid_{ext}"] = kid(feats, ref.feats, num_subsets=e.kid_subsets,
+                                         max_subset_size=e.kid_subset_size)
     classifier: dict[str, Any] = {}
-    if ext == "digits":
+    if classifier_fits:
         classifier = digits_net.class_summary(digits_net.predict_proba(images), e.confidence_threshold)
         metrics["eval/digits_confident_share"] = classifier["confident_share"]
     provenance = _provenance(cfg, meta, extractor, ref, ckpt, diffusion)
@@ -275,13 +413,22 @@ def evaluate(ckpt: str | Path, overrides: list[str] | tuple[str, ...] = (), *, s
 
     from pipeline.images import image_grid
 
-    grid_path = out / "grid.png"
-    _save_png(image_grid(images[: e.grid_images]), grid_path)
+    shown = images[: e.grid_images]
+    _save_png(image_grid(shown, min_width=GRID_MIN_WIDTH), out / SAMPLES_GRID)
+    grids = {"samples": str(out / SAMPLES_GRID)}
+    real, real_note = real_images(cfg, len(shown))
+    (out / REAL_GRID).unlink(missing_ok=True)  # never leave an earlier evaluation's grid beside these samples
+    if real is not None:
+        _save_png(image_grid(real, min_width=GRID_MIN_WIDTH), out / REAL_GRID)
+        grids["real"] = str(out / REAL_GRID)
+    else:
+        print(f"warning: {REAL_GRID} not written: {real_note}", file=sys.stderr)
     (out / "provenance.json").write_text(json.dumps(provenance, indent=1, sort_keys=True))
     (out / "metrics.json").write_text(json.dumps({"step": step, **metrics, "classifier": classifier}, indent=1))
-    result = EvalResult(step, metrics, provenance, str(out), classifier=classifier)
+    result = EvalResult(step, metrics, provenance, str(out), classifier=classifier, grids=grids,
+                        real_grid_note=real_note)
     if log_to_run:
-        result.logged_to_run = _log(cfg, meta, ckpt, result, grid_path)
+        result.logged_to_run = _log(cfg, meta, ckpt, result)
     return result
 
 
@@ -306,7 +453,7 @@ def protocol_tags(ext: str, provenance: dict[str, Any]) -> dict[str, str]:
     return {f"fid_protocol.{ext}.{k}": str(provenance[k]) for k in keys}
 
 
-def _log(cfg: Config, meta: dict, ckpt: Path, result: EvalResult, grid_path: Path) -> str | None:
+def _log(cfg: Config, meta: dict, ckpt: Path, result: EvalResult) -> str | None:
     """Into the training run at the checkpoint's step; returns the run id, or None when nothing was logged."""
     from pipeline.tracking import make_sink, read_run_file
 
@@ -321,8 +468,10 @@ def _log(cfg: Config, meta: dict, ckpt: Path, result: EvalResult, grid_path: Pat
     sink = make_sink(tracking, out_dir=ckpt.parent, is_main_process=True, run_id=run_id, attach=True)
     artifact_dir = f"eval/{step_dir_name(result.step)}"
     sink.log_metrics(result.metrics, step=result.step)
-    sink.set_tags(protocol_tags(cfg.eval.feature_extractor, result.provenance))
-    sink.log_artifact(grid_path, artifact_path=artifact_dir)
+    if cfg.eval.feature_extractor != "none":
+        sink.set_tags(protocol_tags(cfg.eval.feature_extractor, result.provenance))
+    for path in result.grids.values():
+        sink.log_artifact(path, artifact_path=artifact_dir)
     sink.log_artifact(text=json.dumps(result.provenance, indent=1, sort_keys=True), name="provenance.json",
                       artifact_path=artifact_dir)
     sink.finish("FINISHED")  # attach=True: flushes only; the training run's status is left alone
@@ -340,28 +489,53 @@ def format_result(r: EvalResult) -> str:
              f"{p['num_samples']} samples, seeds {p['seeds']})"]
     for k, v in sorted(r.metrics.items()):
         lines.append(f"  {k:32s} {v:.6g}")
-    lines.append(f"  FID/KID features: {ext} (weights sha256 {p['extractor_sha256'][:12]}), {p['resize']}")
-    lines.append(f"  reference: {p['reference']} ({p['reference_count']} images, stats sha256 "
-                 f"{p['reference_sha256'][:12]})")
+    if ext == "none":
+        lines.append("  FID/KID: not computed (eval.feature_extractor=none)")
+    else:
+        lines.append(f"  FID/KID features: {ext} (weights sha256 {p['extractor_sha256'][:12]}), {p['resize']}")
+        lines.append(f"  reference: {p['reference']} ({p['reference_count']} images, stats sha256 "
+                     f"{p['reference_sha256'][:12]})")
     if ext.startswith("digits"):
         lines.append("  note: digits-feature FID, not Inception FID; not comparable with published numbers")
     if r.classifier:
         lines.append(f"  digits classifier: {r.classifier['confident_share']:.3f} of samples labelled with "
                      f"confidence >= {r.classifier['threshold']}; classes {r.classifier['class_histogram']}")
+    if r.grids:
+        real = f"{REAL_GRID}: {r.real_grid_note}" if "real" in r.grids else f"no {REAL_GRID} ({r.real_grid_note})"
+        lines.append(f"  grids: {SAMPLES_GRID}: samples; {real}")
     lines.append(f"  logged to MLflow run {r.logged_to_run}" if r.logged_to_run else "  not logged to MLflow")
     lines.append(f"  files: {r.out_dir}")
     return "\n".join(lines)
 
 
+def _checkpoint_arg(arg: str) -> Path:
+    """The checkpoint ``--checkpoint`` names (a run folder: its newest complete one), decided by rank 0 for all."""
+    decision: tuple[str, str, str] = ("", "", "")
+    if dist.is_main():
+        try:
+            path, note = checkpoint_of(arg)
+            decision = ("ok", str(path), note)
+        except EvaluationError as exc:
+            decision = ("error", str(exc), "")
+    kind, value, note = dist.broadcast_object(decision)
+    if kind == "error":
+        raise EvaluationError(value)
+    if note and dist.is_main():
+        print(note, flush=True)
+    return Path(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m evaluation.evaluate", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                formatter_class=DefaultsHelpFormatter, epilog=__doc__)
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--checkpoint", help="a complete out_dir/step-NNNNNNNN folder")
+    what.add_argument("--checkpoint", help="a complete out_dir/step-NNNNNNNN folder, or a run folder (out_dir): "
+                                           "its newest complete checkpoint")
     what.add_argument("--watch", help="a training out_dir: evaluate each new complete checkpoint once")
-    p.add_argument("--save-samples", default="", help="write the samples: DIR (PNGs named by seed) or FILE.npz")
+    p.add_argument("--save-samples", default="", help="write the samples: DIR (PNGs named by seed) or FILE.npz (default: not written)")
     p.add_argument("--out", default="", help="figures folder (default: <out_dir>/eval/step-NNNNNNNN)")
-    p.add_argument("--no-log", action="store_true", help="do not log into the training run")
+    p.add_argument("--no-log", action="store_true",
+                   help="do not log into the training run (default: log into the MLflow run meta.json names)")
     p.add_argument("--poll-s", type=float, default=60.0, help="--watch: seconds between scans of the folder")
     p.add_argument("--ledger", default="",
                    help="--watch: ledger file (default: <DIR>/eval/ledger.json), a summary; the records and claims "
@@ -374,8 +548,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--claim-stale-s", type=float, default=DEFAULT_CLAIM_STALE_S,
                    help="--watch: take over another watcher's claim on a checkpoint when its heartbeat is older "
                         "than this (that watcher was killed); the owner beats every 1/6 of it; keep it well "
-                        "above the clock differences between hosts (default %(default)g)")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides (e.g. eval.num_samples=1000)")
+                        "above the clock differences between hosts (default: %(default)g)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the checkpoint's config.yaml, e.g. eval.num_samples=1000 "
+                        "(default: none; the eval.* section the training was run with applies)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     _init_distributed()
@@ -383,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.watch:
             return _watch(a)
-        r = evaluate(a.checkpoint, a.overrides, save_samples_to=a.save_samples, out_dir=a.out,
+        r = evaluate(_checkpoint_arg(a.checkpoint), a.overrides, save_samples_to=a.save_samples, out_dir=a.out,
                      log_to_run=not a.no_log)
         if r is not None:
             print(format_result(r))
@@ -426,7 +601,7 @@ def _watch(a: argparse.Namespace) -> int:
     def report_fn(r: EvalResult) -> None:
         ckpt, cfg, meta = read.pop(r.step)
         if not a.no_log:
-            r.logged_to_run = _log(cfg, meta, ckpt, r, Path(r.out_dir) / "grid.png")
+            r.logged_to_run = _log(cfg, meta, ckpt, r)
         print(format_result(r), flush=True)
 
     stopped = watch(a.watch, evaluate_fn, report_fn=report_fn, poll_s=a.poll_s, ledger=a.ledger, once=a.once,

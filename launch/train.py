@@ -6,7 +6,7 @@ CPU, 2 processes (gloo):
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \\
         --mixed_precision no --dynamo_backend no --main_process_port 29511 \\
         launch/train.py --config configs/digits.yaml
-    (or: accelerate launch --config_file configs/accelerate/cpu_2proc.yaml launch/train.py ...)
+    (or, with no variable: accelerate launch --config_file configs/accelerate/cpu_2proc.yaml launch/train.py ...)
 1 GPU:
     accelerate launch --config_file configs/accelerate/1gpu.yaml launch/train.py --config configs/cifar10.yaml
 1 node x 8 GPUs:
@@ -26,8 +26,9 @@ SLURM (multi-node, requeue on preemption):
 
 The config's train.* keys are the truth for batch size, accumulation and mixed precision (the
 launcher's --mixed_precision/--gradient_accumulation_steps are overridden; docs/training.md).
-Exit codes: 0 finished, 75 preempted after writing a checkpoint (requeue: it resumes), 1 error,
-2 invalid configuration (or a checkpoint that does not fit it).
+Exit codes: 0 finished (or already finished), 75 preempted after writing a checkpoint (requeue: it resumes),
+1 error, 2 an input to fix: an invalid configuration, data that is missing, corrupt or of another geometry
+than the config sets, or a checkpoint that does not fit or fails verification (one line says which).
 """
 
 from __future__ import annotations
@@ -47,9 +48,13 @@ from pipeline.data.report import DataError
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+
+    p = argparse.ArgumentParser(prog="launch/train.py", description=__doc__, formatter_class=Formatter)
     p.add_argument("--config", required=True, help="experiment YAML (configs/*.yaml)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.total_steps=200")
+    p.add_argument("overrides", nargs="*", default=[],
+                   help="key=value overrides, e.g. train.total_steps=200 (every key: pipeline/config.py)")
     args = p.parse_args(argv)
     rank = os.environ.get("RANK", "0")
     try:

@@ -10,7 +10,9 @@ parts (after torchtitan's checkpointer); it owns the cadence, keep-k, completene
         manager.save(step)                 # every rank (accelerator.save_state is a collective)
 
 Adding a piece of state is one entry in ``parts``: any object with ``state_dict()`` and
-``load_state_dict()``. How a part is stored follows from its state: a state with a ``"weights"`` dict of
+``load_state_dict()``. A part whose state is spread over the ranks (the EMA under DeepSpeed ZeRO) also has
+``prepare_state_dict()``: every rank calls it before rank 0 calls ``state_dict()``, so that it can gather
+its state to rank 0 (a collective); only rank 0 then holds the full state. How a part is stored follows from its state: a state with a ``"weights"`` dict of
 tensors becomes ``<name>.safetensors`` (the other entries go into its metadata, JSON-encoded); any other
 state becomes ``<name>.json``. A part wrapped in ``PerRank`` (its state differs by rank: the loader's
 position) is written by every rank as ``<name>/rank-<r>.json``; the others by rank 0 (they are the same
@@ -473,8 +475,12 @@ class CheckpointManager:
                 tmp.mkdir(parents=True)
             acc.wait_for_everyone()
 
-            # Collective: every rank writes its part (DeepSpeed shards, RNG state random_states_<r>.pkl).
+            # Collective: every rank writes its part (DeepSpeed shards, RNG state random_states_<r>.pkl), and
+            # gathers what rank 0 writes alone of a part spread over the ranks.
             acc.save_state(str(tmp / "accelerate"))
+            for part in self.parts.values():
+                if hasattr(part, "prepare_state_dict"):
+                    part.prepare_state_dict()
             for name, part in self.parts.items():
                 if isinstance(part, PerRank):
                     (tmp / name).mkdir(exist_ok=True)

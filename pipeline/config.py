@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,43 +71,68 @@ class DataConfig:
         _positive("data.prefetch_factor", self.prefetch_factor)
 
 
+def default_attention(image_size: int, levels: int) -> list[int]:
+    """The attention rule when model.attn_resolutions is unset (docs/model.md): the paper's 16x16 where the U-Net
+    has a 16x16 level (its 32x32 and 256x256 networks), else the lowest resolution (where the middle block
+    attends too: 4x4 for the 8x8 digits)."""
+    resolutions = [image_size // 2**i for i in range(levels)]
+    return [16] if 16 in resolutions else [resolutions[-1]]
+
+
 @dataclass
 class ModelConfig:
-    """The paper's U-Net (pipeline/unet.py). Defaults are the CIFAR-10 network (35.7M parameters)."""
+    """The paper's U-Net (pipeline/unet.py). Widths default to the CIFAR-10 network (35.7M parameters at 32x32x3).
 
-    image_size: int = 32  # height = width of the images, in pixels
-    channels: int = 3  # image channels: 1 (grey) or 3 (RGB)
+    The geometry (image_size, channels) is the data's: unset (null), the trainer takes it from the prepared
+    data's manifest.json and refuses a config that sets a different one (pipeline/geometry.py).
+    """
+
+    image_size: int | None = None  # height = width of the images, in pixels; null = from the data
+    channels: int | None = None  # image channels, 1 (grey) or 3 (RGB); null = from the data
     base_channels: int = 128  # channels at the first resolution
     channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 2])  # multiplier per resolution level
     num_res_blocks: int = 2  # residual blocks per resolution level
-    attn_resolutions: list[int] = field(default_factory=lambda: [16])  # resolutions (pixels) with self-attention
+    # resolutions (pixels) with self-attention; null = the rule in default_attention (16x16 where reached)
+    attn_resolutions: list[int] | None = None
     dropout: float = 0.1  # dropout inside the residual blocks
     num_heads: int = 1  # attention heads (the paper uses 1)
 
+    @property
+    def resolved(self) -> bool:
+        """Whether the geometry is known (set, or filled in from the data)."""
+        return self.image_size is not None and self.channels is not None
+
     def __post_init__(self) -> None:
-        _choice("model.channels", self.channels, (1, 3))
-        _positive("model.image_size", self.image_size)
         _positive("model.base_channels", self.base_channels)
         if self.base_channels % 32:
             raise ConfigError(f"model.base_channels={self.base_channels} must be a multiple of 32 (GroupNorm(32))")
         if not self.channel_mult or any(m <= 0 for m in self.channel_mult):
             raise ConfigError(f"model.channel_mult={list(self.channel_mult)} must be a non-empty list of positive ints")
+        _positive("model.num_res_blocks", self.num_res_blocks)
+        _unit_interval("model.dropout", self.dropout)
+        _positive("model.num_heads", self.num_heads)
+        if self.channels is not None:
+            _choice("model.channels", self.channels, (1, 3))
+        if self.image_size is None:
+            return  # the rest depends on the image size: checked again once the data has given it
+        _positive("model.image_size", self.image_size)
         downsamples = len(self.channel_mult) - 1
         if self.image_size % (2**downsamples):
             raise ConfigError(
                 f"model.image_size={self.image_size} must be divisible by 2**{downsamples} "
-                f"(one downsampling per extra entry of model.channel_mult={list(self.channel_mult)})"
+                f"(one downsampling per extra entry of model.channel_mult={list(self.channel_mult)}): "
+                "shorten model.channel_mult or prepare the images at another --size"
             )
-        _positive("model.num_res_blocks", self.num_res_blocks)
-        _unit_interval("model.dropout", self.dropout)
-        _positive("model.num_heads", self.num_heads)
         resolutions = [self.image_size // 2**i for i in range(len(self.channel_mult))]
+        if self.attn_resolutions is None:
+            self.attn_resolutions = default_attention(self.image_size, len(self.channel_mult))
         unreached = [r for r in self.attn_resolutions if r not in resolutions]
         if unreached:  # a warning, not an error: overriding only image_size on a preset is common in tests
             warnings.warn(
                 f"model.attn_resolutions={list(self.attn_resolutions)}: {unreached} is not a resolution of this "
                 f"U-Net, so no attention is added there; with model.image_size={self.image_size} and "
-                f"{len(self.channel_mult)} levels the resolutions are {resolutions}",
+                f"{len(self.channel_mult)} levels the resolutions are {resolutions} (leave "
+                "model.attn_resolutions unset for the rule in docs/model.md)",
                 stacklevel=2,
             )
         # Attention runs at the listed resolutions and always in the middle block (the lowest resolution).
@@ -150,7 +176,7 @@ class DiffusionConfig:
 class TrainConfig:
     """The training run (pipeline/trainer.py): batch, length, precision, determinism. Steps are optimizer steps."""
 
-    out_dir: str = "runs/default"  # checkpoints and exported weights go under here
+    out_dir: str = ""  # checkpoints and exported weights go under here; "" = runs/<name>
     batch_size: int = 128  # global batch: all ranks and accumulation steps together
     micro_batch_per_gpu: int = 0  # per-device batch per forward; 0 = batch_size / world_size (no accumulation)
     total_steps: int = 800_000  # optimizer steps to train for
@@ -161,9 +187,11 @@ class TrainConfig:
     max_nonfinite_in_row: int = 10  # with skip: stop after this many non-finite steps in a row
     compile: bool = False  # torch.compile the U-Net
     channels_last: bool = False  # channels_last memory format
+    grad_comm_dtype: str = "fp32"  # dtype of the gradient all-reduce: fp32 | bf16 (half the bytes; docs/training.md)
 
     def __post_init__(self) -> None:
         _positive("train.batch_size", self.batch_size)
+        _choice("train.grad_comm_dtype", self.grad_comm_dtype, ("fp32", "bf16"))
         _positive("train.micro_batch_per_gpu", self.micro_batch_per_gpu, zero_ok=True)
         _positive("train.total_steps", self.total_steps)
         if self.mixed_precision in ("False", "false"):
@@ -252,7 +280,9 @@ class LoggingConfig:
 class PreemptionConfig:
     """SIGTERM/SIGUSR1 handling (pipeline/trainer.py): checkpoint, then exit 75 so the job is requeued."""
 
-    check_every_steps: int = 10  # ranks agree on a received signal every this many steps (one gloo all-reduce)
+    # ranks act on a received signal at the first log tick whose step is a multiple of this: the flag rides on
+    # the tick's all-reduce (no collective of its own), so within lcm(logging.every_steps, this) steps
+    check_every_steps: int = 10
 
     def __post_init__(self) -> None:
         _positive("preemption.check_every_steps", self.check_every_steps)
@@ -269,7 +299,8 @@ class EvalConfig:
     eta: float = 0.0  # DDIM η (0 = deterministic, 1 = ancestral-like)
     batch_size: int = 256  # images per network call while sampling
     use_ema: bool = True  # evaluate the EMA weights (the paper's) or the raw ones
-    feature_extractor: str = "inception"  # inception (clean-fid's InceptionV3) or digits (the bundled demo net)
+    # inception (clean-fid's InceptionV3), digits (the bundled demo net), or none (no FID/KID: bits/dim and grids)
+    feature_extractor: str = "inception"
     fid_mode: str = "clean"  # clean-fid mode: clean | legacy_pytorch | legacy_tensorflow
     reference: str = "train"  # reference statistics: a split of the data shards, or clean-fid:<name>/<split>/<res>
     inception_weights: str = ""  # path to inception-2015-12-05.pt where it cannot be downloaded
@@ -292,7 +323,7 @@ class EvalConfig:
         _positive("eval.steps", self.steps)
         _unit_interval("eval.eta", self.eta)
         _positive("eval.batch_size", self.batch_size)
-        _choice("eval.feature_extractor", self.feature_extractor, ("inception", "digits"))
+        _choice("eval.feature_extractor", self.feature_extractor, ("inception", "digits", "none"))
         _choice("eval.fid_mode", self.fid_mode, ("clean", "legacy_pytorch", "legacy_tensorflow"))
         _positive("eval.bpd_timesteps", self.bpd_timesteps, zero_ok=True)
         _positive("eval.bpd_max_images", self.bpd_max_images)
@@ -308,7 +339,7 @@ class EvalConfig:
         _unit_interval("eval.confidence_threshold", self.confidence_threshold)
         if not self.reference:
             raise ConfigError("eval.reference must be a split of data.shards (e.g. train) or clean-fid:<dataset>/<split>/<res>")
-        if self.reference.startswith("clean-fid:") and self.feature_extractor != "inception":
+        if self.reference.startswith("clean-fid:") and self.feature_extractor == "digits":
             raise ConfigError(
                 f"eval.reference={self.reference!r} is InceptionV3 statistics; it needs eval.feature_extractor=inception"
             )
@@ -319,7 +350,9 @@ class TrackingConfig:
     """MLflow tracking (pipeline/tracking.py, docs/tracking.md). Rank 0 only; an outage never stops training."""
 
     enabled: bool = True  # false = log nothing (a null sink)
-    uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<train.out_dir>/mlflow.db (embedded, no server)
+    # "" = $MLFLOW_TRACKING_URI, else sqlite:///<parent of train.out_dir>/mlflow.db: one embedded store (no server)
+    # shared by a project's trainings (runs/mlflow.db for runs/a and runs/b), so compare sees them together
+    uri: str = ""
     experiment: str = "ddpm"  # MLflow experiment name
     run_name: str = ""  # "" = the config's name
     retries: int = 3  # attempts per call before it is dropped with a warning
@@ -329,6 +362,7 @@ class TrackingConfig:
     start_timeout_s: float = 10.0  # make_sink waits at most this for the run to be created (0 = do not wait)
     flush_timeout_s: float = 30.0  # finish() waits at most this for queued calls to be sent
     probe_interval_s: float = 5.0  # during an outage, calls are dropped except one probe per this interval
+    system_metrics: bool = False  # MLflow's system/* metrics (CPU, memory, disk, network, GPU) while training
 
     def __post_init__(self) -> None:
         _positive("tracking.retries", self.retries)
@@ -351,7 +385,7 @@ class TrackingConfig:
 class Config:
     """A whole experiment."""
 
-    name: str = "default"  # experiment name: the run name and the out_dir default
+    name: str = "default"  # experiment name: the MLflow run name, and train.out_dir = runs/<name> when that is unset
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -363,6 +397,15 @@ class Config:
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name or ""):
+            raise ConfigError(
+                f"name={self.name!r} must be a simple name (letters, digits, '.', '_', '-'; e.g. mine): it names the "
+                "MLflow run and the default train.out_dir runs/<name>"
+            )
+        if not self.train.out_dir:
+            self.train.out_dir = f"runs/{self.name}"
 
 
 # Keys that moved out of train.* into their components' sections. Old configs still load: each old key is
@@ -432,14 +475,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     except OmegaConfBaseException as exc:
         raise _wrap(exc, "the command-line overrides") from exc
     _move_renamed_keys(layers[-1], "the overrides")
+    merged = schema
+    for layer, where in zip(layers, [str(path)] * (path is not None) + ["the overrides"]):
+        try:  # one layer at a time, so that a wrong key or type is blamed on the file or the overrides that has it
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as exc:
+            raise _wrap(exc, where) from exc
     try:
-        merged = OmegaConf.merge(schema, *layers)
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
             raise ConfigError(f"required keys are not set: {', '.join(missing)} (set them in the YAML or as key=value)")
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
-        raise _wrap(exc, str(path) if path else "the overrides") from exc
+        raise _wrap(exc, "the configuration") from exc
     assert isinstance(cfg, Config)
     return cfg
 

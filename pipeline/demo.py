@@ -9,7 +9,7 @@
    figures for the held-out real digits,
 4. says where the sample grid is and how to open the MLflow UI.
 
-Everything is logged into the local SQLite MLflow store under the run's out_dir. ``key=value``
+Everything is logged into the project's local SQLite MLflow store beside the run's out_dir. ``key=value``
 overrides go to the training config (e.g. ``train.total_steps=500`` for a quick look).
 """
 
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{result.metrics['eval/bpd']:.3f} ± {result.metrics['eval/bpd_se']:.3f}")
     grid = Path(result.out_dir) / "grid.png"
     print(f"\nsample grid:  {grid}  (enlarged: {_enlarge(grid)})")
-    db = out_dir / "mlflow.db"
+    db = out_dir.parent / "mlflow.db"  # the project's store (docs/tracking.md)
     print(f"MLflow UI:    {ROOT / '.venv/bin/mlflow'} ui --backend-store-uri sqlite:///{db} --host 127.0.0.1 "
           f"--port 5000   (then open http://127.0.0.1:5000)")
     print(f"demo took {time.monotonic() - t0:.0f} s")

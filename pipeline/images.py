@@ -8,10 +8,24 @@ from typing import Any
 import numpy as np
 
 
-def image_grid(images: Any, nrow: int | None = None, padding: int = 2, pad_value: int = 0) -> np.ndarray:
+def upscale_factor(count: int, width: int, nrow: int, padding: int, min_width: int) -> int:
+    """The smallest integer factor that makes a grid of ``count`` images ``width`` px wide, ``nrow`` per row,
+    at least ``min_width`` px wide (tiny images, e.g. 8x8 digits, are unreadable at their own size)."""
+    if min_width <= 0 or count <= 0:
+        return 1
+    cols = min(nrow, count)
+    if count == 1:  # make_grid returns a single image as it is, without padding
+        return max(1, math.ceil(min_width / width))
+    return max(1, math.ceil((min_width - padding * (cols + 1)) / (cols * width)))
+
+
+def image_grid(images: Any, nrow: int | None = None, padding: int = 2, pad_value: int = 0,
+               min_width: int = 0) -> np.ndarray:
     """Tile uint8 images (N, C, H, W) into one HWC uint8 image (torchvision's make_grid; grey becomes RGB).
 
-    ``nrow`` images per row; default: ceil(sqrt(N)), a square-ish grid.
+    ``nrow`` images per row; default: ceil(sqrt(N)), a square-ish grid. ``min_width`` > 0: each image is
+    first enlarged by the smallest integer factor (nearest neighbour: every pixel becomes a k x k block, no
+    new values) that makes the grid at least that many pixels wide; the padding stays ``padding`` px.
     """
     import torch
     from torchvision.utils import make_grid
@@ -20,7 +34,11 @@ def image_grid(images: Any, nrow: int | None = None, padding: int = 2, pad_value
     if t.dtype != torch.uint8 or t.ndim != 4:
         raise ValueError(f"image_grid wants uint8 images shaped (N, C, H, W); got {t.dtype} {tuple(t.shape)}")
     n = t.shape[0]
-    grid = make_grid(t, nrow=nrow or math.ceil(math.sqrt(n)), padding=padding, pad_value=pad_value)
+    nrow = nrow or math.ceil(math.sqrt(n))
+    factor = upscale_factor(n, t.shape[-1], nrow, padding, min_width)
+    if factor > 1:
+        t = t.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
+    grid = make_grid(t, nrow=nrow, padding=padding, pad_value=pad_value)
     return grid.permute(1, 2, 0).contiguous().numpy()
 
 

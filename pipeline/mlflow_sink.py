@@ -6,16 +6,23 @@ one background thread sends the items with MLflow's client, retries a failing ca
 (tenacity), and after that treats the store as down: it drops calls (counted in ``sink.dropped``) and
 probes it once per ``probe_interval_s`` until it answers again. A process that exits without
 ``finish`` marks the run FAILED (atexit).
+
+A sqlite store is shared by the trainings (and evaluations) of a project: its "database is locked" is
+another process writing, not an outage, so those calls are retried patiently (``LOCK_PATIENCE_S``) before
+they count as failed; and a new store's tables are created under a file lock (``<db>.lock``), because
+two processes migrating one fresh database at once can leave it unusable.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import logging
 import math
 import os
 import queue
+import random
 import threading
 import time
 import weakref
@@ -27,7 +34,9 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 from mlflow.utils.validation import (
+    MAX_DATASET_DIGEST_SIZE,
     MAX_METRICS_PER_BATCH,
     MAX_PARAM_VAL_LENGTH,
     MAX_PARAMS_TAGS_PER_BATCH,
@@ -38,19 +47,45 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_expo
 
 from pipeline.config import TrackingConfig
 from pipeline.images import to_hwc_uint8
-from pipeline.tracking import RUN_FILE, STATUSES, NullSink, write_run_file
+from pipeline.tracking import RUN_FILE, STATUSES, DatasetInfo, NullSink, sqlite_path, write_run_file
 
 log = logging.getLogger(__name__)
 
+# The MLflow 3 UI opens an experiment on its GenAI overview unless this experiment tag says otherwise
+# (the UI's own ExperimentKind values; mlflow has no Python constant for it).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # the classic training-runs view
+# How long one call keeps retrying while a sqlite store is locked by another process (each attempt also
+# waits up to MLflow's own 20 s busy timeout); only then does it count as a failed attempt.
+LOCK_PATIENCE_S = 60.0
+
+
 @dataclass
 class _Op:
-    kind: str  # metrics | params | tags | image | artifact | text | status | finish
+    kind: str  # metrics | params | tags | image | artifact | text | dataset | status | finish
     payload: Any
     n_metrics: int = 0  # metric values inside, for the dropped count
 
 
+def _sqlite_locked(exc: BaseException) -> bool:
+    """SQLite's busy/locked error, however wrapped: MLflow raises it as an MlflowException with error code
+    TEMPORARILY_UNAVAILABLE (503) whose cause is sqlalchemy's OperationalError "database is locked"."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        text = str(cur).lower()
+        if "database is locked" in text or "database table is locked" in text:
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
 def _transient(exc: BaseException) -> bool:
-    """Worth retrying: connection problems and server errors, not a request the store rejects (4xx)."""
+    """Worth retrying: connection problems, server errors and a locked sqlite store, not a request the
+    store rejects (4xx)."""
+    if _sqlite_locked(exc):
+        return True
     if isinstance(exc, MlflowException):
         return exc.get_http_status_code() >= 500
     return not isinstance(exc, (ValueError, TypeError, FileNotFoundError))
@@ -89,6 +124,9 @@ class MLflowSink(NullSink):
         self._closed = False
         self._pid = os.getpid()
         self._client: Any = None
+        self._monitor: Any = None  # MLflow's SystemMetricsMonitor (tracking.system_metrics)
+        self._monitor_failed = False
+        self._awaiting_status = run_id is not None and not attach  # a resumed run is RUNNING once "status" is sent
         self._last_warned: dict[str, float] = {}
         if run_id is not None and not attach:
             self._put(_Op("status", "RUNNING"))
@@ -156,6 +194,9 @@ class MLflowSink(NullSink):
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         self._put(_Op("tags", {str(k): str(v)[:MAX_TAG_VAL_LENGTH] for k, v in tags.items()}))
+
+    def log_dataset(self, dataset: DatasetInfo, context: str = "training") -> None:
+        self._put(_Op("dataset", (dataset, str(context))))
 
     def flush(self, timeout_s: float) -> bool:
         if self._finished or self._closed:
@@ -245,7 +286,7 @@ class MLflowSink(NullSink):
 
     def _worker(self) -> None:
         try:
-            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            self._client = self._open_client()
         except Exception as exc:  # e.g. an unknown URI scheme: nothing can be logged, training goes on
             log.warning("tracking: cannot open %s (%s); nothing will be logged", self.tracking_uri, _short(exc))
             self._closed = True
@@ -259,6 +300,7 @@ class MLflowSink(NullSink):
         if self._supersedes and self._supersedes != self._run_id:
             self._call(self._mark_superseded, what="mark the previous run", attempts=self.cfg.retries)
         self._ready.set()
+        self._maybe_start_monitor()
         pending: _Op | None = None
         while not self._closed:
             try:
@@ -292,6 +334,7 @@ class MLflowSink(NullSink):
             if op.kind == "finish":
                 self._done.set()
                 return
+            self._maybe_start_monitor()
         if pending is not None:
             self._count_drop(pending)
 
@@ -304,7 +347,7 @@ class MLflowSink(NullSink):
         send = {
             "metrics": self._send_metrics, "params": self._send_params, "tags": self._send_tags,
             "image": self._send_image, "artifact": self._send_artifact, "text": self._send_text,
-            "status": self._send_status, "finish": self._send_finish,
+            "dataset": self._send_dataset, "status": self._send_status, "finish": self._send_finish,
         }[op.kind]
         if op.kind == "finish":
             # The final status matters most (a run left RUNNING looks alive for ever): retried, whatever the
@@ -335,12 +378,13 @@ class MLflowSink(NullSink):
         retrying = Retrying(
             stop=stop_after_attempt(attempts),
             wait=wait_exponential(multiplier=self.cfg.retry_wait_s, max=8 * max(self.cfg.retry_wait_s, 0.1)),
-            retry=retry_if_exception(_transient),
+            # a store still locked after LOCK_PATIENCE_S is as good as down: no more attempts on top
+            retry=retry_if_exception(lambda e: _transient(e) and not _sqlite_locked(e)),
             before_sleep=lambda _state: self._count("failed_attempts"),
             reraise=True,
         )
         try:
-            retrying(fn)
+            retrying(self._patient, fn)
         except Exception as exc:
             self._count("failed_attempts")
             if _transient(exc):
@@ -360,21 +404,53 @@ class MLflowSink(NullSink):
             self._down_since = None
         return True
 
+    def _patient(self, fn: Any) -> Any:
+        """``fn()``, retried while a sqlite store is locked by another process (contention, not an outage),
+        for at most LOCK_PATIENCE_S (and not past finish()'s deadline)."""
+        deadline = min(time.monotonic() + LOCK_PATIENCE_S, self._finish_deadline)
+        wait = 0.05
+        while True:
+            try:
+                return fn()
+            except Exception as exc:
+                if not _sqlite_locked(exc) or self._closed or time.monotonic() + wait > deadline:
+                    raise
+            self._count("lock_waits")
+            time.sleep(wait * (0.5 + random.random()))  # jitter: two writers do not retry in lockstep
+            wait = min(2 * wait, 2.0)
+
+    def _open_client(self) -> MlflowClient:
+        """The client; a new sqlite store's tables are created under ``<db>.lock`` (see the module doc)."""
+        db = sqlite_path(self.tracking_uri)
+        if db is None or os.name == "nt":
+            return self._patient(lambda: MlflowClient(tracking_uri=self.tracking_uri))
+        from mlflow.utils.file_utils import ExclusiveFileLock
+
+        with ExclusiveFileLock(f"{db}.lock"):
+            return self._patient(lambda: MlflowClient(tracking_uri=self.tracking_uri))
+
     def _create_run(self) -> None:
         client = self._client
         exp = client.get_experiment_by_name(self._experiment)
         if exp is None:
             try:
-                exp_id = client.create_experiment(self._experiment, artifact_location=self._artifact_location)
+                exp_id = client.create_experiment(self._experiment, artifact_location=self._artifact_location,
+                                                  tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
             except MlflowException as exc:  # another process created it meanwhile
                 if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
-                exp_id = client.get_experiment_by_name(self._experiment).experiment_id
-        else:
+                exp = client.get_experiment_by_name(self._experiment)
+        if exp is not None:
             exp_id = exp.experiment_id
+            self._ensure_experiment_kind(exp)
         run = client.create_run(exp_id, tags=self._tags, run_name=self._run_name)
         self._run_id = run.info.run_id
         self._record_run()
+
+    def _ensure_experiment_kind(self, exp: Any) -> None:
+        """The classic runs view for an experiment without a kind; a kind someone chose is left alone."""
+        if not exp.tags.get(EXPERIMENT_KIND_TAG):
+            self._client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
     def _record_run(self) -> None:
         if self._run_file_dir is None or self._run_id is None:
@@ -410,8 +486,19 @@ class MLflowSink(NullSink):
                         self._run_id, self.tracking_uri)
             self._run_id = None
             self._create_run()  # records the new run in the run file
+            self._awaiting_status = False
             return
         self._client.update_run(self._run_id, status=status)
+        self._awaiting_status = False
+        # A run created before these conventions: its experiment's kind, and the tags this job knows.
+        self._ensure_experiment_kind(self._client.get_experiment(run.info.experiment_id))
+        stale = {k: v for k, v in self._tags.items() if run.data.tags.get(k) != v}
+        if MLFLOW_GIT_COMMIT in stale and run.data.tags.get(MLFLOW_GIT_COMMIT):
+            log.warning("tracking: run %s was started at commit %s and is continued at %s (its tag %s now "
+                        "names the latter)", self._run_id, run.data.tags[MLFLOW_GIT_COMMIT],
+                        stale[MLFLOW_GIT_COMMIT], MLFLOW_GIT_COMMIT)
+        if stale:
+            self._send_tags(stale)
 
     def _send_metrics(self, metrics: list) -> None:
         self._client.log_batch(self._run_id, metrics=metrics, synchronous=True)
@@ -450,9 +537,60 @@ class MLflowSink(NullSink):
         text, name = payload
         self._client.log_text(self._run_id, text, name)
 
+    def _send_dataset(self, payload: tuple) -> None:
+        info, context = payload
+        self._client.log_inputs(self._run_id, datasets=[_dataset_input(info, context)])
+
     def _send_finish(self, status: str) -> None:
+        self._stop_monitor()  # its last samples go in before the run closes (the monitor stops on a closed run)
         if not self._attach:
             self._client.set_terminated(self._run_id, status=status)
+
+    # ---- system metrics (MLflow's SystemMetricsMonitor: its own thread and client) -------------------
+
+    def _maybe_start_monitor(self) -> None:
+        """Start MLflow's monitor once the run is RUNNING (never raises: without psutil it warns once)."""
+        if (not self.cfg.system_metrics or self._attach or self._monitor is not None or self._monitor_failed
+                or self._run_id is None or self._awaiting_status or self._closed):
+            return
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(self._run_id, resume_logging=True, tracking_uri=self.tracking_uri)
+            monitor.start()
+        except Exception as exc:  # e.g. psutil missing (ImportError): training goes on without them
+            self._monitor_failed = True
+            log.warning("tracking: system metrics not logged (tracking.system_metrics=true): %s", _short(exc))
+            return
+        self._monitor = monitor
+
+    def _stop_monitor(self) -> None:
+        monitor, self._monitor = self._monitor, None
+        if monitor is not None:
+            try:
+                monitor.finish()
+            except Exception as exc:
+                self._warn_limited("system_metrics", f"stopping the system metrics monitor: {_short(exc)}")
+
+
+def _dataset_input(info: DatasetInfo, context: str) -> Any:
+    """``DatasetInfo`` as MLflow's DatasetInput: what ``mlflow.log_input`` would send, built without a
+    pandas/numpy Dataset object (the shards are not loaded for this)."""
+    import numpy as np
+    from mlflow.data.schema import TensorDatasetSchema
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.types.schema import Schema, TensorSpec
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    schema = None
+    if info.image_size and info.channels:  # decoded samples: uint8 HWC images, int64 labels when labelled
+        features = Schema([TensorSpec(np.dtype(np.uint8), (-1, info.image_size, info.image_size, info.channels),
+                                      "image")])
+        targets = Schema([TensorSpec(np.dtype(np.int64), (-1,), "label")]) if info.num_classes else None
+        schema = json.dumps(TensorDatasetSchema(features=features, targets=targets).to_dict())
+    dataset = Dataset(name=info.name, digest=info.sha256[:MAX_DATASET_DIGEST_SIZE], source_type=info.source_type,
+                      source=info.source_json(), schema=schema, profile=json.dumps(info.profile, sort_keys=True))
+    return DatasetInput(dataset=dataset, tags=[InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)])
 
 
 def _short(exc: BaseException) -> str:

@@ -7,18 +7,26 @@
 
 The main process gets the MLflow transport (pipeline/mlflow_sink.py: a bounded queue and a sender thread, so
 that no call waits on the network or raises); every other process, and ``tracking.enabled=false``, gets a
-``NullSink``. Names of metrics, params, tags and artifacts: docs/tracking.md.
+``NullSink``. By default every training of a project shares one store, ``<parent of train.out_dir>/mlflow.db``,
+so that ``evaluation.compare`` sees them side by side. Names of metrics, params, tags, the dataset input and
+artifacts: docs/tracking.md.
 """
 
 from __future__ import annotations
 
+import getpass
+import hashlib
 import json
 import os
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from pipeline.config import ConfigError, TrackingConfig
+from pipeline.config import ConfigError, DataConfig, TrackingConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 STATUSES = ("FINISHED", "KILLED", "FAILED")
 RUN_FILE = "mlflow_run.json"  # beside the checkpoints: the training's run, written as soon as it exists
@@ -42,11 +50,16 @@ def write_run_file(out_dir: str | os.PathLike, run_id: str, tracking_uri: str) -
     os.replace(tmp, path)
 
 
+def default_store(out_dir: str | os.PathLike) -> Path:
+    """``<abs parent of out_dir>/mlflow.db``: one store per project (runs/mlflow.db for runs/a and runs/b)."""
+    return Path(out_dir).resolve().parent / "mlflow.db"
+
+
 def resolve_tracking_uri(cfg: TrackingConfig, out_dir: str | os.PathLike) -> str:
-    """``cfg.uri``, else ``$MLFLOW_TRACKING_URI``, else the embedded ``sqlite:///<abs out_dir>/mlflow.db``."""
+    """``cfg.uri``, else ``$MLFLOW_TRACKING_URI``, else the embedded ``sqlite:///<abs parent of out_dir>/mlflow.db``."""
     uri = cfg.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     if not uri:
-        return f"sqlite:///{Path(out_dir).resolve() / 'mlflow.db'}"
+        return f"sqlite:///{default_store(out_dir)}"
     file_store = uri.startswith("file:") or ("://" not in uri and not uri.startswith("databricks"))
     if file_store and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("1", "true"):
         raise ConfigError(
@@ -56,14 +69,125 @@ def resolve_tracking_uri(cfg: TrackingConfig, out_dir: str | os.PathLike) -> str
     return uri
 
 
-def _sqlite_path(uri: str) -> Path | None:
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI, else None."""
     return Path(unquote(urlparse(uri).path)) if uri.startswith("sqlite:///") else None
 
 
 def sqlite_artifact_location(uri: str) -> str | None:
     """``<folder of the .db>/mlartifacts`` for a ``sqlite:///`` URI (artifacts beside the store), else None."""
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     return None if db is None else str(db.parent / "mlartifacts")
+
+
+def source_tags(git_commit: str = "", entry_point: str | None = None) -> dict[str, str]:
+    """MLflow's standard source tags for a training run (what ``mlflow.start_run`` would set, and the UI shows).
+
+    ``mlflow.source.name``: the entry point (``sys.argv[0]``), relative to the repository when inside it;
+    ``mlflow.source.type``: JOB under SLURM, else LOCAL; ``mlflow.user``; ``mlflow.source.git.commit`` when
+    ``git_commit`` is known (a git checkout). The keys are MLflow's constants, imported here: only a process
+    that logs calls this.
+    """
+    from mlflow.entities import SourceType
+    from mlflow.utils.mlflow_tags import (
+        MLFLOW_GIT_COMMIT,
+        MLFLOW_SOURCE_NAME,
+        MLFLOW_SOURCE_TYPE,
+        MLFLOW_USER,
+    )
+
+    main = entry_point if entry_point is not None else (sys.argv[0] if sys.argv and sys.argv[0] else "")
+    name = "<console>" if main in ("", "-c", "-") else main
+    if name != "<console>":
+        path = Path(name).resolve()
+        name = str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+    kind = SourceType.JOB if os.environ.get("SLURM_JOB_ID") else SourceType.LOCAL
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError, ImportError):  # no login name (e.g. a container's uid without passwd entry)
+        user = "unknown"
+    tags = {MLFLOW_SOURCE_NAME: name, MLFLOW_SOURCE_TYPE: SourceType.to_string(kind), MLFLOW_USER: user}
+    if git_commit:
+        tags[MLFLOW_GIT_COMMIT] = git_commit
+    return tags
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """The training data as an MLflow dataset input (built into ``mlflow.entities.Dataset`` by the sink).
+
+    ``sha256``: of the prepared data's manifest.json, or, for shards without a manifest, of the sorted shard
+    list (newline-joined). The dataset's MLflow digest is its first 36 characters (MLflow's limit); the full
+    hash is also in the profile (``sha256``).
+    """
+
+    name: str  # the data folder's name (e.g. digits)
+    sha256: str
+    source: str  # where the shards are: the prepared folder, or data.shards as given (pattern, URLs)
+    profile: dict[str, Any] = field(default_factory=dict)  # split, num_samples (-1 = unknown), num_shards, ...
+    image_size: int = 0  # 0 = unknown (no manifest)
+    channels: int = 0
+    num_classes: int = 0  # 0 = unlabelled or unknown
+
+    @property
+    def source_type(self) -> str:
+        """MLflow's dataset source types: local (a path or file: URL), http, or the URL scheme (s3, gs, pipe)."""
+        if self.source.startswith("pipe:"):
+            return "pipe"
+        scheme = self.source.split("://", 1)[0] if "://" in self.source else "file"
+        return {"file": "local", "https": "http"}.get(scheme, scheme)
+
+    def source_json(self) -> str:
+        """As MLflow's own sources serialise themselves: {"url": ...} for http, {"uri": ...} otherwise."""
+        return json.dumps({"url" if self.source_type == "http" else "uri": self.source})
+
+
+def describe_training_data(data: DataConfig) -> DatasetInfo:
+    """``data.shards`` (resolved as the loader resolves it) as a dataset: name, digest, source, split and counts.
+
+    Reads the manifest (a small JSON file) and nothing else: shards without a manifest are not opened, their
+    sample count is -1 (unknown). Raises DataError/ManifestError/OSError like the loader would.
+    """
+    from pipeline.data.manifest import MANIFEST_NAME, is_url, join, read_manifest
+    from pipeline.data.shards import resolve_shards
+
+    spec = data.shards.strip()
+    shardset = resolve_shards(spec, data.split, need_counts=False)
+    shards = shardset.shards
+    # a pattern or URL list is read as given: data.split selects nothing there
+    profile: dict[str, Any] = {"split": None, "num_samples": shardset.num_samples if shardset.counts_known
+                               else -1, "num_shards": len(shards)}
+    looks_like_tars = ".tar" in spec or "{" in spec or "::" in spec or spec.startswith("pipe:")
+    if not looks_like_tars:  # a prepared folder or its manifest.json: the manifest is the data's identity
+        path = spec if spec.endswith(".json") else join(spec, MANIFEST_NAME)
+        manifest = read_manifest(path)
+        digest = hashlib.sha256(_read_bytes(path)).hexdigest()
+        source = manifest.location
+        profile.update(split=data.split, digest_of="manifest.json", encoding=manifest.encoding)
+    else:  # a pattern or URL list: the shards it names are the identity
+        digest = hashlib.sha256("\n".join(sorted(s.url for s in shards)).encode()).hexdigest()
+        source = spec if is_url(spec) or "::" in spec else os.path.abspath(spec)
+        profile["digest_of"] = "shard list"
+    profile["sha256"] = digest
+    folder = source.rstrip("/").rsplit("/", 1)[-1] if not looks_like_tars else _folder_of(shards[0].url)
+    return DatasetInfo(name=folder or "data", sha256=digest, source=source, profile=profile,
+                       image_size=shardset.image_size, channels=shardset.channels, num_classes=shardset.num_classes)
+
+
+def _folder_of(url: str) -> str:
+    parent = url.rsplit("/", 1)[0] if "/" in url else os.getcwd()
+    return parent.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _read_bytes(path: str) -> bytes:
+    from pipeline.data.manifest import is_url
+
+    if is_url(path):
+        import fsspec
+
+        with fsspec.open(path, "rb") as f:
+            return f.read()
+    return Path(path).read_bytes()
 
 
 class NullSink:
@@ -97,6 +221,9 @@ class NullSink:
     def set_tags(self, tags: dict[str, Any]) -> None:
         """Run tags (mutable, last value wins)."""
 
+    def log_dataset(self, dataset: DatasetInfo, context: str = "training") -> None:
+        """The data as an MLflow dataset input of the run (``mlflow.data.context`` = ``context``)."""
+
     def flush(self, timeout_s: float) -> bool:
         """Wait at most ``timeout_s`` until every call made so far has been sent or dropped."""
         return True
@@ -123,7 +250,7 @@ def make_sink(cfg: TrackingConfig, *, out_dir: str | os.PathLike, is_main_proces
     if attach and not run_id:
         raise ValueError("make_sink(attach=True) needs the run_id of the run to log into")
     uri = resolve_tracking_uri(cfg, out_dir)
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
     # here, not at the top: mlflow is imported only by a process that logs

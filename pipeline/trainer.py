@@ -7,21 +7,23 @@ device-side statistics of a log tick), ``Preemption`` (SIGTERM/SIGUSR1) and ``Fa
 
 Random streams (written down so that resume is bitwise and N ranks equal one rank):
 - weights: ``torch.manual_seed(train.seed)`` before the U-Net is built, the same on every rank;
-- t, noise and dropout of micro-batch m of optimizer step s: torch's global RNG reseeded with
-  SeedSequence([train.seed, s, m]), where m = rank * accumulation + i counts micro-batches across
+- t, noise and dropout of micro-batch m of optimizer step s: torch's global RNG (the CPU's and the
+  device's generator, ``seed_generators``) reseeded with SeedSequence([train.seed, s, m]), where
+  m = rank * accumulation + i counts micro-batches across
   ranks. The random numbers therefore depend on the position in the global batch only, not on the
   number of processes or on a restart;
 - data order: the loader's own (data.seed, epoch), with its position saved per rank.
 
-Host syncs: the loop never reads a device value except at a log tick (every logging.every_steps),
-a sample grid or a checkpoint. A non-finite gradient is detected on the device (``applied`` below) and
-the optimizer step is skipped on the device (fused Adam's found_inf, the AMP mechanism), the EMA
-update is masked with the same flag, and counters are read at the next tick.
+Host syncs and collectives: the loop never reads a device value except at a log tick (every
+logging.every_steps), a sample grid or a checkpoint, and makes no collective of its own between ticks
+(the preemption flags ride on the tick's all-reduce; DDP's gradient buckets and DeepSpeed's own
+collectives and overflow check aside: tests/test_step_sync.py). A non-finite gradient is detected on
+the device (``applied`` below) and the optimizer step is skipped on the device (fused Adam's found_inf,
+the AMP mechanism), the EMA update is masked with the same flag, and counters are read at the next tick.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import math
 import os
@@ -36,6 +38,7 @@ import torch
 
 from pipeline import dist
 from pipeline.config import Config, ConfigError, flatten, to_yaml
+from pipeline.geometry import resolve_geometry
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: a checkpoint was written, requeue the job and it resumes
 
@@ -66,6 +69,15 @@ def micro_seed(seed: int, step: int, micro: int) -> int:
     return int(np.random.SeedSequence([seed, step, micro]).generate_state(1, dtype=np.uint64)[0])
 
 
+def seed_generators(seed: int, device: torch.device) -> None:
+    """What ``torch.manual_seed(seed)`` does to the generators a step draws from (the CPU's and ``device``'s),
+    without its cost: it also seeds every other backend, lazily, recording a stack trace each time."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.default_generators[index].manual_seed(seed)
+
+
 def batch_split(batch_size: int, micro_batch_per_gpu: int, world_size: int) -> tuple[int, int]:
     """(micro batch per device, accumulation steps) for a global batch; raises ConfigError if indivisible."""
     micro = micro_batch_per_gpu or batch_size // world_size
@@ -79,14 +91,8 @@ def batch_split(batch_size: int, micro_batch_per_gpu: int, world_size: int) -> t
     return micro, batch_size // (micro * world_size)
 
 
-@torch.no_grad()
-def all_finite(module: torch.nn.Module) -> bool:
-    """No NaN/inf in the module's parameters and buffers (one host sync: used at checkpoints only)."""
-    tensors = [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point() and t.numel()]
-    return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all()) if tensors else True
-
-
 def git_commit() -> str:
+    """HEAD of the checkout this code runs from ("" outside a git checkout): the run's source commit."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
@@ -124,8 +130,9 @@ class OptimizerStep:
     ``applied`` is the same on every rank (decided from the all-reduced gradient). DDP / one process: the
     global norm is clipped by accelerate and fused Adam skips the step on the device (found_inf) unless the
     update it would apply (clipped norm x lr) is finite.
-    DeepSpeed stepped inside backward() and skipped a non-finite step itself; its skipped_steps counter
-    tells us which.
+    DeepSpeed stepped inside backward() and skipped a non-finite step itself (its own overflow check reads
+    the norm on the host); its host counter skipped_steps tells us which, and its norm stays the device
+    tensor it computed (read at the tick). The flags are two tensors made once: no host-to-device copy.
     """
 
     def __init__(self, accelerator: Any, module: Any, adam: torch.optim.Adam, wrapped: Any, grad_clip: float,
@@ -133,6 +140,10 @@ class OptimizerStep:
         self.accelerator, self.module, self.adam, self.wrapped = accelerator, module, adam, wrapped
         self.grad_clip, self.deepspeed = grad_clip or math.inf, deepspeed
         self._ds_skipped = module.skipped_steps if deepspeed else 0
+        device = accelerator.device
+        self._applied = torch.ones((), dtype=torch.bool, device=device), torch.zeros((), dtype=torch.bool,
+                                                                                      device=device)
+        self._zero = torch.zeros((), device=device)
 
     def step(self, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         for group in self.adam.param_groups:  # DeepSpeed's optimizer shares these groups
@@ -141,8 +152,10 @@ class OptimizerStep:
         if self.deepspeed:
             applied = self.module.skipped_steps == self._ds_skipped
             self._ds_skipped = self.module.skipped_steps
-            norm = float(self.module.get_global_grad_norm() or 0.0) if applied else 0.0
-            return torch.tensor(applied, device=device), torch.as_tensor(norm, device=device)
+            norm = self.module.get_global_grad_norm() if applied else None
+            if not torch.is_tensor(norm):  # skipped (DeepSpeed says inf; the tick ignores it) or not computed
+                norm = self._zero if norm is None or not applied else torch.tensor(float(norm), device=device)
+            return self._applied[0] if applied else self._applied[1], norm.detach().reshape(())
         grad_norm = self.accelerator.clip_grad_norm_(self.module.parameters(), self.grad_clip)
         # Decide on the update actually applied: the norm after clipping (the clip coefficient is NaN when the
         # norm or the bound is not finite) times the learning rate, so neither a NaN gradient nor a NaN/inf
@@ -162,6 +175,9 @@ def configure_deepspeed(accelerator: Any, cfg: Config, micro: int, accum: int) -
     ds["gradient_accumulation_steps"] = accum
     ds["train_batch_size"] = cfg.train.batch_size
     ds["gradient_clipping"] = cfg.optimizer.grad_clip
+    if cfg.train.grad_comm_dtype != "fp32":
+        raise ConfigError(f"train.grad_comm_dtype={cfg.train.grad_comm_dtype} is for DDP; under DeepSpeed leave it "
+                          "fp32 and set communication_data_type in the DeepSpeed JSON (configs/deepspeed/)")
     ds.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
     # Under DeepSpeed, a non-finite step is skipped by the engine's own check; these settings turn it
     # off (ZeRO-1/2), and the NaN would reach the weights and the EMA unnoticed.
@@ -215,10 +231,13 @@ class TickStats:
         self.steps += 1
         self.data_wait_s += data_wait_s
 
-    def flush(self, accelerator: Any, lr: float, batch_size: int) -> tuple[dict[str, float], int]:
-        """(metrics of the tick, longest run of non-finite steps in it); the losses are reduced over ranks."""
-        stats = accelerator.reduce(torch.cat([self.loss_q, self.count_q]), reduction="sum").tolist()
-        loss_q, count_q = stats[:4], stats[4:]
+    def flush(self, accelerator: Any, lr: float, batch_size: int, flag: bool = False
+              ) -> tuple[dict[str, float], int, bool]:
+        """(metrics of the tick, longest run of non-finite steps in it, ``flag`` on any rank). The losses and
+        the host ``flag`` (the preemption signals) share one all-reduce, the loop's only collective of its own."""
+        mine = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        stats = accelerator.reduce(torch.cat([self.loss_q, self.count_q, mine]), reduction="sum").tolist()
+        loss_q, count_q, any_flag = stats[:4], stats[4:8], stats[8] > 0
         applied, nonfinite, scaler_skips = self.applied.item(), self.nonfinite.item(), self.scaler_skips.item()
         longest = int(self.nonfinite_run_max.item())
         elapsed = time.perf_counter() - self.start
@@ -237,13 +256,22 @@ class TickStats:
             v.zero_()
         self.nonfinite_run_max.copy_(self.nonfinite_run)
         self.steps, self.data_wait_s, self.start = 0, 0.0, time.perf_counter()
-        return metrics, longest
+        return metrics, longest, any_flag
 
 
-def tick_line(step: int, total_steps: int, metrics: dict[str, float]) -> str:
+def duration(seconds: float) -> str:
+    """``1:02:03`` (h:mm:ss) for log lines."""
+    s = max(0, int(round(seconds)))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def tick_line(step: int, total_steps: int, metrics: dict[str, float], elapsed_s: float) -> str:
+    """One log line per tick; the ETA assumes the remaining steps run at this tick's step time."""
     m = metrics
+    eta = (total_steps - step) * m["train/step_time_s"]
     return (f"step {step}/{total_steps}  loss {m['train/loss']:.4f}  lr {m['train/lr']:.2e}  "
-            f"{m['train/images_per_s']:.1f} img/s  data {m['train/data_wait_s'] * 1e3:.0f} ms/step"
+            f"{m['train/images_per_s']:.1f} img/s  data {m['train/data_wait_s'] * 1e3:.0f} ms/step  "
+            f"elapsed {duration(elapsed_s)}  eta {duration(eta)}"
             + (f"  non-finite {int(m['train/nonfinite_steps'])}" if m["train/nonfinite_steps"] else "")
             + (f"  loss-scaler skips {int(m['train/loss_scaler_skips'])}" if m.get("train/loss_scaler_skips") else ""))
 
@@ -252,9 +280,10 @@ def tick_line(step: int, total_steps: int, metrics: dict[str, float]) -> str:
 
 
 class Preemption:
-    """SIGTERM/SIGUSR1 (SLURM preemption, scancel) only set a flag; ranks agree on it every
-    ``preemption.check_every_steps`` steps (one tiny gloo all-reduce: every step would be a host round
-    trip per step on many GPU nodes), then the loop checkpoints and exits 75."""
+    """SIGTERM/SIGUSR1 (SLURM preemption, scancel) only set a flag. The flags ride on the log tick's all-reduce
+    (``TickStats.flush``), so agreeing adds no collective; the ranks act at a tick whose step is a multiple of
+    ``preemption.check_every_steps`` (or the last step): within lcm(logging.every_steps, check_every_steps)
+    steps of the signal. Then the loop checkpoints and exits 75."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -263,9 +292,15 @@ class Preemption:
         for sig in self.SIGNALS:
             signal.signal(sig, lambda signum, frame: self.received.append(signum))
 
-    def agreed(self, step: int, final: bool) -> bool:
-        """Collective at the cadence (and at the last step): True on every rank if any rank got a signal."""
-        return (step % self.check_every_steps == 0 or final) and dist.any_true(bool(self.received))
+    @property
+    def pending(self) -> bool:
+        """This rank got a signal (what it contributes to the tick's all-reduce)."""
+        return bool(self.received)
+
+    def agreed(self, step: int, final: bool, any_rank: bool) -> bool:
+        """Stop here? ``any_rank``: some rank had a signal, from this step's tick (False off ticks): the same
+        value on every rank, so every rank decides alike. No collective."""
+        return (step % self.check_every_steps == 0 or final) and any_rank
 
     def ignore_further(self) -> None:
         # The checkpoint is written. torchrun SIGTERMs the other workers as soon as one exits non-zero;
@@ -314,9 +349,10 @@ class FaultHooks:
         return x * float("nan") if first_of_rank and step + 1 in self.nan_steps else x
 
     @torch.no_grad()
-    def after_step(self, step: int, weights: torch.nn.Module) -> None:
-        if step == self.nan_weights_at:
-            next(weights.parameters()).view(-1)[0] = float("nan")
+    def after_step(self, step: int, ema: Any) -> None:
+        if step == self.nan_weights_at:  # the live fp32 weights: the U-Net's, or this rank's DeepSpeed master slice
+            first = ema.source_tensors()[0]
+            first[(0,) * first.dim()] = float("nan")
 
     def step_window(self, enter: bool, step: int, first_step: int) -> None:
         if self.sync_check and step >= first_step + 2:
@@ -328,10 +364,12 @@ class FaultHooks:
             time.sleep(self.stall_s)
             raise RuntimeError(f"DDPM_FAULT_STALL_AFTER_STEP: nobody killed the run within {self.stall_s:.0f} s")
 
-    def close(self, params: dict[str, torch.Tensor], ema: dict[str, torch.Tensor]) -> None:
+    def close(self, ema: Any) -> None:
+        """Every rank (under DeepSpeed the full weights are gathered to every rank: a collective)."""
         if self.trace is None:
             return
-        for name, sd in (("params", params), ("ema", ema)):  # tests compare these across ranks and runs
+        params, averaged = ema.gather_source(everywhere=True), ema.gather_weights(everywhere=True)
+        for name, sd in (("params", params), ("ema", averaged)):  # tests compare these across ranks and runs
             blob = b"".join(v.detach().float().cpu().numpy().tobytes() for _, v in sorted(sd.items()))
             self.trace.write(f"{name} {hashlib.sha1(blob).hexdigest()}\n")
         self.trace.close()
@@ -343,7 +381,11 @@ class FaultHooks:
 def make_accelerator(tc: Any) -> tuple[Any, bool]:
     """(Accelerator, under DeepSpeed?). Refuses what cannot run before any process group exists."""
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import (
+        DDPCommunicationHookType,
+        DistributedDataParallelKwargs,
+        InitProcessGroupKwargs,
+    )
 
     on_gpu = torch.cuda.is_available()
     if tc.mixed_precision == "fp16" and not on_gpu:
@@ -352,7 +394,14 @@ def make_accelerator(tc: Any) -> tuple[Any, bool]:
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
     # gloo on CPU: DeepSpeed otherwise believes every rank is alone (docs/deepspeed.md).
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # a launcher started several processes
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if launched and not on_gpu else []
+    handlers: list[Any] = [InitProcessGroupKwargs(backend="gloo")] if launched and not on_gpu else []
+    # DDP: gradients are views into the all-reduce buckets (no second gradient-sized buffer and copy); the
+    # reduction optionally in bf16 (DeepSpeed: communication_data_type, set in configure_deepspeed).
+    # static_graph stays off: the accumulation steps skip the all-reduce (no_sync), which it does not promise.
+    handlers.append(DistributedDataParallelKwargs(
+        gradient_as_bucket_view=True,
+        comm_hook=DDPCommunicationHookType.BF16 if tc.grad_comm_dtype == "bf16" else DDPCommunicationHookType.NO,
+    ))
     accelerator = Accelerator(mixed_precision=tc.mixed_precision, kwargs_handlers=handlers)
     dist.init_flag_group()
     if tc.deterministic:
@@ -368,18 +417,27 @@ def start_tracking(cfg: Config, accelerator: Any, progress: Progress, resumed: b
     its run existed (run id null), the run that out_dir/mlflow_run.json names. A run named there that this
     job does not continue was left RUNNING by a job that died: the sink marks it KILLED.
     """
-    from pipeline.tracking import make_sink, read_run_file
+    from pipeline.tracking import describe_training_data, make_sink, read_run_file, source_tags
 
+    logs = accelerator.is_main_process and cfg.tracking.enabled
     recorded = read_run_file(cfg.train.out_dir) if accelerator.is_main_process else None
     run_id = progress.mlflow_run_id or (recorded["run_id"] if recorded and resumed else None)
     sink = make_sink(cfg.tracking, out_dir=cfg.train.out_dir, is_main_process=accelerator.is_main_process,
                      run_id=run_id, run_name=cfg.tracking.run_name or cfg.name,
+                     tags=source_tags(git_commit()) if logs else None,  # MLflow's mlflow.source.* / mlflow.user
                      supersedes=recorded["run_id"] if recorded and recorded["run_id"] != run_id else None)
     progress.mlflow_tracking_uri = getattr(sink, "tracking_uri", None)
-    if accelerator.is_main_process:
-        sink.log_params(flatten(cfg) | {"git_commit": git_commit(), "world_size": accelerator.num_processes,
+    if logs:
+        sink.log_params(flatten(cfg) | {"world_size": accelerator.num_processes,
                                         "slurm_job_id": os.environ.get("SLURM_JOB_ID", "")})
         sink.log_artifact(text=to_yaml(cfg), name="config.yaml")
+        try:  # the loader has read the same manifest already; a failure here only costs the dataset input
+            sink.log_dataset(describe_training_data(cfg.data), context="training")
+        except Exception as exc:
+            import logging
+
+            logging.getLogger("pipeline.tracking").warning("tracking: the training data is not logged as a "
+                                                           "dataset input: %s", exc)
     return sink
 
 
@@ -404,6 +462,26 @@ def nonfinite_stop(tc: Any, metrics: dict[str, float], longest: int, tick_steps:
             "data, or use bf16/no.")
 
 
+def already_finished(step: int, total_steps: int, checkpoint: Path) -> str:
+    return (f"already finished at step {step} (train.total_steps={total_steps}; final checkpoint {checkpoint}): "
+            "nothing to do. Raise train.total_steps to train on, or set name=NEW (or train.out_dir) for a new run")
+
+
+def closing_summary(cfg: Config, *, steps: int, first_step: int, seconds: float, final: Path | None,
+                    exit_code: int) -> str:
+    """What the run did and what to do next (printed by rank 0 at the end)."""
+    trained = steps - first_step
+    rate = trained * cfg.train.batch_size / seconds if seconds > 0 else 0.0
+    how = "finished" if exit_code == 0 else f"stopped (exit {exit_code}: requeue to resume)"
+    lines = [f"{how}: {trained} steps this job (step {first_step} -> {steps} of {cfg.train.total_steps}) in "
+             f"{duration(seconds)}, {rate:.1f} img/s overall"]
+    if final is not None:
+        lines.append(f"newest checkpoint: {final}")
+        if exit_code == 0:
+            lines.append(f"evaluate it: python -m evaluation.evaluate --checkpoint {final}")
+    return "\n".join(lines)
+
+
 def log_sample_grid(ema_net: torch.nn.Module, diffusion: Any, lg: Any, sink: Any, step: int) -> None:
     """A DDIM grid from the EMA into tracking (rank 0; a few seconds on the demo)."""
     from pipeline.images import image_grid
@@ -412,18 +490,37 @@ def log_sample_grid(ema_net: torch.nn.Module, diffusion: Any, lg: Any, sink: Any
     device = next(ema_net.parameters()).device
     images = sample(ema_net, diffusion, range(lg.sample_grid_images), sampler="ddim", steps=lg.sample_ddim_steps,
                     batch_size=lg.sample_grid_images, device=device)
-    sink.log_image(image_grid(images), key="samples/ema", step=step)
+    sink.log_image(image_grid(images, min_width=256), key="samples/ema", step=step)
+
+
+def log_real_grid(cfg: Config, sink: Any) -> None:
+    """Real images of the training split, as many as the sample grids show, once per job ("samples/real"),
+    so that the grids of samples are judged beside the data (rank 0; reads a few images)."""
+    from pipeline.data.report import DataError
+    from pipeline.data.sequential import iter_split
+    from pipeline.images import image_grid
+
+    try:
+        images = [s.image for s in iter_split(cfg.data.shards, cfg.data.split, cfg.logging.sample_grid_images)]
+    except DataError as exc:  # the loader reports the data's problems; the grid is only a picture
+        print(f"warning: no real-image grid: {exc}", flush=True)
+        return
+    if images:
+        sink.log_image(image_grid(np.stack(images), min_width=256), key="samples/real", step=0)
 
 
 def train(cfg: Config) -> int:
-    tc, oc = cfg.train, cfg.optimizer
     from pipeline.checkpoint import CheckpointManager, PerRank, make_deepspeed_loads_weights_only
     from pipeline.data.loader import StreamingLoader
     from pipeline.diffusion import DDPMLoss, Diffusion
-    from pipeline.ema import EMA, refresh_source_from_deepspeed
+    from pipeline.ema import EMA, PartitionedEMA
     from pipeline.unet import UNet
 
-    # Set-up: the accelerator (refusing what cannot run first), the batch split, test hooks.
+    # Set-up: the geometry from the data (refusing a mismatch before anything is created), the accelerator
+    # (refusing what cannot run), the batch split, test hooks.
+    cfg = resolve_geometry(cfg)
+    tc, oc = cfg.train, cfg.optimizer
+    started = time.perf_counter()
     accelerator, deepspeed = make_accelerator(tc)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     micro, accum = batch_split(tc.batch_size, tc.micro_batch_per_gpu, world)
@@ -431,17 +528,18 @@ def train(cfg: Config) -> int:
     faults = FaultHooks(rank, device.type == "cuda", deepspeed)
 
     # Model, loss, EMA, optimizer. The same seed on every rank gives the same initial weights (DDP would
-    # broadcast them anyway; DeepSpeed does not). Under DeepSpeed the module may become bf16 or ZeRO-3
-    # partitions: the EMA reads an fp32 copy refreshed from DeepSpeed's master weights.
+    # broadcast them anyway; DeepSpeed does not). The EMA averages fp32 weights: under DDP an fp32 copy of
+    # the live U-Net; under DeepSpeed (bf16 module, ZeRO partitions) each rank's slice of the optimizer's
+    # fp32 master weights, so it is made once DeepSpeed has partitioned them (pipeline/ema.py).
     torch.manual_seed(tc.seed)
     net = UNet(cfg.model)
     if tc.channels_last:
         net = net.to(memory_format=torch.channels_last)
     diffusion = Diffusion(cfg.diffusion)
-    ema_source = copy.deepcopy(net) if deepspeed else net
-    ema = EMA(ema_source, cfg.ema)
-    ema.model.to(device)
-    ema_source.to(device)
+    ema: EMA | PartitionedEMA | None = None
+    if not deepspeed:
+        net.to(device)
+        ema = EMA(net, cfg.ema, device=device)
     if tc.compile:
         net.compile()  # in place: state_dict keys stay those of the plain U-Net
     adam = torch.optim.Adam(net.parameters(), lr=lr_at(0, oc.lr, oc.warmup_steps), betas=(oc.adam_beta1, oc.adam_beta2),
@@ -451,6 +549,7 @@ def train(cfg: Config) -> int:
     loss_module, wrapped_adam = accelerator.prepare(DDPMLoss(net, diffusion), adam)
     if deepspeed:
         make_deepspeed_loads_weights_only(loss_module)
+        ema = PartitionedEMA(loss_module, net, cfg.ema, build=lambda: UNet(cfg.model), device=device)
     optimizer_step = OptimizerStep(accelerator, loss_module, adam, wrapped_adam, oc.grad_clip, deepspeed)
     autocast_bf16 = deepspeed and tc.mixed_precision == "bf16"  # DeepSpeed does not autocast for us
     loader = StreamingLoader(cfg.data, batch_size=micro, rank=rank, world_size=world)
@@ -459,20 +558,29 @@ def train(cfg: Config) -> int:
     progress = Progress()
     checkpoints = CheckpointManager(tc.out_dir, cfg.checkpoint, accelerator=accelerator, record=cfg,
                                     parts={"meta": progress, "ema": ema, "data": PerRank(loader)},
-                                    weights_finite=lambda: all_finite(ema_source) and all_finite(ema.model))
+                                    weights_finite=ema.all_finite)
     checkpoints.start()
     resumed_from = checkpoints.resume()
     if resumed_from is not None:
         accelerator.print(f"resumed from {resumed_from} at step {progress.step}")
+        if progress.step >= tc.total_steps:  # nothing to train: no MLflow run, no loader, no new checkpoint
+            accelerator.print(already_finished(progress.step, tc.total_steps, resumed_from))
+            checkpoints.mark_done(progress.step)
+            accelerator.wait_for_everyone()
+            accelerator.end_training()
+            return 0
 
     # Tracking (rank 0; the sink never raises nor waits on the network), into the resumed run if any.
     sink = start_tracking(cfg, accelerator, progress, resumed=resumed_from is not None)
+    if cfg.logging.sample_every_steps and accelerator.is_main_process and resumed_from is None:
+        log_real_grid(cfg, sink)
     tick = TickStats(device, diffusion.num_timesteps, uses_loss_scaling(accelerator, tc, deepspeed))
     preemption = Preemption(cfg.preemption.check_every_steps)
     data_iter, exit_code, first_step = iter(loader), 0, progress.step
     accelerator.print(f"training: world {world}, micro batch {micro}, accumulation {accum}, from step "
                       f"{progress.step} to {tc.total_steps}")
 
+    loss_module.train()  # once: nothing in the loop sets eval mode (sample grids run on the EMA network)
     while progress.step < tc.total_steps:
         step = progress.step
         faults.step_window(True, step, first_step)
@@ -483,11 +591,10 @@ def train(cfg: Config) -> int:
 
         # Forward and backward. accelerator.accumulate skips the DDP all-reduce (and DeepSpeed's step)
         # on all but the last micro-batch and divides the loss by the accumulation count.
-        loss_module.train()
         loss_q = count_q = torch.zeros(4, device=device)
         for i, x in enumerate(batches):
             m = rank * accum + i
-            torch.manual_seed(micro_seed(tc.seed, step, m))
+            seed_generators(micro_seed(tc.seed, step, m), device)
             x = x.to(device, non_blocking=True)
             if tc.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -505,32 +612,36 @@ def train(cfg: Config) -> int:
         lr = lr_at(step, oc.lr, oc.warmup_steps)
         applied, grad_norm = optimizer_step.step(lr)
         tick.add(loss_q, count_q, applied, grad_norm, data_wait_s)
-        if deepspeed:
-            refresh_source_from_deepspeed(ema_source, loss_module.module.net)
         ema.update(applied.float())
-        faults.after_step(step + 1, ema_source)
+        faults.after_step(step + 1, ema)
         progress.step, progress.images_seen = step + 1, progress.images_seen + tc.batch_size
         step, done = progress.step, progress.step >= tc.total_steps
         faults.step_window(False, step - 1, first_step)  # what follows (ticks, grids, checkpoints) may sync
 
-        # Log tick: the one place the host waits for the device.
+        # Log tick: the one place the host waits for the device; the ranks' preemption flags ride on its
+        # all-reduce.
+        signalled = False
         if step % cfg.logging.every_steps == 0 or done:
             tick_steps = tick.steps
-            metrics, longest_nonfinite = tick.flush(accelerator, lr, tc.batch_size)
+            metrics, longest_nonfinite, signalled = tick.flush(accelerator, lr, tc.batch_size,
+                                                               flag=preemption.pending)
             sink.log_metrics(metrics, step=step)
-            accelerator.print(tick_line(step, tc.total_steps, metrics))
+            accelerator.print(tick_line(step, tc.total_steps, metrics, time.perf_counter() - started))
             stop_why = nonfinite_stop(tc, metrics, longest_nonfinite, tick_steps, step)
             if stop_why:
                 sink.finish("FAILED")
                 raise NonFiniteLossError(f"{stop_why} {checkpoints.newest_intact_note()}")
 
-        # Sample grid from the EMA.
+        # Sample grid from the EMA (on rank 0; under DeepSpeed every rank takes part in gathering it).
         every = cfg.logging.sample_every_steps
-        if every and (step % every == 0 or done) and accelerator.is_main_process:
-            log_sample_grid(ema.model, diffusion, cfg.logging, sink, step)
+        if every and (step % every == 0 or done):
+            ema_net = ema.gathered_model()
+            if accelerator.is_main_process:
+                log_sample_grid(ema_net, diffusion, cfg.logging, sink, step)
+            del ema_net
 
-        # Preemption and checkpoint: every rank takes part in both.
-        preempted = preemption.agreed(step, done)
+        # Preemption (decided from the tick's all-reduce) and checkpoint: every rank takes part in both.
+        preempted = preemption.agreed(step, done, signalled)
         if checkpoints.due(step, final=done or preempted):
             progress.finished, progress.mlflow_run_id = done, sink.run_id
             accelerator.print(f"checkpoint {checkpoints.save(step)}")
@@ -543,12 +654,16 @@ def train(cfg: Config) -> int:
             break
 
     # The end: digests for the tests, TRAINING_DONE, the run's status.
-    faults.close(ema_source.state_dict() if deepspeed else net.state_dict(), ema.weights())
+    faults.close(ema)
     if exit_code == 0:
         checkpoints.mark_done(progress.step)
     if loader.stats.get("skipped_samples") or loader.stats.get("skipped_shards"):
         accelerator.print(f"data: skipped {loader.stats}")
     sink.finish("FINISHED" if exit_code == 0 else "KILLED")
+    newest = checkpoints.complete()
+    accelerator.print(closing_summary(cfg, steps=progress.step, first_step=first_step,
+                                      seconds=time.perf_counter() - started, final=newest[-1] if newest else None,
+                                      exit_code=exit_code))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return exit_code

@@ -40,7 +40,7 @@ PRESETS: dict[str, dict] = {
         attn_resolutions=[16], dropout=0.0, num_heads=1,
     ),
     # Not from the paper: 8x8 grey digits (scikit-learn's load_digits) that train on 2 CPU cores in minutes.
-    # For 16x16 inputs use image_size=16, attn_resolutions=[8].
+    # Other sizes: leave attn_resolutions unset for the rule in pipeline.config.default_attention.
     "digits": dict(
         image_size=8, channels=1, base_channels=32, channel_mult=[1, 2], num_res_blocks=2,
         attn_resolutions=[4], dropout=0.1, num_heads=1,
@@ -153,6 +153,9 @@ class UNet(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        if not cfg.resolved:
+            raise ValueError("UNet needs model.image_size and model.channels: set them, or resolve them from the data "
+                             "first (pipeline.geometry.resolve_geometry)")
         self.cfg = cfg
         self.image_size = S = int(cfg.image_size)
         self.in_channels = int(cfg.channels)

@@ -81,11 +81,16 @@ def test_table_has_exact_values_and_only_differing_params(store, tmp_path, capsy
     assert main(["--experiment", "cmp", "--tracking-uri", store["uri"], "--out", str(tmp_path / "plots")]) == 0
     out, err = capsys.readouterr()
     ia, ib = store["a"][:8], store["b"][:8]
+    # a tie (one run each): the oldest run's protocol is the reference, the other row says what differs
     expected = "\n".join([
-        "run  id        status    steps  optimizer.lr  train.batch_size  best eval/fid_digits  last eval/fid_digits  bpd    img/s",
-        "---  --------  --------  -----  ------------  ----------------  --------------------  --------------------  -----  -----",
-        f"a    {ia}  FINISHED  200    0.0002        128               12.50 @200            14.25 @300            3.750  50.0",
-        f"b    {ib}  KILLED    300    0.0001        64                20.00 @100            25.00 @200            -      40.0",
+        "run  id        status    steps  optimizer.lr  train.batch_size  best eval/fid_digits  last eval/fid_digits  "
+        "protocol                      bpd    img/s",
+        "---  --------  --------  -----  ------------  ----------------  --------------------  --------------------  "
+        "----------------------------  -----  -----",
+        f"a    {ia}  FINISHED  200    0.0002        128               12.50 @200            14.25 @300            "
+        "n=1000                        3.750  50.0",
+        f"b    {ib}  KILLED    300    0.0001        64                20.00 @100            25.00 @200            "
+        "n=5000, differs: num_samples  -      40.0",
     ])
     assert out.startswith(expected + "\n")
     assert "model.base_channels" not in out and "train.seed" not in out  # equal in both runs
@@ -164,3 +169,72 @@ def test_cli_merges_two_stores_and_rejects_an_unknown_experiment(store, tmp_path
                           uri2], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     assert "no runs of experiment 'nope'" in res.stderr
+
+
+def test_fid_plot_marks_runs_of_another_or_unknown_protocol(store, tmp_path):
+    from evaluation.compare import compare, load_runs
+
+    runs = load_runs(store["uri"], "cmp", 10)
+    result = compare(runs, experiment="cmp", out_dir=tmp_path)
+    # read back from the drawn axes: b (5000 samples, the tie's minority) is dashed and named so
+    assert result.fid_lines == [("a", "-"), ("b (other protocol)", "--")]
+    unknown = load_runs(store["uri"], "unknown", 10)
+    result = compare(unknown, experiment="unknown", out_dir=tmp_path)
+    assert result.fid_lines == [("e", "-"), ("f (protocol unknown)", ":")]
+    assert "? (protocol unknown)" in result.table.splitlines()[3]
+
+
+def test_majority_protocol_is_the_most_common_not_the_oldest(tmp_path):
+    from evaluation.compare import compare, load_runs
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("m", artifact_location=str(tmp_path / "art"))
+    for i, (n, ref) in enumerate([("500", "shards:test"), ("1000", "shards:test"), ("1000", "shards:test"),
+                                  ("1000", "shards:train")]):
+        _make_run(client, exp, f"r{i}", 1_000 + i, params={}, metrics={"eval/fid_digits": [(10, 5.0 + i)]},
+                  tags=_proto_tags(num_samples=n, reference=ref))
+    table = compare(load_runs(uri, "m", 10), experiment="m", out_dir=tmp_path).table
+    start = table.splitlines()[0].index("protocol")
+    cells = [line[start:].split("  ")[0] for line in table.splitlines()[2:]]
+    assert cells == ["n=500, differs: num_samples", "n=1000", "n=1000", "n=1000, differs: reference"]
+
+
+def test_a_missing_sqlite_store_is_refused_not_created(tmp_path, capsys):
+    db = tmp_path / "nowhere" / "mlflow.db"
+    assert main(["--experiment", "ddpm", "--tracking-uri", f"sqlite:///{db}", "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no MLflow store at ") and str(db) in err[0]
+    assert not db.exists() and not db.parent.exists()  # MLflow was never asked: it would have created it
+
+
+def test_default_store_is_runs_mlflow_db_under_the_current_folder(store, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["--experiment", "cmp", "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"no MLflow store at {tmp_path / 'runs' / 'mlflow.db'}" in err[0]
+    assert "--tracking-uri" in err[0] and "MLFLOW_TRACKING_URI" in err[0]
+    assert not (tmp_path / "runs").exists()
+
+    (tmp_path / "runs").mkdir()
+    shutil.copy(store["root"] / "mlflow.db", tmp_path / "runs" / "mlflow.db")
+    assert main(["--experiment", "cmp", "--out", str(tmp_path / "p")]) == 0
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:4]]
+    assert rows == ["a", "b"]
+    # $MLFLOW_TRACKING_URI comes first, and is checked as well
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
+    assert main(["--experiment", "cmp", "--out", str(tmp_path / "p")]) == 2
+    assert f"no MLflow store at {tmp_path / 'other.db'}" in capsys.readouterr().err
+
+
+def test_help_shows_the_defaults(capsys, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: compare-out)" in out and "(default: fid)" in out and "(default: 200)" in out
+    assert f"here sqlite:///{Path.cwd() / 'runs' / 'mlflow.db'}" in out
+    assert "(default: None)" not in out

@@ -82,8 +82,13 @@ def test_non_finite_numbers_are_refused(key, value):
         load_config(None, ["data.shards=/x", f"{key}={value}"])
 
 
+# The geometry that the data of each shipped config that leaves it to the data has (the others set it)
+DATA_GEOMETRY = {"digits": (8, 1), "images32": (32, 3)}
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads_and_builds_its_model(path):
+    import dataclasses
     import warnings
 
     import torch
@@ -92,18 +97,47 @@ def test_every_shipped_config_loads_and_builds_its_model(path):
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a shipped config uses no old key and reaches every attention resolution
-        cfg = load_config(path)
+        cfg = load_config(path, ["data.shards=data/any"])
+        assert cfg.train.out_dir == f"runs/{cfg.name}"  # name decides where a run goes
+        model = cfg.model
+        if not model.resolved:
+            size, channels = DATA_GEOMETRY[cfg.name]
+            model = dataclasses.replace(model, image_size=size, channels=channels)
     with torch.device("meta"):  # shapes only: the 256x256 net would take seconds to initialise
-        net = UNet(cfg.model)
+        net = UNet(model)
     assert sum(p.numel() for p in net.parameters()) > 0
     # the U-Net preset of the same name is the same network as the shipped config
-    assert ModelConfig(**PRESETS[cfg.name]) == cfg.model
+    if cfg.name in PRESETS:
+        assert ModelConfig(**PRESETS[cfg.name]) == model
 
 
-def test_model_config_defaults_are_the_cifar10_preset():
+def test_model_config_widths_are_the_cifar10_preset_and_attention_follows_the_size():
+    from pipeline.config import default_attention
     from pipeline.unet import PRESETS
 
-    assert ModelConfig() == ModelConfig(**PRESETS["cifar10"])
+    assert ModelConfig(image_size=32, channels=3) == ModelConfig(**PRESETS["cifar10"])
+    assert ModelConfig().image_size is None and not ModelConfig().resolved  # geometry from the data
+    # the rule (docs/model.md): 16x16 where the U-Net reaches it (the paper's 32 and 256 networks), else the lowest
+    assert default_attention(32, 4) == [16] and default_attention(256, 6) == [16]
+    assert default_attention(8, 2) == [4] and default_attention(64, 3) == [16] and default_attention(64, 2) == [32]
+    assert ModelConfig(image_size=8, channels=1, channel_mult=[1, 2]).attn_resolutions == [4]
+    assert ModelConfig(image_size=32, channels=3, attn_resolutions=[]).attn_resolutions == []  # explicit: kept
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", "-x", "my run"])
+def test_name_must_be_a_simple_name(name):
+    with pytest.raises(ConfigError, match="must be a simple name"):
+        load_config(None, ["data.shards=x", f"name={name}"])
+
+
+def test_name_decides_out_dir_unless_set():
+    assert load_config(REPO / "configs" / "digits.yaml", ["name=mine"]).train.out_dir == "runs/mine"
+    assert load_config(REPO / "configs" / "digits.yaml", ["name=mine", "train.out_dir=/x/y"]).train.out_dir == "/x/y"
+
+
+def test_an_override_error_blames_the_overrides_not_the_file():
+    with pytest.raises(ConfigError, match=r"in the overrides \(key 'train.total_steps'\)"):
+        load_config(REPO / "configs" / "digits.yaml", ["train.total_steps=abc"])
 
 
 @pytest.mark.parametrize(("override", "needle"), [
@@ -116,3 +150,21 @@ def test_optimizer_settings_that_would_poison_the_weights_are_refused(override, 
     with pytest.raises(ConfigError) as info:
         load_config(None, ["data.shards=/x", override])
     assert needle in str(info.value)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_shipped_deepspeed_configs_parse_with_our_bucket_sizes(stage):
+    import json
+
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    raw = json.loads((REPO / "configs" / "deepspeed" / f"zero{stage}.json").read_text())
+    zero = DeepSpeedZeroConfig(**raw["zero_optimization"])  # DeepSpeed's own schema: unknown keys are refused
+    assert zero.stage == stage and zero.overlap_comm
+    assert zero.reduce_bucket_size == 10_000_000  # not DeepSpeed's 5e8: our U-Nets span several buckets
+    if stage < 3:
+        assert zero.allgather_bucket_size == 10_000_000
+    else:
+        assert zero.prefetch_bucket_size == 10_000_000 and zero.param_persistence_threshold == 100_000
+    # the CIFAR-10 U-Net (35.7M parameters) reduces in at least 3 buckets
+    assert 35_746_307 / zero.reduce_bucket_size > 3

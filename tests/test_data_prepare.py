@@ -134,7 +134,7 @@ def _png(path, array):
     Image.fromarray(array).save(path)
 
 
-def test_image_folder_labels_crop_and_unreadable(tmp_path):
+def test_image_folder_labels_crop_and_unreadable(tmp_path, capsys):
     src = tmp_path / "photos"
     rng = np.random.default_rng(0)
     wide = rng.integers(0, 256, (10, 20, 3), dtype=np.uint8)  # 20 wide, 10 high
@@ -154,6 +154,12 @@ def test_image_folder_labels_crop_and_unreadable(tmp_path):
     assert samples["00000003"][0].shape == (10, 10, 3)  # grey promoted to RGB
     code = main([str(src), "--out", str(tmp_path / "strict"), "--resolution", "10", "--strict", "--quiet"])
     assert code == 2
+    # without --strict the CLI writes the shards but ends with status 3 and a last line naming the skip
+    capsys.readouterr()
+    code = main([str(src), "--out", str(tmp_path / "cli"), "--resolution", "10", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 3 and (tmp_path / "cli" / "manifest.json").is_file()
+    assert "SKIPPED 1 unreadable inputs" in err[-1] and "broken.png" in err[-1]
 
 
 def test_refuses_non_empty_out_unless_overwrite(tmp_path, capsys):

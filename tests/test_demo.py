@@ -52,8 +52,8 @@ def test_demo_prepares_trains_evaluates_and_logs_into_the_run(tmp_path):
     grid = Path(re.search(r"sample grid:\s+(\S+)", out).group(1))
     assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # everything landed in the one training run of the embedded store, at the checkpoint's step
-    client = MlflowClient(tracking_uri=f"sqlite:///{run}/mlflow.db")
+    # everything landed in the one training run of the project's store (beside out_dir), at the checkpoint's step
+    client = MlflowClient(tracking_uri=f"sqlite:///{run.parent}/mlflow.db")
     (exp,) = [e for e in client.search_experiments() if e.name == "ddpm"]
     (r,) = client.search_runs([exp.experiment_id])
     assert r.info.status == "FINISHED"

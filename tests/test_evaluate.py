@@ -106,7 +106,7 @@ def test_figures_land_in_the_training_run_at_each_checkpoint_step(digits, tmp_pa
     assert tags["fid_protocol.digits.weights"] == "ema" and tags["fid_protocol.digits.step"] == "200"
     assert tags["fid_protocol.digits.extractor_sha256"] == digits_extractor(torch.device("cpu")).weights_sha256
     arts = {a.path for a in client.list_artifacts(run_id, "eval/step-00000100")}
-    assert arts == {"eval/step-00000100/grid.png", "eval/step-00000100/provenance.json"}
+    assert arts == {"eval/step-00000100/grid.png", "eval/step-00000100/real.png", "eval/step-00000100/provenance.json"}
     local = client.download_artifacts(run_id, "eval/step-00000200/provenance.json", str(tmp_path))
     prov = json.loads(Path(local).read_text())
     assert prov == results[200].provenance and prov["mode"] == "digits" and prov["step"] == 200

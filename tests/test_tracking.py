@@ -39,18 +39,11 @@ def _cfg(**kw) -> TrackingConfig:
     return TrackingConfig(**base)
 
 
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory) -> Path:
-    """An initialised, empty sqlite store; copying it saves each test MLflow's table creation (~3 s)."""
-    db = tmp_path_factory.mktemp("template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{db}").search_experiments()
-    return db
-
-
 def _out_dir_with_store(tmp_path: Path, template: Path) -> Path:
+    """``tmp_path/run``, with the default store beside it (``tmp_path/mlflow.db``: one store per parent)."""
     out = tmp_path / "run"
     out.mkdir()
-    shutil.copyfile(template, out / "mlflow.db")
+    shutil.copyfile(template, tmp_path / "mlflow.db")
     return out
 
 
@@ -65,7 +58,7 @@ def test_embedded_sqlite_default_logs_params_metrics_and_config(tmp_path, caplog
     caplog.set_level(logging.WARNING, logger="pipeline.mlflow_sink")
     out = tmp_path / "run"
     sink = make_sink(_cfg(), out_dir=out, is_main_process=True, run_name="demo")
-    assert sink.tracking_uri == f"sqlite:///{out.resolve()}/mlflow.db"
+    assert sink.tracking_uri == f"sqlite:///{tmp_path.resolve()}/mlflow.db"  # the parent's store
     assert sink.run_id is not None
     params = {f"p{i:03d}": i for i in range(250)}  # > 100: several batches
     params["long"] = "x" * 7000
@@ -89,7 +82,7 @@ def test_embedded_sqlite_default_logs_params_metrics_and_config(tmp_path, caplog
     assert set(run.data.metrics) == {"train/loss", "train/lr", "train/grad_norm"}
     assert any("'bad key!'" in r.getMessage() for r in caplog.records)
     # artifacts beside the store, not in the working directory
-    config_files = list((out / "mlartifacts").rglob("config.yaml"))
+    config_files = list((tmp_path / "mlartifacts").rglob("config.yaml"))
     assert len(config_files) == 1 and config_files[0].read_text() == "train:\n  lr: 0.0002\n"
     assert sink.dropped == 0 and sink.stats.get("dropped_ops", 0) == 0
 
@@ -168,6 +161,7 @@ def test_null_sink_on_other_ranks_and_when_disabled(tmp_path):
 
 
 def test_uri_resolution_and_bad_uris(tmp_path, monkeypatch):
+    assert resolve_tracking_uri(_cfg(), tmp_path / "runs" / "a") == f"sqlite:///{tmp_path.resolve()}/runs/mlflow.db"
     assert resolve_tracking_uri(_cfg(uri="http://h:1"), tmp_path) == "http://h:1"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:2")
     assert resolve_tracking_uri(_cfg(), tmp_path) == "http://env:2"

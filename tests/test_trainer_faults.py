@@ -218,8 +218,9 @@ def test_mlflow_server_gets_params_metrics_images_and_its_death_mid_run_costs_on
     cfg = load_config(str(h.REPO / "configs" / "digits.yaml"), [*h.TINY, *overrides])
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=h.REPO, capture_output=True, text=True).stdout.strip()
     expected = {k: str(v)[:6000] for k, v in flatten(cfg).items()}
-    expected |= {"git_commit": commit, "world_size": "2", "slurm_job_id": os.environ.get("SLURM_JOB_ID", "")}
+    expected |= {"world_size": "2", "slurm_job_id": os.environ.get("SLURM_JOB_ID", "")}
     assert run.data.params == expected
+    assert run.data.tags.get("mlflow.source.git.commit", "") == commit  # MLflow's source tag, not a param
 
     loss_steps = [m.step for m in store.get_metric_history(run.info.run_id, "train/loss")]
     last = max(loss_steps)
@@ -239,8 +240,9 @@ def test_mlflow_server_gets_params_metrics_images_and_its_death_mid_run_costs_on
     assert seen_image_step in pngs
     assert sorted(pngs) == list(range(SAMPLE_EVERY, max(pngs) + 1, SAMPLE_EVERY)) and max(pngs) <= last
     grid = np.asarray(Image.open(pngs[seen_image_step]))
-    assert grid.shape == (22, 22, 3) and grid.dtype == np.uint8  # 2 x 2 tiles of 8 x 8 with 2-pixel padding
-    assert grid[2:10, 2:10].std() > 0  # a tile holds an image, not padding
+    # 2 x 2 tiles of 8 x 8 enlarged 16x (to >= 256 px wide) with 2-pixel padding
+    assert grid.shape == (262, 262, 3) and grid.dtype == np.uint8
+    assert grid[2:130, 2:130].std() > 0  # a tile holds an image, not padding
     configs = list(arts.rglob("config.yaml"))
     assert len(configs) == 1 and configs[0].read_text() == to_yaml(cfg)
 

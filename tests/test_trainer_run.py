@@ -155,7 +155,8 @@ def test_checkpoint_of_other_model_is_refused(baseline, shards, tmp_path):
 
 @pytest.mark.slow
 def test_tracking_sqlite_store_gets_params_metrics_samples_and_resume_continues_the_run(shards, tmp_path):
-    base = [f"data.shards={shards}", f"train.out_dir={tmp_path}", "tracking.enabled=true", "tracking.experiment=t",
+    # out_dir tmp_path/run: the default store is its parent's, tmp_path/mlflow.db
+    base = [f"data.shards={shards}", f"train.out_dir={tmp_path}/run", "tracking.enabled=true", "tracking.experiment=t",
             "logging.sample_every_steps=2", "logging.sample_grid_images=4", "logging.sample_ddim_steps=2"]
     r = h.run(h.train_cmd([*base, "train.total_steps=4"]), h.env())
     assert r.returncode == 0, r.stderr[-3000:]
@@ -167,10 +168,11 @@ def test_tracking_sqlite_store_gets_params_metrics_samples_and_resume_continues_
     runs = client.search_runs([client.get_experiment_by_name("t").experiment_id])
     assert len(runs) == 1  # the resumed job continued the run
     run = runs[0]
-    meta = json.loads((tmp_path / "step-00000006" / "meta.json").read_text())
+    meta = json.loads((tmp_path / "run" / "step-00000006" / "meta.json").read_text())
     assert meta["mlflow_run_id"] == run.info.run_id and run.info.status == "FINISHED"
     assert run.data.params["optimizer.lr"] == "0.001" and run.data.params["world_size"] == "1"
-    assert run.data.params["model.channel_mult"] == "[1, 2]" and "git_commit" in run.data.params
+    assert run.data.params["model.channel_mult"] == "[1, 2]" and "git_commit" not in run.data.params
+    assert run.data.tags["mlflow.source.name"] == "launch/train.py"  # MLflow's source tags instead
     hist = client.get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in hist] == [2, 4, 6] and all(0 < m.value < 10 for m in hist)
     for key in ("train/loss_q1", "train/lr", "train/grad_norm", "train/images_per_s", "train/data_wait_s",
@@ -247,7 +249,8 @@ def test_a_checkpoint_saved_before_its_run_existed_still_belongs_to_that_one_run
     from evaluation.evaluate import evaluate
 
     base = [f"data.shards={shards}", f"train.out_dir={tmp_path}", "tracking.enabled=true",
-            "tracking.experiment=t", "checkpoint.every_steps=2", "logging.every_steps=2"]
+            "tracking.experiment=t", "checkpoint.every_steps=2", "logging.every_steps=2",
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]  # not the default, the parent's: shared by tests
     assert h.run(h.train_cmd([*base, "train.total_steps=2"]), h.env()).returncode == 0
     ckpt = tmp_path / "step-00000002"
     meta = json.loads((ckpt / "meta.json").read_text())
@@ -274,7 +277,8 @@ def test_a_run_left_running_by_a_killed_job_is_marked_when_the_training_starts_a
     from mlflow.tracking import MlflowClient
 
     base = [f"data.shards={shards}", f"train.out_dir={tmp_path}", "tracking.enabled=true", "tracking.experiment=t",
-            "checkpoint.every_steps=1000", "logging.every_steps=1000"]
+            "checkpoint.every_steps=1000", "logging.every_steps=1000",
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]  # not the default, the parent's: shared by tests
     proc = h.start(h.train_cmd([*base, "train.total_steps=100000"]), h.env(), tmp_path.parent / "killed.log")
     try:
         h.wait_for(lambda: (tmp_path / "mlflow_run.json").is_file(), 120, proc, "the run to be created")

@@ -74,7 +74,7 @@ def test_ema_counters_roundtrip():
         a.update(torch.tensor(1.0))
     b = EMA(_net(), EMAConfig(decay=0.9, warmup_steps=2, update_every=1, power=0.75))
     b.load_state_dict(a.state_dict())
-    assert b.num_updates == 5 and b.inner.get_current_decay() == a.inner.get_current_decay()
+    assert b.num_updates == 5 and b.schedule.weight(6) == a.schedule.weight(6)
     assert all(torch.equal(b.weights()[k], v) for k, v in a.weights().items())
 
 
@@ -225,6 +225,74 @@ def test_a_step_is_applied_only_if_the_update_it_applies_is_finite(grad_clip, lr
     assert all(torch.isfinite(v).all() for v in after.values())
     assert any(not torch.equal(before[k], after[k]) for k in before) is applied
 
+
+class _FakeEngine:
+    """What OptimizerStep reads from a DeepSpeed engine: the host skip counter and the norm it computed."""
+
+    def __init__(self) -> None:
+        self.skipped_steps, self.norm = 0, torch.tensor(2.5)
+
+    def get_global_grad_norm(self):
+        return self.norm
+
+
+def test_deepspeed_step_keeps_the_norm_on_the_device_and_copies_nothing_to_it():
+    from types import SimpleNamespace
+
+    from pipeline.trainer import OptimizerStep
+
+    engine = _FakeEngine()
+    adam = torch.optim.Adam(torch.nn.Linear(2, 2).parameters())
+    step = OptimizerStep(SimpleNamespace(device=torch.device("cpu")), engine, adam, adam, 1.0, deepspeed=True)
+    applied, norm = step.step(1e-3)
+    assert bool(applied) and norm.data_ptr() == engine.norm.data_ptr()  # DeepSpeed's own tensor, not a copy
+    engine.skipped_steps, engine.norm = 1, float("inf")  # DeepSpeed skipped this one
+    skipped, zero = step.step(1e-3)
+    assert not bool(skipped) and float(zero) == 0.0
+    again, _ = step.step(1e-3)  # the counter did not move: applied
+    assert bool(again) and applied.data_ptr() == again.data_ptr()  # the same two flag tensors every step
+
+
+def test_seed_generators_gives_the_random_streams_of_manual_seed():
+    from pipeline.trainer import seed_generators
+
+    def draws():
+        return torch.randn(5), torch.randint(0, 1000, (5,)), torch.nn.functional.dropout(torch.ones(16), 0.5)
+
+    seed = micro_seed(0, 7, 3)  # a 64-bit seed
+    torch.manual_seed(seed)
+    want = draws()
+    torch.manual_seed(1)
+    seed_generators(seed, torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(want, draws()))
+
+
+class _OneProcessAccelerator:
+    def reduce(self, tensor, reduction):
+        return tensor
+
+
+def test_preemption_flag_rides_on_the_tick_and_is_acted_on_at_its_cadence():
+    import signal
+
+    from pipeline.trainer import Preemption, TickStats
+
+    tick = TickStats(torch.device("cpu"), 100, loss_scaling=False)
+    for flag in (True, False):
+        tick.add(torch.ones(4), torch.ones(4), torch.tensor(True), torch.tensor(1.0), 0.0)
+        metrics, longest, signalled = tick.flush(_OneProcessAccelerator(), 1e-3, 8, flag=flag)
+        assert signalled is flag and metrics["train/loss"] == 1.0 and longest == 0
+    handlers = {sig: signal.getsignal(sig) for sig in Preemption.SIGNALS}
+    try:
+        p = Preemption(check_every_steps=4)
+        assert not p.pending
+        signal.raise_signal(signal.SIGUSR1)
+        assert p.pending
+        assert p.agreed(8, False, True) and p.agreed(6, True, True)  # a multiple of 4, or the last step
+        assert not p.agreed(6, False, True) and not p.agreed(8, False, False)  # off the cadence; no rank signalled
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 def test_checkpoints_record_sha256_and_resume_falls_back_past_a_damaged_one(tmp_path, capsys):
     from accelerate import Accelerator

@@ -123,9 +123,11 @@ def test_bad_inputs_and_configs_fail_clearly():
     with pytest.raises(KeyError, match="unknown ModelConfig field"):
         model_config("cifar10", chanels=1)
     with pytest.raises(ConfigError, match="model.num_heads=3 must divide"):
-        ModelConfig(num_heads=3)
+        ModelConfig(image_size=32, num_heads=3)
     with pytest.warns(UserWarning, match=r"model.attn_resolutions=\[16\]: \[16\] is not a resolution"):
-        ModelConfig(image_size=8, channel_mult=[1, 2])
+        ModelConfig(image_size=8, channel_mult=[1, 2], attn_resolutions=[16])
+    with pytest.raises(ValueError, match="UNet needs model.image_size and model.channels"):
+        UNet(ModelConfig())  # geometry unset: it comes from the data (pipeline.geometry)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for name in PRESETS:

@@ -267,10 +267,16 @@ def _image_size(data: bytes, encoding: str, channels: int) -> int:
         return im.size[0]
 
 
+SKIPPED_EXIT_CODE = 3  # shards and manifest written, but some inputs could not be read (listed in the manifest)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m pipeline.data.prepare",
-        description="Write WebDataset shards and manifest.json from images (see docs/data.md).",
+        description="Write WebDataset shards and manifest.json from images (see docs/data.md). Exit status: 0 "
+                    f"written; 2 an error (nothing usable written); {SKIPPED_EXIT_CODE} written, but unreadable "
+                    "inputs were skipped (the last line names them).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("source", help="image folder | CIFAR-10/100 python-version folder | file.npz/.npy | digits")
     p.add_argument("--out", required=True, help="output folder (must be empty unless --overwrite)")
@@ -296,9 +302,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     counts = ", ".join(f"{k}: {v['num_samples']} samples in {len(v['shards'])} shards" for k, v in m["splits"].items())
     print(f"wrote {a.out}: {counts}; {m['image_size']}x{m['image_size']}x{m['channels']}, {m['num_classes']} classes")
-    if m["unreadable"]:
-        print(f"skipped {len(m['unreadable'])} unreadable inputs (listed in manifest.json)", file=sys.stderr)
     print(f"next: stream it with data.shards={a.out}")
+    if m["unreadable"]:  # the last line, and a distinct exit status, so that neither a reader nor a script misses it
+        first = m["unreadable"][0]
+        print(f"prepare: SKIPPED {len(m['unreadable'])} unreadable inputs (listed under 'unreadable' in "
+              f"{a.out}/manifest.json; first: {first['input']}: {first['error']}); the shards hold the rest. "
+              f"Exit status {SKIPPED_EXIT_CODE}: fix or remove them and re-run with --overwrite, or accept the "
+              "skips", file=sys.stderr)
+        return SKIPPED_EXIT_CODE
     return 0
 
 

@@ -1,0 +1,67 @@
+"""The EMA in real 2-process trainings (gloo on CPU): under DDP and DeepSpeed ZeRO-1/2/3, fp32 and bf16, the EMA
+written to ema.safetensors at every step equals the previous implementation's EMA (tests/test_ema.py's
+PreviousEMA: ema-pytorch, masked) of the fp32 weights the optimizer produced, step by step, a skipped
+(non-finite) step included. Under ZeRO it is kept partitioned like DeepSpeed's master weights and gathered
+for each checkpoint and for the sample grid, so this is also the test of that gather."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.checkpoint import Checkpoint
+from pipeline.config import EMAConfig
+from pipeline.unet import UNet
+from tests.helpers import trainer as h
+from tests.test_ema import _previous
+
+pytestmark = pytest.mark.slow
+
+STEPS, NAN_AT = 5, 3
+EMA_CFG = EMAConfig(decay=0.9, warmup_steps=1, update_every=1, power=0.75)  # one copy, then averaging
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    return h.prepare_digits(tmp_path_factory.mktemp("digits") / "shards")
+
+
+def _master(ckpt, stage: int) -> dict[str, torch.Tensor]:
+    """The fp32 weights the optimizer holds after that step (DeepSpeed's master weights, or the DDP module)."""
+    if stage:
+        return h.deepspeed_fp32(ckpt)
+    c = Checkpoint(ckpt)
+    return c.raw_weights(set(UNet(c.config().model).state_dict()))
+
+
+@pytest.mark.parametrize(("stage", "precision"), [(0, "no"), (0, "bf16"), (1, "no"), (1, "bf16"), (2, "no"),
+                                                  (2, "bf16"), (3, "no"), (3, "bf16")],
+                         ids=lambda v: {0: "ddp", 1: "zero1", 2: "zero2", 3: "zero3"}.get(v, v))
+def test_ema_equals_the_previous_implementation_of_the_optimizer_weights(digits, tmp_path, stage, precision):
+    over = [f"data.shards={digits}", f"train.out_dir={tmp_path}", f"train.total_steps={STEPS}",
+            "train.micro_batch_per_gpu=4", "checkpoint.every_steps=1", f"checkpoint.keep={STEPS}",
+            f"ema.decay={EMA_CFG.decay}", f"ema.warmup_steps={EMA_CFG.warmup_steps}", f"ema.power={EMA_CFG.power}",
+            "logging.sample_every_steps=4", "logging.sample_grid_images=2", "logging.sample_ddim_steps=2"]
+    over += ["train.mixed_precision=bf16"] if precision == "bf16" else []  # "no" would be read as false
+    environ = (h.launch_env(deepspeed=True, DDPM_FAULT_NAN_AT_STEP=str(NAN_AT)) if stage else
+               h.launch_env(multi=True, DDPM_FAULT_NAN_AT_STEP=str(NAN_AT)))
+    r = h.run(h.train_cmd(over, nproc=2, deepspeed_stage=stage, mixed_precision=precision), environ, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "non-finite 1" in r.stdout  # the NaN step was skipped (its tick says so)
+
+    steps = {s: tmp_path / f"step-{s:08d}" for s in range(1, STEPS + 1)}
+    master = {s: _master(p, stage) for s, p in steps.items()}
+    assert h.same(master[NAN_AT], master[NAN_AT - 1]) and not h.same(master[NAN_AT + 1], master[NAN_AT])
+    if precision == "bf16" and stage:  # the EMA must average the fp32 master weights, not their bf16 rounding
+        assert any(not torch.equal(v, v.bfloat16().float()) for v in master[STEPS].values())
+
+    live = UNet(Checkpoint(steps[1]).config().model)
+    ref = _previous(live, EMA_CFG)
+    for s in range(1, STEPS + 1):
+        live.load_state_dict(master[s])
+        ref.masked_update(torch.tensor(0.0 if s == NAN_AT else 1.0))
+        got, want = h.ema(steps[s]), ref.ema_model.state_dict()
+        assert got.keys() == want.keys() and all(v.dtype == torch.float32 for v in got.values())
+        bad = [k for k in want if not torch.equal(got[k], want[k])]
+        assert not bad, f"step {s}: {len(bad)} tensors differ, e.g. {bad[0]} by {h.max_diff(got, want):.3g}"
+    assert not h.same(h.ema(steps[STEPS]), master[STEPS])  # a real average, not a copy of the weights

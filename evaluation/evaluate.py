@@ -162,13 +162,15 @@ def seed_block(num: int, rank: int, world: int) -> range:
     return range(min(rank * per, num), min((rank + 1) * per, num))
 
 
-def draw_samples(net, diffusion, cfg: Config, device: torch.device,
-                 features=None) -> tuple[np.ndarray | None, float, np.ndarray | None]:
+def draw_samples(net, diffusion, cfg: Config, device: torch.device, features=None,
+                 keep_images: int | None = None) -> tuple[np.ndarray | None, float, np.ndarray | None]:
     """uint8 (N, C, H, W) for seeds eval.seed .. eval.seed+N-1 on rank 0 (None elsewhere), images/s, and,
     given a feature extractor, the images' features (N, D) on rank 0.
 
     Each rank samples a disjoint contiguous block of seeds, and extracts its block's features; since image
     i depends only on its seed (pipeline/sampling.py), the gathered set equals the one-process set.
+    Only rank 0 receives, and with ``keep_images`` only the first that many images travel (the grid's):
+    10k 256x256 images would be 2 GB, their features 80 MB.
     """
     from pipeline.sampling import sample
 
@@ -177,15 +179,16 @@ def draw_samples(net, diffusion, cfg: Config, device: torch.device,
     t0 = time.perf_counter()
     local = sample(
         net, diffusion, [e.seed + i for i in mine], sampler=e.sampler, steps=e.steps, eta=e.eta,
-        batch_size=e.batch_size, device=device, progress=dist.is_main(),
+        batch_size=e.batch_size, device=device, progress=dist.is_main(), precision=e.precision,
     ).numpy()
     elapsed = time.perf_counter() - t0
     feats = features(local, desc="sample features") if features is not None and len(local) else None
-    parts = dist.all_gather_object((local, elapsed, feats))  # gloo group: host objects, whatever the device backend
-    images = np.concatenate([p[0] for p in parts]) if dist.is_main() else None
-    all_feats = None
-    if features is not None and dist.is_main():
-        all_feats = np.concatenate([p[2] for p in parts if p[2] is not None])
+    sent = local if keep_images is None else local[: max(0, keep_images - mine.start)]
+    parts = dist.gather_object((sent, elapsed, feats))  # gloo group: host objects, whatever the device backend
+    if parts is None:
+        return None, 0.0, None
+    images = np.concatenate([p[0] for p in parts])
+    all_feats = np.concatenate([p[2] for p in parts if p[2] is not None]) if features is not None else None
     rate = e.num_samples / max(p[1] for p in parts)
     return images, rate, all_feats
 
@@ -333,6 +336,7 @@ def _provenance(cfg: Config, meta: dict, extractor, ref, ckpt: Path, diffusion) 
         "sampler": e.sampler,
         "sampler_steps": diffusion.num_timesteps if e.sampler == "ancestral" else e.steps,
         "eta": e.eta if e.sampler == "ddim" else 1.0,
+        "precision": e.precision,
         "weights": "ema" if e.use_ema else "raw",
         "step": int(meta["step"]),
         "checkpoint": str(ckpt.resolve()),
@@ -366,7 +370,9 @@ def evaluate(ckpt: str | Path, overrides: list[str] | tuple[str, ...] = (), *, s
     # bits/dim; rank 0 gathers both. Only then does rank 0 alone load (or compute) the reference
     # statistics, so no rank waits at a collective meanwhile.
     extractor = build_extractor(e, device) if e.feature_extractor != "none" else None
-    images, images_per_s, feats = draw_samples(net, diffusion, cfg, device, features=extractor)
+    # every image to rank 0 only where all are used (saved, or scored by the digits classifier); else the grid's
+    keep = None if save_samples_to or classifier_fits else e.grid_images
+    images, images_per_s, feats = draw_samples(net, diffusion, cfg, device, features=extractor, keep_images=keep)
     bpd_skip = ""
     est = None
     if e.bpd_split and e.bpd_split not in read_manifest(cfg.data.shards).splits:
@@ -378,8 +384,8 @@ def evaluate(ckpt: str | Path, overrides: list[str] | tuple[str, ...] = (), *, s
                                              dist.rank(), dist.world_size()),
             timesteps_k=e.bpd_timesteps, device=device, seed=e.seed, progress=dist.is_main(),
         )
-        parts = dist.all_gather_object(part)
-        est = summarize_bound(parts) if dist.is_main() else None
+        parts = dist.gather_object(part)
+        est = summarize_bound(parts) if parts is not None else None
     if not dist.is_main():
         return None
     assert images is not None and (feats is not None or extractor is None)
@@ -449,7 +455,7 @@ def _save_png(arr: np.ndarray, path: Path) -> None:
 def protocol_tags(ext: str, provenance: dict[str, Any]) -> dict[str, str]:
     """The ``fid_protocol.<ext>.*`` tags of docs/tracking.md."""
     keys = ("extractor_sha256", "mode", "reference", "reference_count", "reference_sha256", "num_samples",
-            "sampler", "sampler_steps", "eta", "weights", "step")  # fmt: skip
+            "sampler", "sampler_steps", "eta", "precision", "weights", "step")  # fmt: skip
     return {f"fid_protocol.{ext}.{k}": str(provenance[k]) for k in keys}
 
 

@@ -67,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         # slower ones once the first has exited; ignoring it keeps their status 2 instead of -15.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print(f"[rank {rank}] error: {exc}", file=sys.stderr)
+        # Every rank stops here alike: tear the process groups down while the interpreter is whole. Left to
+        # interpreter exit, gloo's teardown sometimes aborts a rank (SIGABRT) and its status 2 is lost.
+        from pipeline import dist
+
+        dist.shutdown()
         return 2
     except Exception:
         traceback.print_exc()

@@ -297,6 +297,7 @@ class EvalConfig:
     sampler: str = "ddim"  # ancestral (T steps, the paper's) or ddim
     steps: int = 50  # DDIM steps (ignored by the ancestral sampler)
     eta: float = 0.0  # DDIM η (0 = deterministic, 1 = ancestral-like)
+    precision: str = "fp32"  # the network while sampling: fp32, or bf16 autocast (faster on GPUs; docs/fid.md)
     batch_size: int = 256  # images per network call while sampling
     use_ema: bool = True  # evaluate the EMA weights (the paper's) or the raw ones
     # inception (clean-fid's InceptionV3), digits (the bundled demo net), or none (no FID/KID: bits/dim and grids)
@@ -322,6 +323,7 @@ class EvalConfig:
         _choice("eval.sampler", self.sampler, ("ancestral", "ddim"))
         _positive("eval.steps", self.steps)
         _unit_interval("eval.eta", self.eta)
+        _choice("eval.precision", self.precision, ("fp32", "bf16"))
         _positive("eval.batch_size", self.batch_size)
         _choice("eval.feature_extractor", self.feature_extractor, ("inception", "digits", "none"))
         _choice("eval.fid_mode", self.fid_mode, ("clean", "legacy_pytorch", "legacy_tensorflow"))

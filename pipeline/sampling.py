@@ -121,8 +121,12 @@ def sample(
     progress: bool = False,
     clip_denoised: bool = True,
     image_shape: tuple[int, int, int] | None = None,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Generate one image per seed; uint8 (N, C, H, W) on the CPU. Image i depends only on seeds[i].
+
+    ``precision="bf16"`` runs the network under bf16 autocast (its convolutions and matmuls; the sampler's
+    arithmetic stays fp32): faster on GPUs with bf16 units, and the images move by a few levels (docs/fid.md).
 
     ``net``: the raw U-Net (pass the EMA copy for evaluation); it runs in eval mode under no_grad and its
     train/eval mode is restored afterwards. ``sampler="ancestral"`` runs all T steps (``steps`` is ignored)
@@ -130,6 +134,8 @@ def sample(
     ``device`` defaults to the device of the network's parameters.
     """
     seeds = [int(s) for s in seeds]
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision={precision!r}: choose 'fp32' or 'bf16'")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     if sampler not in ("ddim", "ancestral"):
@@ -157,7 +163,9 @@ def sample(
     try:
         for start in range(0, len(seeds), batch_size):
             gens = [torch.Generator().manual_seed(s) for s in seeds[start : start + batch_size]]
-            x = sample_batch(net, diffusion, gens, image_shape, sampler, steps, eta, device, spacing, clip_denoised)
+            with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=precision == "bf16"):
+                x = sample_batch(net, diffusion, gens, image_shape, sampler, steps, eta, device, spacing,
+                                 clip_denoised)
             chunks.append(_to_uint8(x).cpu())
             if bar is not None:
                 bar.update(len(gens))

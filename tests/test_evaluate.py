@@ -79,6 +79,9 @@ def test_samples_do_not_depend_on_batch_size(digits, tmp_path):
     assert runs[0].std() > 0
     for other in runs[1:]:
         np.testing.assert_array_equal(runs[0], other)
+    # only the grid's images travel to rank 0 when the others are not used: the first ones, the same images
+    kept, _, _ = draw_samples(net, diffusion, cfg, torch.device("cpu"), keep_images=4)
+    np.testing.assert_array_equal(kept, runs[0][:4])
 
 
 def test_figures_land_in_the_training_run_at_each_checkpoint_step(digits, tmp_path):

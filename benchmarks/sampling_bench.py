@@ -4,7 +4,7 @@
         --rate-images 256 --fid-images 2000 --eval-images 10000 --out benchmarks/sampling_results.md
 
 Needs a trained digits checkpoint (configs/digits.yaml). Both samplers run in the same process on the
-same seeds, side by side, so a shared machine slows both alike. The target (issue 5): DDIM-50 reaches a
+same seeds, side by side, so a shared machine slows both alike. The target: DDIM-50 reaches a
 digits-feature FID within 10% of the 1000-step ancestral sampler's at 20x fewer network evaluations.
 """
 

@@ -137,7 +137,8 @@ def worker_ours_e2e(w: dict, shards: str, steps: int, out_dir: str) -> dict:
            f"logging.every_steps={steps}", f"checkpoint.every_steps={10 * steps}", "logging.sample_every_steps=0",
            "tracking.enabled=false"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    rates = [float(m) for m in re.findall(r"([\d.]+) img/s", r.stdout)]
+    # the tick lines only (the closing summary's "img/s overall" includes the start-up)
+    rates = [float(m) for m in re.findall(r"^step \d+/\d+ .*?([\d.]+) img/s", r.stdout, flags=re.M)]
     if r.returncode or len(rates) < 2:
         raise RuntimeError(r.stderr[-2000:])
     return {"images_per_s": rates[-1]}

@@ -90,16 +90,6 @@ def _figures(data_dir: Path, e, samples_npz: Path) -> tuple[dict, dict]:
     return out["real"], out["gen_n"]
 
 
-def _enlarge(grid_png: Path, factor: int = 4) -> Path:
-    """8x8 digits make a tiny grid: a nearest-neighbour enlargement for people to look at."""
-    from PIL import Image
-
-    big = grid_png.with_name(f"{grid_png.stem}_x{factor}.png")
-    img = Image.open(grid_png)
-    img.resize((img.width * factor, img.height * factor), Image.NEAREST).save(big)
-    return big
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=str(ROOT / "data" / "digits"), help="where the digits shards go")
@@ -147,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bits/dim (the model's variational bound on the {n} test digits): "
               f"{result.metrics['eval/bpd']:.3f} ± {result.metrics['eval/bpd_se']:.3f}")
     grid = Path(result.out_dir) / "grid.png"
-    print(f"\nsample grid:  {grid}  (enlarged: {_enlarge(grid)})")
+    print(f"\nsample grid:  {grid}  (beside it, as many real digits: {grid.with_name('real.png')})")
     db = out_dir.parent / "mlflow.db"  # the project's store (docs/tracking.md)
     print(f"MLflow UI:    {ROOT / '.venv/bin/mlflow'} ui --backend-store-uri sqlite:///{db} --host 127.0.0.1 "
           f"--port 5000   (then open http://127.0.0.1:5000)")

@@ -16,7 +16,7 @@ from pipeline.ema_deepspeed import ZeroLayout, _Group, _Param
 
 
 class PreviousEMA(LucidrainsEMA):
-    """The EMA before issue 16 (pipeline/ema.py's _MaskedEMA): ema-pytorch whose lerp weight is multiplied by a
+    """The EMA before the no-sync rewrite (commit 4e7a3f0, pipeline/ema.py's _MaskedEMA): ema-pytorch whose lerp weight is multiplied by a
     device tensor ``ok``; ema-pytorch then reads that weight with ``.item()``. The reference for bitwise equality."""
 
     _ok: torch.Tensor | None = None

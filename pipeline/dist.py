@@ -82,15 +82,6 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def all_gather_object(obj: Any) -> list[Any]:
-    """``[obj of rank 0, obj of rank 1, ...]`` on every rank."""
-    if not is_initialized():
-        return [obj]
-    out: list[Any] = [None] * world_size()
-    dist.all_gather_object(out, obj, group=_flag_group)
-    return out
-
-
 def gather_object(obj: Any, dst: int = 0) -> list[Any] | None:
     """``[obj of rank 0, obj of rank 1, ...]`` on rank ``dst``, None on the others (each object is sent once,
     to ``dst`` only: what only one rank needs is not copied to every rank)."""

@@ -133,7 +133,7 @@ def test_dist_helpers_without_process_group():
     assert (dist.rank(), dist.world_size(), dist.is_main()) == (0, 1, True)
     assert dist.any_true(True) is True and dist.any_true(False) is False
     assert dist.broadcast_object({"x": 1}) == {"x": 1}
-    assert dist.all_gather_object(3) == [3]
+    assert dist.gather_object(3) == [3]
     dist.barrier()
     dist.init_flag_group()  # a no-op without a group
 

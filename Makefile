@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo demo-ema test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ test-fast: install
 
 demo: install
 	$(PY) -m pipeline.demo
+
+# the second demo: train once keeping post-hoc EMAs, then FID against the EMA length (README)
+demo-ema: install
+	$(PY) -m pipeline.demo --ema-sweep
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,6 +1,7 @@
 """Compare the runs of an MLflow experiment: a plain-text table and PNG plots.
 
     python -m evaluation.compare --experiment ddpm [--tracking-uri URI ...] [--out DIR] [--metric fid]
+    python -m evaluation.compare --experiment ddpm --tag sweep=12345      # the runs of one sweep (sweep.sbatch)
 
 The store is the project's one store unless named: ``$MLFLOW_TRACKING_URI``, else
 ``sqlite:///<current folder>/runs/mlflow.db`` (where trainings with ``train.out_dir=runs/NAME`` log). A
@@ -13,6 +14,10 @@ count, extractor weights, mode, reference, sampler, ...) differs from the most c
 (ties: the oldest run's), which fields differ; a warning lists the values. Writes ``DIR/fid_vs_step.png``
 (runs of another protocol dashed, of an unknown one dotted, both named so in the legend) and
 ``DIR/loss_vs_step.png``, one line per run. Which metric and tag names it reads: docs/tracking.md.
+
+Runs whose checkpoints were evaluated with several EMAs (``evaluate --ema all --posthoc-sigma-rels ...``) also get
+a table of FID against EMA length (sigma_rel) per checkpoint, each run's best EMA, and ``DIR/fid_vs_ema.png``
+(docs/fid.md, "Sweeping the EMA").
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ LOSS_KEY = "train/loss"
 IMAGES_PER_S_KEY = "train/images_per_s"
 BPD_KEY = "eval/bpd"
 PROTOCOL_PREFIX = "fid_protocol."
-PROTOCOL_INFO_FIELDS = ("step",)  # informational: may differ without making numbers incomparable
+# informational: may differ without making numbers incomparable (the protocol's name, e.g. paper, is shown in the
+# protocol column and the warnings; its settings, the other tags, decide comparability)
+PROTOCOL_INFO_FIELDS = ("step", "protocol")
 MISSING = "-"
 MAX_CELL = 32
 DEFAULT_STORE = "runs/mlflow.db"  # under the current folder: the store of trainings with train.out_dir=runs/NAME
@@ -56,6 +63,10 @@ class RunSummary:
         return {k[len(prefix):]: v for k, v in self.tags.items()
                 if k.startswith(prefix) and k[len(prefix):] not in PROTOCOL_INFO_FIELDS}
 
+    def protocol_name(self, extractor: str) -> str:
+        """The evaluation's named protocol (``paper``, ``paper, modified``, ``custom``); "" if not recorded."""
+        return self.tags.get(f"{PROTOCOL_PREFIX}{extractor}.protocol", "")
+
 
 @dataclass
 class Comparison:
@@ -64,6 +75,8 @@ class Comparison:
     plots: list[Path]
     notes: list[str]
     fid_lines: list[tuple[str, str]] = field(default_factory=list)  # (legend label, line style) in fid_vs_step.png
+    ema_table: str = ""  # FID vs EMA length per run and checkpoint (evaluate --ema / --posthoc-sigma-rels)
+    ema_best: list[str] = field(default_factory=list)  # one line per run: its best EMA
 
 
 def metric_keys(runs: list[RunSummary], metric: str) -> dict[str, str]:
@@ -77,15 +90,35 @@ def metric_keys(runs: list[RunSummary], metric: str) -> dict[str, str]:
     return {k: m.group(1) for k in every if (m := pattern.match(k))}
 
 
-def load_runs(tracking_uri: str, experiment: str, max_runs: int) -> list[RunSummary] | None:
-    """The experiment's active runs in one store, None if the store has no such experiment."""
+def tag_filter(tags: dict[str, str]) -> str:
+    """MLflow's search filter for runs carrying every tag (``tags.`sweep` = 'ID' and ...``)."""
+    return " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+
+
+def parse_tags(items: list[str]) -> dict[str, str]:
+    """``--tag KEY=VALUE`` arguments -> {KEY: VALUE}; ValueError with the fix for one that is not such a pair."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not re.fullmatch(r"[\w.\-/]+", key) or not value or re.search(r"['`\\]", value):
+            raise ValueError(f"--tag {item!r}: write KEY=VALUE (e.g. --tag sweep=12345), a tag name of letters, "
+                             "digits, . _ - / and a value without quotes or backslashes")
+        out[key] = value
+    return out
+
+
+def load_runs(tracking_uri: str, experiment: str, max_runs: int,
+              tags: dict[str, str] | None = None) -> list[RunSummary] | None:
+    """The experiment's active runs in one store (only those carrying every tag in `tags`, e.g. a sweep's),
+    None if the store has no such experiment."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
-    runs = client.search_runs([exp.experiment_id], max_results=max_runs, order_by=["attributes.start_time ASC"])
+    runs = client.search_runs([exp.experiment_id], filter_string=tag_filter(tags or {}), max_results=max_runs,
+                              order_by=["attributes.start_time ASC"])
     out = []
     for run in runs:
         summary = RunSummary(
@@ -147,6 +180,10 @@ def protocol_warnings(runs: list[RunSummary], labels: list[str], fid_keys: dict[
             parts.append(f"{f}: " + ", ".join(f"{name}={p.get(f, MISSING)}" for name, p in protocols.items() if p))
         if unknown:
             parts.append(f"no {PROTOCOL_PREFIX}{ext}.* tags (protocol unknown): {', '.join(unknown)}")
+        names = [f"{label}={r.protocol_name(ext)}" for label, r in zip(labels, runs)
+                 if key in r.latest and r.protocol_name(ext)]
+        if parts and names:
+            parts.append(f"protocol names: {', '.join(names)}")
         if parts:
             out.append(f"{key} values of different protocols are side by side; they are not comparable. "
                        + "; ".join(parts))
@@ -170,13 +207,15 @@ def protocol_mark(run: RunSummary, ext: str, majority: dict[str, str]) -> tuple[
 
 
 def protocol_cell(run: RunSummary, key: str, ext: str, majority: dict[str, str]) -> str:
-    """``n=1000`` (the FID's sample count), plus ``, differs: num_samples`` where the protocol is not the majority's."""
+    """``n=1000`` (the FID's sample count), after the protocol's name where recorded (``paper, n=50000``), plus
+    ``, differs: num_samples`` where the protocol is not the majority's."""
     if key not in run.latest:
         return MISSING
     mark, differ = protocol_mark(run, ext, majority)
     if mark == UNKNOWN_PROTOCOL:
         return f"? ({UNKNOWN_PROTOCOL})"
     n = f"n={run.protocol(ext).get('num_samples', '?')}"
+    n = f"{run.protocol_name(ext)}, {n}" if run.protocol_name(ext) else n  # e.g. paper, n=50000
     return f"{n}, differs: {','.join(differ)}" if differ else n
 
 
@@ -277,7 +316,98 @@ def compare(runs: list[RunSummary], *, experiment: str, out_dir: str | os.PathLi
         plots.append(out / "loss_vs_step.png")
     else:
         notes.append(f"no {LOSS_KEY} was logged; loss_vs_step.png not written")
-    return Comparison(render_table(header, rows), protocol_warnings(runs, labels, fid_keys), plots, notes, fid_lines)
+    ema_table, ema_best, ema_plot = ema_sweeps(runs, labels, out, metric, experiment)
+    plots += [ema_plot] if ema_plot else []
+    return Comparison(render_table(header, rows), protocol_warnings(runs, labels, fid_keys), plots, notes, fid_lines,
+                      ema_table, ema_best)
+
+
+# ------------------------------------------------------------------------------- FID vs EMA length
+
+EMA_PREFIX = "eval/ema/"  # evaluation.evaluate's EMA_METRIC_PREFIX: eval/ema/<name>/<metric>
+EMA_MARKERS = {"posthoc": "o", "power": "s", "classic": "^", "primary": "D"}
+
+
+@dataclass(frozen=True)
+class EMAPoint:
+    step: int
+    ema: str  # decay0.9999, sigma0.05, ...
+    kind: str  # primary | classic | power | posthoc (tag ema_sweep.<ema>.kind)
+    sigma_rel: float
+    value: float  # the FID
+    key: str
+
+
+def ema_points(run: RunSummary, metric: str) -> list[EMAPoint]:
+    """A run's EMA sweep results: one point per (checkpoint step, EMA) with its sigma_rel at that step."""
+    pattern = re.compile(rf"^{re.escape(EMA_PREFIX)}([^/]+)/({re.escape(metric.removeprefix('eval/'))}"
+                         rf"{'' if metric.startswith('eval/') else '_.+'})$")
+    keys = [(k, m.group(1)) for k in sorted(run.latest) if (m := pattern.match(k))]
+
+    def newest(key: str) -> dict[int, float]:  # per step, the value logged last (a sweep run again replaces it)
+        hist = sorted(run.client.get_metric_history(run.run_id, key), key=lambda m: (m.timestamp, m.step))
+        return {m.step: m.value for m in hist}
+
+    out = []
+    for key, ema in keys:
+        sigma = newest(f"{EMA_PREFIX}{ema}/sigma_rel")
+        kind = run.tags.get(f"ema_sweep.{ema}.kind", "?")
+        out += [EMAPoint(step, ema, kind, sigma[step], value, key) for step, value in sorted(newest(key).items())
+                if step in sigma]
+    return out
+
+
+def ema_sweeps(runs: list[RunSummary], labels: list[str], out: Path, metric: str, experiment: str
+               ) -> tuple[str, list[str], Path | None]:
+    """(table of FID vs sigma_rel per run and checkpoint, the best EMA of each run, fid_vs_ema.png or None)."""
+    import math
+
+    rows, best_lines, series = [], [], []
+    for label, run in zip(labels, runs):
+        points = ema_points(run, metric)
+        if not points:
+            continue
+        best = min(points, key=lambda p: (p.value, -p.step))
+        for step in sorted({p.step for p in points}):
+            at = sorted((p for p in points if p.step == step), key=lambda p: p.sigma_rel)
+            mine = min(at, key=lambda p: p.value)
+            rows += [[label, str(step), p.ema, p.kind, f"{p.sigma_rel:.4f}", f"{p.value:.4f}",
+                      "*" if p is mine else ""] for p in at]
+            series.append((f"{label} @{step}", at))
+        best_lines.append(f"best EMA of {label}: {best.ema} ({best.kind}, sigma_rel {best.sigma_rel:.4g}) at step "
+                          f"{best.step}: {best.key.removeprefix(EMA_PREFIX + best.ema + '/')} {best.value:.4f}")
+    if not rows:
+        return "", [], None
+    table = render_table(["run", "step", "ema", "kind", "sigma_rel", "fid", "best"], rows)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    for name, at in series:
+        finite = [p for p in at if math.isfinite(p.sigma_rel)]
+        (line,) = ax.plot([p.sigma_rel for p in finite], [p.value for p in finite], "-", lw=1, label=name)
+        for kind, marker in EMA_MARKERS.items():
+            pts = [p for p in finite if p.kind == kind]
+            if pts:
+                ax.plot([p.sigma_rel for p in pts], [p.value for p in pts], marker, color=line.get_color(), ms=5)
+        top = min(finite, key=lambda p: p.value)
+        ax.annotate(top.ema, (top.sigma_rel, top.value), textcoords="offset points", xytext=(0, -12), ha="center",
+                    fontsize=7)
+    for kind, marker in EMA_MARKERS.items():
+        ax.plot([], [], marker, color="grey", label=kind)
+    ax.set_xscale("log")
+    ax.set_xlabel("EMA length (sigma_rel)")
+    ax.set_ylabel(series[0][1][0].key.split("/")[-1])
+    ax.set_title(f"{experiment}: FID vs EMA length")
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "fid_vs_ema.png", format="png")
+    plt.close(fig)
+    return table, best_lines, out / "fid_vs_ema.png"
 
 
 def default_store() -> str:
@@ -314,7 +444,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metric", default="fid",
                         help="FID metric: a family (fid -> eval/fid_<extractor>) or one exact key")
     parser.add_argument("--max-runs", type=int, default=200, help="at most this many runs per store")
+    parser.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                        help="only runs with this tag (repeat for several), e.g. --tag sweep=ID for the runs of "
+                             "one launch/slurm/sweep.sbatch array (ID: its array job id)")
     args = parser.parse_args(argv)
+    try:
+        tags = parse_tags(args.tag)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     uris = args.tracking_uri or [default_store()]
     for uri in uris:
@@ -326,20 +464,27 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     runs: list[RunSummary] = []
     for uri in uris:
-        found = load_runs(uri, args.experiment, args.max_runs)
+        found = load_runs(uri, args.experiment, args.max_runs, tags)
         if found is None:
             print(f"note: {uri} has no experiment {args.experiment!r}", file=sys.stderr)
             continue
         runs += found
     if not runs:
-        print(f"error: no runs of experiment {args.experiment!r} in {', '.join(uris)}; "
-              "the experiment name is tracking.experiment of the training config", file=sys.stderr)
+        with_tags = f" with tag {', '.join(f'{k}={v}' for k, v in tags.items())}" if tags else ""
+        print(f"error: no runs of experiment {args.experiment!r}{with_tags} in {', '.join(uris)}; "
+              "the experiment name is tracking.experiment of the training config"
+              + ("; a sweep's id is its array job id (or SWEEP_ID)" if "sweep" in tags else ""), file=sys.stderr)
         return 2
     runs.sort(key=lambda r: r.start_time)
-    result = compare(runs, experiment=args.experiment, out_dir=args.out, metric=args.metric)
+    title = args.experiment + "".join(f" [{k}={v}]" for k, v in tags.items())
+    result = compare(runs, experiment=title, out_dir=args.out, metric=args.metric)
     for text in result.warnings:
         print(f"WARNING: {text}", file=sys.stderr)
     print(result.table)
+    if result.ema_table:
+        print("\nFID vs EMA length (evaluate --ema / --posthoc-sigma-rels; * = the checkpoint's best):")
+        print(result.ema_table)
+        print("\n".join(result.ema_best))
     for text in result.notes:
         print(f"note: {text}", file=sys.stderr)
     for path in result.plots:

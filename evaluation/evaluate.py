@@ -5,6 +5,8 @@
     python -m evaluation.evaluate --checkpoint CKPT eval.num_samples=50000 eval.sampler=ancestral \\
         eval.fid_mode=legacy_tensorflow eval.reference=clean-fid:cifar10/train/32     # the paper's protocol
     python -m evaluation.evaluate --watch runs/digits --poll-s 30                     # every new checkpoint once
+    python -m evaluation.evaluate --checkpoint runs/digits --ema all --posthoc-sigma-rels 0.03:0.20:8
+        # every stored EMA and 8 post-hoc EMA lengths, FID vs EMA length (docs/fid.md, "Sweeping the EMA")
     # several watchers (processes or hosts) on one out_dir share the work, each checkpoint still once:
     python -m evaluation.evaluate --watch runs/digits & python -m evaluation.evaluate --watch runs/digits
     # sampling spread over processes (image i still comes from seed eval.seed + i):
@@ -74,6 +76,7 @@ from pipeline.config import Config, ConfigError
 
 log = logging.getLogger("evaluation")
 WATCH_GAVE_UP_EXIT_CODE = 3  # --watch stopped after --max-wait-s with checkpoints left to evaluate
+EMA_METRIC_PREFIX = "eval/ema/"  # --ema / --posthoc-sigma-rels: eval/ema/<name>/fid_<ext>, .../sigma_rel, ...
 
 
 @dataclass
@@ -99,10 +102,17 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         raise EvaluationError(f"{exc}; or use --watch to wait for new ones") from None
 
 
-def read_checkpoint(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, dict]:
-    """The resolved config (with overrides) and meta.json of a complete checkpoint folder."""
+def read_checkpoint(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+                    announce: bool = False) -> tuple[Config, dict]:
+    """The resolved config (with overrides and eval.protocol's settings: evaluation/protocol.py) and meta.json of
+    a complete checkpoint folder; ``announce`` prints (rank 0) what the protocol set or left to the overrides."""
+    from evaluation.protocol import apply_protocol
+
     ckpt = open_checkpoint(path)
-    return ckpt.config(overrides), ckpt.meta
+    cfg, lines = apply_protocol(ckpt.config(overrides), overrides)
+    for line in lines if announce and dist.is_main() else []:
+        print(line, flush=True)
+    return cfg, ckpt.meta
 
 
 GRID_MIN_WIDTH = 256  # px: the grids are enlarged (nearest neighbour, integer factor) to at least this width
@@ -132,15 +142,18 @@ def checkpoint_of(path: str | Path) -> tuple[Path, str]:
                           "give a step-NNNNNNNN folder with --checkpoint to evaluate one anyway")
 
 
-def load_network(ckpt: str | Path, cfg: Config, use_ema: bool, device: torch.device) -> torch.nn.Module:
-    """The U-Net of ``cfg.model`` with the checkpoint's EMA (or raw training) weights, in eval mode."""
+def load_network(ckpt: str | Path, cfg: Config, use_ema: bool, device: torch.device,
+                 weights: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """The U-Net of ``cfg.model`` with the checkpoint's EMA (or raw training) weights, or ``weights`` (an EMA
+    chosen with --ema, pipeline.posthoc_ema.ema_weights), in eval mode."""
     from pipeline.unet import UNet
 
     checkpoint = open_checkpoint(ckpt)
     net = UNet(cfg.model)
     expected = set(net.state_dict())
     try:
-        weights = checkpoint.ema_weights() if use_ema else checkpoint.raw_weights(expected)
+        if weights is None:
+            weights = checkpoint.ema_weights() if use_ema else checkpoint.raw_weights(expected)
     except CheckpointError as exc:
         raise EvaluationError(f"{exc}" + ("" if use_ema else " (eval.use_ema=false)")) from None
     missing = expected - set(weights)
@@ -179,7 +192,7 @@ def draw_samples(net, diffusion, cfg: Config, device: torch.device, features=Non
     t0 = time.perf_counter()
     local = sample(
         net, diffusion, [e.seed + i for i in mine], sampler=e.sampler, steps=e.steps, eta=e.eta,
-        batch_size=e.batch_size, device=device, progress=dist.is_main(), precision=e.precision,
+        batch_size=e.batch_size, device=device, progress=dist.is_main(), precision=e.precision, spacing=e.spacing,
     ).numpy()
     elapsed = time.perf_counter() - t0
     feats = features(local, desc="sample features") if features is not None and len(local) else None
@@ -310,6 +323,8 @@ def real_images(cfg: Config, count: int) -> tuple[np.ndarray | None, str]:
 
 def _provenance(cfg: Config, meta: dict, extractor, ref, ckpt: Path, diffusion) -> dict[str, Any]:
     """What the figures were computed from; the FID keys only when FID was (eval.feature_extractor != none)."""
+    from evaluation.protocol import overridden, recorded_name
+
     e = cfg.eval
     fid_keys: dict[str, Any] = {"extractor": "none"}
     if extractor is not None:
@@ -336,6 +351,10 @@ def _provenance(cfg: Config, meta: dict, extractor, ref, ckpt: Path, diffusion) 
         "sampler": e.sampler,
         "sampler_steps": diffusion.num_timesteps if e.sampler == "ancestral" else e.steps,
         "eta": e.eta if e.sampler == "ddim" else 1.0,
+        "spacing": e.spacing if e.sampler == "ddim" else "all",  # DDIM's timesteps; ancestral: every t
+        "variance": diffusion.variance,
+        "protocol": recorded_name(cfg),  # paper, "paper, modified" or custom (evaluation/protocol.py)
+        **({"protocol_overrides": overridden(cfg)} if overridden(cfg) else {}),
         "precision": e.precision,
         "weights": "ema" if e.use_ema else "raw",
         "step": int(meta["step"]),
@@ -348,9 +367,13 @@ def _provenance(cfg: Config, meta: dict, extractor, ref, ckpt: Path, diffusion) 
 
 
 def evaluate(ckpt: str | Path, overrides: list[str] | tuple[str, ...] = (), *, save_samples_to: str = "",
-             out_dir: str = "", log_to_run: bool = True) -> EvalResult | None:
+             out_dir: str = "", log_to_run: bool = True, ema: Any = None,
+             weights: dict[str, torch.Tensor] | None = None) -> EvalResult | None:
     """Evaluate one checkpoint (every rank calls this and does its share of sampling, features and bits/dim;
-    rank 0 gathers, computes FID/KID, logs and returns the result, the others None)."""
+    rank 0 gathers, computes FID/KID, logs and returns the result, the others None).
+
+    ``ema`` (a ``pipeline.posthoc_ema.EMAChoice``): evaluate that EMA instead of the primary one (its
+    ``weights`` when already at hand, e.g. synthesized); its figures go to ``eval/ema/<name>/...`` in MLflow."""
     from evaluation import digits_net
     from evaluation.features import build_extractor
     from evaluation.fid import fid, kid, load_reference
@@ -358,14 +381,18 @@ def evaluate(ckpt: str | Path, overrides: list[str] | tuple[str, ...] = (), *, s
     from pipeline.diffusion import Diffusion, bound_per_image, summarize_bound
 
     ckpt = Path(ckpt)
-    cfg, meta = read_checkpoint(ckpt, overrides)
+    cfg, meta = read_checkpoint(ckpt, overrides, announce=True)
     e = cfg.eval
     step = int(meta["step"])
     classifier_fits = check_fits(cfg)  # every rank, before any work: a refusal costs nothing
     device = _device(e.device)
     diffusion = Diffusion(cfg.diffusion)
     # Weights are read into memory first, so keep-k deleting the folder later does not matter.
-    net = load_network(ckpt, cfg, e.use_ema, device)
+    if ema is not None and weights is None:
+        from pipeline.posthoc_ema import ema_weights
+
+        weights = ema_weights(open_checkpoint(ckpt), ema.name)
+    net = load_network(ckpt, cfg, e.use_ema, device, weights=weights)
     # Every rank: its block of samples and their features, then its share of the held-out batches for
     # bits/dim; rank 0 gathers both. Only then does rank 0 alone load (or compute) the reference
     # statistics, so no rank waits at a collective meanwhile.
@@ -389,7 +416,7 @@ def evaluate(ckpt: str | Path, overrides: list[str] | tuple[str, ...] = (), *, s
     if not dist.is_main():
         return None
     assert images is not None and (feats is not None or extractor is None)
-    out = Path(out_dir) if out_dir else ckpt.parent / "eval" / step_dir_name(step)
+    out = Path(out_dir) if out_dir else ckpt.parent / "eval" / step_dir_name(step) / (f"ema-{ema.name}" if ema else "")
     out.mkdir(parents=True, exist_ok=True)
     if save_samples_to:
         print(f"samples saved to {save_samples(images, save_samples_to, e.seed)}")
@@ -408,6 +435,8 @@ def evaluate(ckpt: str | Path, overrides: list[str] | tuple[str, ...] = (), *, s
         classifier = digits_net.class_summary(digits_net.predict_proba(images), e.confidence_threshold)
         metrics["eval/digits_confident_share"] = classifier["confident_share"]
     provenance = _provenance(cfg, meta, extractor, ref, ckpt, diffusion)
+    if ema is not None:  # which EMA (docs/fid.md, "Sweeping the EMA")
+        provenance.update({"ema": ema.name, "ema_kind": ema.kind, "ema_sigma_rel": ema.sigma_rel})
     if bpd_skip:
         # a counted skip, not a failure: FID/KID are still worth having
         provenance["bpd"] = {"skipped": bpd_skip}
@@ -455,7 +484,7 @@ def _save_png(arr: np.ndarray, path: Path) -> None:
 def protocol_tags(ext: str, provenance: dict[str, Any]) -> dict[str, str]:
     """The ``fid_protocol.<ext>.*`` tags of docs/tracking.md."""
     keys = ("extractor_sha256", "mode", "reference", "reference_count", "reference_sha256", "num_samples",
-            "sampler", "sampler_steps", "eta", "precision", "weights", "step")  # fmt: skip
+            "sampler", "sampler_steps", "eta", "spacing", "precision", "weights", "step", "protocol")  # fmt: skip
     return {f"fid_protocol.{ext}.{k}": str(provenance[k]) for k in keys}
 
 
@@ -473,9 +502,21 @@ def _log(cfg: Config, meta: dict, ckpt: Path, result: EvalResult) -> str | None:
     tracking = dataclasses.replace(cfg.tracking, uri=uri, enabled=True)
     sink = make_sink(tracking, out_dir=ckpt.parent, is_main_process=True, run_id=run_id, attach=True)
     artifact_dir = f"eval/{step_dir_name(result.step)}"
-    sink.log_metrics(result.metrics, step=result.step)
-    if cfg.eval.feature_extractor != "none":
-        sink.set_tags(protocol_tags(cfg.eval.feature_extractor, result.provenance))
+    ema = result.provenance.get("ema")
+    if ema is None:
+        sink.log_metrics(result.metrics, step=result.step)
+        if cfg.eval.feature_extractor != "none":
+            sink.set_tags(protocol_tags(cfg.eval.feature_extractor, result.provenance))
+    else:  # one EMA of a sweep: its own keys, so the primary EMA's eval/* curve and protocol tags stay as they are
+        artifact_dir += f"/ema-{ema}"
+        prefix = f"{EMA_METRIC_PREFIX}{ema}/"
+        sink.log_metrics({prefix + k.removeprefix("eval/"): v for k, v in result.metrics.items()}
+                         | {f"{prefix}sigma_rel": result.provenance["ema_sigma_rel"]}, step=result.step)
+        tags = {f"ema_sweep.{ema}.kind": result.provenance["ema_kind"]}
+        if cfg.eval.feature_extractor != "none":
+            tags |= {"ema_sweep." + k: v for k, v in protocol_tags(cfg.eval.feature_extractor,
+                                                                     result.provenance).items()}
+        sink.set_tags(tags)
     for path in result.grids.values():
         sink.log_artifact(path, artifact_path=artifact_dir)
     sink.log_artifact(text=json.dumps(result.provenance, indent=1, sort_keys=True), name="provenance.json",
@@ -491,8 +532,10 @@ def _log(cfg: Config, meta: dict, ckpt: Path, result: EvalResult) -> str | None:
 def format_result(r: EvalResult) -> str:
     p = r.provenance
     ext = p["extractor"]
-    lines = [f"step {r.step}  ({p['weights']} weights, {p['sampler']} {p['sampler_steps']} steps, eta {p['eta']}, "
-             f"{p['num_samples']} samples, seeds {p['seeds']})"]
+    spacing = f" ({p['spacing']})" if p.get("sampler") == "ddim" else ""
+    weights = f"EMA {p['ema']}" if p.get("ema") else f"{p['weights']} weights"
+    lines = [f"step {r.step}  ({weights}, {p['sampler']} {p['sampler_steps']} steps{spacing}, eta "
+             f"{p['eta']}, {p['num_samples']} samples, seeds {p['seeds']}; protocol {p.get('protocol', 'custom')})"]
     for k, v in sorted(r.metrics.items()):
         lines.append(f"  {k:32s} {v:.6g}")
     if ext == "none":
@@ -555,6 +598,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="--watch: take over another watcher's claim on a checkpoint when its heartbeat is older "
                         "than this (that watcher was killed); the owner beats every 1/6 of it; keep it well "
                         "above the clock differences between hosts (default: %(default)g)")
+    p.add_argument("--ema", default="",
+                   help="--checkpoint: evaluate these EMAs instead of the primary one: all (every EMA the checkpoint "
+                        "stores) or NAME[,NAME] (decay<d>, sigma<s>; a sigma<x> not stored is synthesized), each "
+                        "logged as eval/ema/<NAME>/... (docs/fid.md)")
+    p.add_argument("--posthoc-sigma-rels", default="",
+                   help="--checkpoint: also synthesize the post-hoc EMAs of these sigma_rels from the checkpoint's "
+                        "power-EMA snapshots and evaluate each: LO:HI:N (N values spaced geometrically) or A,B,...")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the checkpoint's config.yaml, e.g. eval.num_samples=1000 "
                         "(default: none; the eval.* section the training was run with applies)")
     a = p.parse_args(argv)
@@ -562,8 +612,15 @@ def main(argv: list[str] | None = None) -> int:
     _init_distributed()
     bad_input = _input_errors()
     try:
+        if a.watch and (a.ema or a.posthoc_sigma_rels):
+            raise EvaluationError("--ema and --posthoc-sigma-rels evaluate one checkpoint: use --checkpoint (the "
+                                  "watcher evaluates the primary EMA of each new checkpoint)")
         if a.watch:
             return _watch(a)
+        if a.ema or a.posthoc_sigma_rels:
+            _sweep(a)
+            dist.shutdown()
+            return 0
         r = evaluate(_checkpoint_arg(a.checkpoint), a.overrides, save_samples_to=a.save_samples, out_dir=a.out,
                      log_to_run=not a.no_log)
         if r is not None:
@@ -577,6 +634,54 @@ def main(argv: list[str] | None = None) -> int:
         # not the input: a bug or the machine (CUDA out of memory, NCCL); whoever debugs it needs the traceback
         traceback.print_exc()
         return 1
+
+
+def _sweep(a: argparse.Namespace) -> list[tuple[Any, EvalResult]]:
+    """--ema / --posthoc-sigma-rels: evaluate each chosen EMA of one checkpoint (every rank), then print the FID
+    against the EMA length (rank 0). Post-hoc EMAs are synthesized first, in one pass over the snapshots. With
+    more than one EMA, bits/dim is left out (eval.bpd_split=''): it does not choose the EMA, and costs as much as
+    the sampling; evaluate the chosen one with --ema NAME for it."""
+    from pipeline import posthoc_ema
+
+    ckpt = _checkpoint_arg(a.checkpoint)
+    try:
+        sigma_rels = posthoc_ema.parse_sigma_rels(a.posthoc_sigma_rels) if a.posthoc_sigma_rels else []
+    except ValueError as exc:
+        raise EvaluationError(str(exc)) from None
+    chosen = posthoc_ema.choices(open_checkpoint(ckpt), a.ema, sigma_rels)
+    if a.save_samples and len(chosen) > 1:
+        raise EvaluationError("--save-samples writes the samples of one EMA; give one --ema NAME with it")
+    synthesized = posthoc_ema.synthesize(open_checkpoint(ckpt), [c.sigma_rel for c in chosen if c.kind == "posthoc"]
+                                         ) if any(c.kind == "posthoc" for c in chosen) else {}
+    overrides = [*a.overrides, *(["eval.bpd_split=''"] if len(chosen) > 1 else [])]
+    results = []
+    for c in chosen:
+        if dist.is_main():
+            print(f"--- EMA {c.name} ({c.kind}, sigma_rel {c.sigma_rel:.4g}; {c.source})", flush=True)
+        r = evaluate(ckpt, overrides, save_samples_to=a.save_samples, out_dir=a.out and str(Path(a.out) / f"ema-{c.name}"),
+                     log_to_run=not a.no_log, ema=c, weights=synthesized.pop(c.name, None))
+        if r is not None:
+            print(format_result(r), flush=True)
+            results.append((c, r))
+    if results:
+        print(format_sweep(results))
+    return results
+
+
+def format_sweep(results: list[tuple[Any, EvalResult]]) -> str:
+    """The FID against the EMA length (sigma_rel), shortest first, and the best EMA."""
+    ext = results[0][1].provenance["extractor"]
+    key = next((k for k in results[0][1].metrics if k.startswith("eval/fid_")), None)
+    rows = sorted(results, key=lambda cr: cr[0].sigma_rel)
+    lines = [f"FID vs EMA length, step {results[0][1].step} ({ext}):", f"  {'ema':14s} {'kind':8s} {'sigma_rel':>9s}"
+             + (f"  {key.removeprefix('eval/'):>12s}" if key else "")]
+    for c, r in rows:
+        lines.append(f"  {c.name:14s} {c.kind:8s} {c.sigma_rel:9.4f}" + (f"  {r.metrics[key]:12.4f}" if key else ""))
+    if key:
+        c, r = min(rows, key=lambda cr: cr[1].metrics[key])
+        lines.append(f"best: {c.name} (sigma_rel {c.sigma_rel:.4g}, {c.kind}): {key.removeprefix('eval/')} "
+                     f"{r.metrics[key]:.4f}; evaluate or export it with --ema {c.name}")
+    return "\n".join(lines)
 
 
 def _input_errors() -> tuple[type[Exception], ...]:

@@ -12,7 +12,10 @@ parts (after torchtitan's checkpointer); it owns the cadence, keep-k, completene
 Adding a piece of state is one entry in ``parts``: any object with ``state_dict()`` and
 ``load_state_dict()``. A part whose state is spread over the ranks (the EMA under DeepSpeed ZeRO) also has
 ``prepare_state_dict()``: every rank calls it before rank 0 calls ``state_dict()``, so that it can gather
-its state to rank 0 (a collective); only rank 0 then holds the full state. How a part is stored follows from its state: a state with a ``"weights"`` dict of
+its state to rank 0 (a collective); only rank 0 then holds the full state. A part with files of its own
+(the power EMAs' snapshots) has ``write_files(folder, step) -> {relative path: sha256}`` (rank 0, right after
+its ``state_dict()``; the digests are recorded without hashing the files again) and ``attach(folder)`` (every
+rank, after a save is published and after a resume: its files are in that folder now). How a part is stored follows from its state: a state with a ``"weights"`` dict of
 tensors becomes ``<name>.safetensors`` (the other entries go into its metadata, JSON-encoded); any other
 state becomes ``<name>.json``. A part wrapped in ``PerRank`` (its state differs by rank: the loader's
 position) is written by every rank as ``<name>/rank-<r>.json``; the others by rank 0 (they are the same
@@ -274,8 +277,19 @@ class Checkpoint:
         """The resolved config the checkpoint was trained with, ``key=value`` overrides on top."""
         return load_config(self.path / "config.yaml", list(overrides))
 
-    def ema_weights(self) -> dict[str, torch.Tensor]:
-        return read_ema(self.path / EMA_FILE)[0]
+    def ema_names(self) -> list[str]:
+        """The EMAs stored here: "" (the primary, ema.safetensors) first, then each ema-<name>.safetensors by name
+        (``ema.decays``: ``decay<d>``; ``ema.posthoc.sigma_rels``: ``sigma<s>``; pipeline/ema.py)."""
+        more = sorted(p.name[len("ema-"):-len(".safetensors")] for p in self.path.glob("ema-*.safetensors"))
+        return [""] + more
+
+    def ema_weights(self, name: str = "") -> dict[str, torch.Tensor]:
+        """A stored EMA's U-Net state_dict ("" = the primary). Synthesized post-hoc EMAs and names such as
+        ``decay0.9999`` for the primary: ``pipeline.posthoc_ema.ema_weights``."""
+        if name and name not in self.ema_names():
+            raise CheckpointError(f"{self.path} stores no EMA {name!r}; it stores "
+                                  f"{', '.join(n or 'the primary (ema.safetensors)' for n in self.ema_names())}")
+        return read_ema(self.path / (f"ema-{name}.safetensors" if name else EMA_FILE))[0]
 
     def raw_weights(self, expected: set[str]) -> dict[str, torch.Tensor]:
         """The training weights of the accelerate state (single-model save_state; DDP or plain), U-Net keys."""
@@ -430,6 +444,14 @@ class CheckpointManager:
         ckpt = Checkpoint(value)
         ckpt.check_compatible(self.record, self.accelerator.num_processes)
         rank = self.accelerator.process_index
+        lacking = [name for name, part in self.parts.items() if not isinstance(part, PerRank) and not any(
+            (ckpt.path / f"{name}{ext}").is_file() for ext in (".safetensors", ".json"))]
+        if lacking:  # e.g. an EMA added to the config (ema.decays, ema.posthoc.sigma_rels) after the run started
+            raise CheckpointError(
+                f"checkpoint {ckpt.path} holds no {', '.join(lacking)}: the config keeps state this run did not "
+                "keep when it was written (an EMA added with ema.decays or ema.posthoc.sigma_rels?); an EMA cannot "
+                "start in the middle of a run. Remove it from the config, or start a new run (name=NEW)"
+            )
         try:
             # accelerate loads its files weights-only but swallows a refused RNG file with an info log: refuse
             # it loudly here, before anything is restored
@@ -443,6 +465,8 @@ class CheckpointManager:
                 per_rank = isinstance(part, PerRank)
                 state = ckpt.part_state(name, rank=rank if per_rank else None)
                 (part.part if per_rank else part).load_state_dict(state)
+                if hasattr(part, "attach"):  # a part with files of its own: they are in this folder now
+                    part.attach(ckpt.path)
         except pickle.UnpicklingError as exc:
             raise CheckpointError(
                 f"checkpoint {ckpt.path} holds a file that is not plain weights ({_first_line(exc)}); it is refused "
@@ -481,12 +505,15 @@ class CheckpointManager:
             for part in self.parts.values():
                 if hasattr(part, "prepare_state_dict"):
                     part.prepare_state_dict()
+            written: dict[str, str] = {}  # files parts wrote or linked themselves -> their sha256, known already
             for name, part in self.parts.items():
                 if isinstance(part, PerRank):
                     (tmp / name).mkdir(exist_ok=True)
                     _write_text(tmp / name / f"rank-{acc.process_index}.json", json.dumps(part.part.state_dict()))
                 elif main and name != META:
                     self._write_part(tmp, name, part.state_dict(), step)
+                    if hasattr(part, "write_files"):  # e.g. the EMA snapshots, hard links to files written once
+                        written.update(part.write_files(tmp, step))
             if main:
                 _write_text(tmp / "config.yaml", to_yaml(self.record))
             acc.wait_for_everyone()
@@ -495,7 +522,8 @@ class CheckpointManager:
             # (a folder named step-N always has COMPLETE, and COMPLETE means the bytes are there).
             if main:
                 _fsync_tree(tmp)
-                digests = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+                digests = {str(p.relative_to(tmp)): written.get(str(p.relative_to(tmp))) or sha256_file(p)
+                           for p in sorted(tmp.rglob("*")) if p.is_file()}
                 self._write_part(tmp, META, {**self.parts[META].state_dict(), "sha256": digests}, step)
                 _write_text(tmp / COMPLETE, f"{step}\n")
                 _fsync_tree(tmp)
@@ -516,6 +544,9 @@ class CheckpointManager:
             for old in self.complete()[: -self.cfg.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
+        for part in self.parts.values():
+            if hasattr(part, "attach"):
+                part.attach(final)
         return final
 
     def newest_intact_note(self) -> str:

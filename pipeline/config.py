@@ -60,6 +60,8 @@ class DataConfig:
     strict: bool = False  # raise on a corrupt shard or sample instead of counting and skipping it
     prefetch_factor: int = 2  # batches prefetched per worker
     verify: str = "stream"  # shards vs their manifest sha256: stream (as read), start (all at start), off
+    # the manifest.json (path or URL) of a shard pattern or URL list, e.g. of pipe: commands: counts for exact mode
+    manifest: str = ""
 
     def __post_init__(self) -> None:
         _choice("data.mode", self.mode, ("exact", "resampled"))
@@ -188,6 +190,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the U-Net
     channels_last: bool = False  # channels_last memory format
     grad_comm_dtype: str = "fp32"  # dtype of the gradient all-reduce: fp32 | bf16 (half the bytes; docs/training.md)
+    # start from these EMA weights (a checkpoint folder, a run folder: its newest, or an imported checkpoint of
+    # python -m evaluation.export --from-diffusers): weights only, new optimizer, step 0; ignored when resuming
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         _positive("train.batch_size", self.batch_size)
@@ -217,16 +222,51 @@ class OptimizerConfig:
     adam_eps: float = 1e-8
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
+    # > 0: clip the gradient of each group of this many images on its own (global norm <= grad_clip), then average
+    # over all groups of the batch: the authors' per-TPU-replica clipping (16 of 128; docs/training.md). 0 = clip
+    # the batch gradient once
+    grad_clip_per: int = 0
+    # true: the authors' lr * min(step / warmup_steps, 1), so the first step has lr 0; false: (step + 1) / warmup_steps
+    warmup_from_zero: bool = False
 
     def __post_init__(self) -> None:
         _positive("optimizer.lr", self.lr)
         _positive("optimizer.warmup_steps", self.warmup_steps, zero_ok=True)
+        _positive("optimizer.grad_clip_per", self.grad_clip_per, zero_ok=True)
+        if self.grad_clip_per and not self.grad_clip:
+            raise ConfigError(f"optimizer.grad_clip_per={self.grad_clip_per} clips each group's gradient to "
+                              "optimizer.grad_clip, which is 0 (off); set optimizer.grad_clip (the paper: 1.0) or "
+                              "optimizer.grad_clip_per=0")
         for key, beta in (("optimizer.adam_beta1", self.adam_beta1), ("optimizer.adam_beta2", self.adam_beta2)):
             if not 0.0 <= beta < 1.0:  # beta = 1 makes Adam's bias correction divide by zero
                 raise ConfigError(f"{key}={beta!r} must lie in [0, 1) (e.g. 0.9 / 0.999)")
         _positive("optimizer.adam_eps", self.adam_eps)
         _positive("optimizer.weight_decay", self.weight_decay, zero_ok=True)
         _positive("optimizer.grad_clip", self.grad_clip, zero_ok=True)
+
+
+SIGMA_REL_MAX = 12 ** -0.5  # a power-function EMA's sigma_rel at exponent 0 (EDM2 eq. 4): larger needs exponent < 0
+
+
+@dataclass
+class PostHocConfig:
+    """Power-function EMAs and their snapshots for choosing the EMA after training (EDM2; pipeline/posthoc_ema.py)."""
+
+    sigma_rels: list[float] = field(default_factory=list)  # [] = off; EDM2 keeps [0.05, 0.10]
+    # snapshot every this many steps, in the checkpoint of that step (a checkpoint is written there if none is
+    # due); 0 = at every multiple of checkpoint.every_steps
+    snapshot_every_steps: int = 0
+    snapshot_dtype: str = "fp16"  # fp16 (EDM2's, ema-pytorch's) | bf16 | fp32
+
+    def __post_init__(self) -> None:
+        for s in self.sigma_rels:
+            if not 0.0 < s < SIGMA_REL_MAX:  # False for NaN
+                raise ConfigError(f"ema.posthoc.sigma_rels: {s!r} must lie in (0, {SIGMA_REL_MAX:.4f}) (the relative "
+                                  "width of a power-function EMA; EDM2 keeps [0.05, 0.10])")
+        if len(set(self.sigma_rels)) != len(self.sigma_rels):
+            raise ConfigError(f"ema.posthoc.sigma_rels={list(self.sigma_rels)} repeats a value; list each once")
+        _positive("ema.posthoc.snapshot_every_steps", self.snapshot_every_steps, zero_ok=True)
+        _choice("ema.posthoc.snapshot_dtype", self.snapshot_dtype, ("fp16", "bf16", "fp32"))
 
 
 @dataclass
@@ -237,12 +277,23 @@ class EMAConfig:
     warmup_steps: int = 0  # steps before the EMA starts tracking (it copies the weights until then)
     update_every: int = 1  # update the EMA every this many steps
     power: float = 0.75  # warm-up: decay = min(decay, 1 - (1 + n)^-power) after n updates (ema-pytorch)
+    # power: ema-pytorch's warm-up above; none: the authors' plain EMA, a copy at the first update, then the
+    # constant decay
+    warmup: str = "power"
+    decays: list[float] = field(default_factory=list)  # more classic EMAs kept beside `decay` (same schedule)
+    posthoc: PostHocConfig = field(default_factory=PostHocConfig)
 
     def __post_init__(self) -> None:
         _unit_interval("ema.decay", self.decay)
         _positive("ema.warmup_steps", self.warmup_steps, zero_ok=True)
         _positive("ema.update_every", self.update_every)
         _positive("ema.power", self.power)
+        _choice("ema.warmup", self.warmup, ("power", "none"))
+        for d in self.decays:
+            _unit_interval("ema.decays", d)
+        if len({self.decay, *self.decays}) != 1 + len(self.decays):
+            raise ConfigError(f"ema.decays={list(self.decays)} repeats a decay (ema.decay={self.decay} is kept "
+                              "already); list each other decay once")
 
 
 @dataclass
@@ -292,10 +343,16 @@ class PreemptionConfig:
 class EvalConfig:
     """The evaluation stage (evaluation/)."""
 
+    # a named protocol that sets the eval.* keys it fixes ("" = none): paper = Ho et al.'s CIFAR-10 Table 1
+    # (evaluation/protocol.py, docs/fid.md); a key=value given with it wins, with a printed line
+    protocol: str = ""
     num_samples: int = 10_000  # generated images for FID/KID; image i comes from seed seed + i
     seed: int = 0  # first per-image seed
     sampler: str = "ddim"  # ancestral (T steps, the paper's) or ddim
     steps: int = 50  # DDIM steps (ignored by the ancestral sampler)
+    # DDIM timesteps (pipeline/sampling.py): uniform (the DDIM code's range(0, T, T // steps)), leading, linspace,
+    # trailing (diffusers' names) or quadratic
+    spacing: str = "uniform"
     eta: float = 0.0  # DDIM η (0 = deterministic, 1 = ancestral-like)
     precision: str = "fp32"  # the network while sampling: fp32, or bf16 autocast (faster on GPUs; docs/fid.md)
     batch_size: int = 256  # images per network call while sampling
@@ -320,7 +377,9 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _positive("eval.num_samples", self.num_samples)
+        _choice("eval.protocol", self.protocol, ("", "paper"))
         _choice("eval.sampler", self.sampler, ("ancestral", "ddim"))
+        _choice("eval.spacing", self.spacing, ("uniform", "leading", "linspace", "trailing", "quadratic"))
         _positive("eval.steps", self.steps)
         _unit_interval("eval.eta", self.eta)
         _choice("eval.precision", self.precision, ("fp32", "bf16"))
@@ -365,6 +424,8 @@ class TrackingConfig:
     flush_timeout_s: float = 30.0  # finish() waits at most this for queued calls to be sent
     probe_interval_s: float = 5.0  # during an outage, calls are dropped except one probe per this interval
     system_metrics: bool = False  # MLflow's system/* metrics (CPU, memory, disk, network, GPU) while training
+    log_model: bool = True  # at the end, the final EMA weights as an MLflow pyfunc model of the run (docs/tracking.md)
+    registered_model_name: str = ""  # and register that model under this name ("" = not registered)
 
     def __post_init__(self) -> None:
         _positive("tracking.retries", self.retries)

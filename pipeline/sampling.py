@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -19,27 +20,44 @@ from torch import nn
 
 from pipeline.diffusion import Diffusion, _call_net
 
+SPACINGS = ("uniform", "leading", "linspace", "trailing", "quadratic")
+
 
 def ddim_timesteps(num_timesteps: int, steps: int, spacing: str = "uniform") -> list[int]:
-    """The K timesteps DDIM visits, ascending (the sampler walks them backwards).
+    """The timesteps DDIM visits, ascending (the sampler walks them backwards), for T = num_timesteps, K = steps.
 
-    ``uniform``: 0, c, 2c, ... with c = T // K (the DDIM code's choice); ``quadratic``: (linspace(0, √(0.8 T), K))²
-    (the DDIM code's CIFAR-10 choice), which spends more steps near the data.
+    - ``uniform``: the DDIM authors' ``range(0, T, T // K)``: K timesteps when K divides T, otherwise more
+      (ceil(T / (T // K)): 31 for K = 30, ending at 990), so the walk always starts within T // K of T;
+    - ``leading``: the first K of those (diffusers' ``leading``; this project's ``uniform`` before it matched the
+      authors): 30 steps end at 957, 300 at 897, far from T;
+    - ``linspace``: round(i (T - 1) / (K - 1)), i = 0..K-1 (diffusers' ``linspace``: 0 and T - 1 included);
+    - ``trailing``: round((K - i) T / K) - 1, i = 0..K-1 (diffusers' ``trailing``: T - 1 and T / K - 1 included);
+    - ``quadratic``: int((linspace(0, sqrt(0.8 T), K))²) (the DDIM authors' CIFAR-10 choice), dense near the data.
+
+    linspace and trailing are computed in exact fractions, rounding halves to even as numpy does: diffusers'
+    float version differs where a value is an exact half (T = 1000, K = 48), and its trailing list has K + 1
+    entries, the last -1, for some T and K (T = 100, K = 29). Every list holds distinct timesteps in 0..T-1.
     """
-    T = num_timesteps
-    if not 1 <= steps <= T:
-        raise ValueError(f"steps={steps} must lie in 1..T={T} for DDIM")
+    T, K = num_timesteps, steps
+    if not 1 <= K <= T:
+        raise ValueError(f"steps={K} must lie in 1..T={T} for DDIM")
     if spacing == "uniform":
-        seq = list(range(0, T, T // steps))[:steps]
+        seq = list(range(0, T, T // K))
+    elif spacing == "leading":
+        seq = [i * (T // K) for i in range(K)]
+    elif spacing == "linspace":
+        seq = [round(Fraction(i * (T - 1), K - 1)) for i in range(K)] if K > 1 else [0]
+    elif spacing == "trailing":
+        seq = sorted(round(Fraction((K - i) * T, K)) - 1 for i in range(K))
     elif spacing == "quadratic":
-        seq = [int(v) for v in np.linspace(0, math.sqrt(T * 0.8), steps) ** 2]
+        seq = [int(v) for v in np.linspace(0, math.sqrt(T * 0.8), K) ** 2]
         if len(set(seq)) != len(seq):
             raise ValueError(
-                f"quadratic spacing with steps={steps} repeats timesteps for T={T}; use fewer steps "
+                f"quadratic spacing with steps={K} repeats timesteps for T={T}; use fewer steps "
                 "or spacing='uniform'"
             )
     else:
-        raise ValueError(f"unknown spacing {spacing!r}; choose 'uniform' or 'quadratic'")
+        raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(map(repr, SPACINGS))}")
     return seq
 
 
@@ -130,7 +148,8 @@ def sample(
 
     ``net``: the raw U-Net (pass the EMA copy for evaluation); it runs in eval mode under no_grad and its
     train/eval mode is restored afterwards. ``sampler="ancestral"`` runs all T steps (``steps`` is ignored)
-    with σ_t² from ``diffusion.variance``; ``"ddim"`` runs ``steps`` steps with noise scale ``eta``.
+    with σ_t² from ``diffusion.variance``; ``"ddim"`` visits ``ddim_timesteps(T, steps, spacing)`` with noise
+    scale ``eta`` (``steps`` of them; with ``uniform``, ceil(T / (T // steps)) when ``steps`` does not divide T).
     ``device`` defaults to the device of the network's parameters.
     """
     seeds = [int(s) for s in seeds]

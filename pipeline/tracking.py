@@ -70,8 +70,10 @@ def resolve_tracking_uri(cfg: TrackingConfig, out_dir: str | os.PathLike) -> str
 
 
 def sqlite_path(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI, else None."""
-    return Path(unquote(urlparse(uri).path)) if uri.startswith("sqlite:///") else None
+    """The database file of a ``sqlite:///`` URI, else None: SQLAlchemy's reading, ``sqlite:////abs/x.db`` is
+    ``/abs/x.db`` and ``sqlite:///rel/x.db`` is ``rel/x.db`` (a ``//abs`` path would make the artifact location
+    a network path, ``//abs/...``, which MLflow's model loading parses as host ``abs``)."""
+    return Path(unquote(urlparse(uri).path)[1:]) if uri.startswith("sqlite:///") else None
 
 
 def sqlite_artifact_location(uri: str) -> str | None:
@@ -232,6 +234,16 @@ class NullSink:
         """Flush within the time bound and close the run with one of ``STATUSES``."""
 
 
+SWEEP_ID_ENV, SWEEP_ELEMENT_ENV = "DDPM_SWEEP_ID", "DDPM_SWEEP_ELEMENT"
+
+
+def sweep_tags() -> dict[str, str]:
+    """``sweep`` and ``sweep.element`` of a training run started by launch/slurm/sweep.sbatch (which exports
+    DDPM_SWEEP_ID and DDPM_SWEEP_ELEMENT), so ``evaluation.compare --tag sweep=ID`` selects the sweep's runs."""
+    tags = {"sweep": os.environ.get(SWEEP_ID_ENV, ""), "sweep.element": os.environ.get(SWEEP_ELEMENT_ENV, "")}
+    return {k: v for k, v in tags.items() if v} if tags["sweep"] else {}
+
+
 def make_sink(cfg: TrackingConfig, *, out_dir: str | os.PathLike, is_main_process: bool,
               run_id: str | None = None, run_name: str | None = None, attach: bool = False,
               tags: dict[str, Any] | None = None, supersedes: str | None = None) -> NullSink:
@@ -257,6 +269,8 @@ def make_sink(cfg: TrackingConfig, *, out_dir: str | os.PathLike, is_main_proces
     from pipeline.mlflow_sink import MLflowSink
 
     run_tags = {"out_dir": str(Path(out_dir).resolve())}
+    if not attach:
+        run_tags.update(sweep_tags())
     run_tags.update({str(k): str(v) for k, v in (tags or {}).items()})
     sink = MLflowSink(
         cfg, tracking_uri=uri, run_id=run_id, run_name=run_name or cfg.run_name or Path(out_dir).name,

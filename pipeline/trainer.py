@@ -17,7 +17,8 @@ Random streams (written down so that resume is bitwise and N ranks equal one ran
 Host syncs and collectives: the loop never reads a device value except at a log tick (every
 logging.every_steps), a sample grid or a checkpoint, and makes no collective of its own between ticks
 (the preemption flags ride on the tick's all-reduce; DDP's gradient buckets and DeepSpeed's own
-collectives and overflow check aside: tests/test_step_sync.py). A non-finite gradient is detected on
+collectives and overflow check aside: tests/test_step_sync.py; with optimizer.grad_clip_per, GroupClip's one
+all-reduce of the clipped gradients per step takes the buckets' place). A non-finite gradient is detected on
 the device (``applied`` below) and the optimizer step is skipped on the device (fused Adam's found_inf,
 the AMP mechanism), the EMA update is masked with the same flag, and counters are read at the next tick.
 """
@@ -59,9 +60,13 @@ def classify_skip(ok: torch.Tensor, loss_sum: torch.Tensor, loss_scaling: bool) 
     return (skipped & ~scaler_skip).float(), scaler_skip.float()
 
 
-def lr_at(step: int, lr: float, warmup_steps: int) -> float:
-    """The paper's schedule: linear warm-up over warmup_steps, then constant. ``step`` = steps done."""
-    return lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else lr
+def lr_at(step: int, lr: float, warmup_steps: int, from_zero: bool = False) -> float:
+    """The paper's schedule: linear warm-up over warmup_steps, then constant. ``step`` = steps done.
+
+    ``from_zero`` (optimizer.warmup_from_zero): the authors' lr * min(step / warmup_steps, 1), so step 0 has lr 0
+    (Adam's moments still take its gradient); else lr * min((step + 1) / warmup_steps, 1), full lr one step earlier.
+    """
+    return lr * min(1.0, (step if from_zero else step + 1) / warmup_steps) if warmup_steps else lr
 
 
 def micro_seed(seed: int, step: int, micro: int) -> int:
@@ -124,21 +129,99 @@ class Progress:
 # -------------------------------------------------------------------------------------- optimizer step
 
 
+class GroupClip:
+    """optimizer.grad_clip_per: the authors' per-TPU-replica clipping, emulated exactly.
+
+    The authors (tpu_utils.py, utils.make_optimizer) ran 8 replicas of 16 images: CrossShardOptimizer divides each
+    replica's loss by 8, ``clip_by_global_norm(grad, grad_clip / 8)`` clips it, and the cross-replica sum adds
+    them: the average of the 16-image gradients, each clipped to ``grad_clip`` on its own. Here each micro-batch is
+    one group of grad_clip_per images: its backward runs without DDP's all-reduce (no_sync), ``add()`` clips its
+    gradient (torch's clip_grad_norm_: global norm over all parameters) into a sum and empties ``.grad``, and
+    ``finish()`` all-reduces the sum once per step (in place of DDP's buckets) and leaves
+    sum_g clip(grad_g) / (groups per step, all ranks) in ``.grad``. No host sync.
+    """
+
+    def __init__(self, accelerator: Any, module: Any, grad_clip: float, groups: int):
+        self.accelerator, self.grad_clip, self.groups = accelerator, grad_clip, groups
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.sums = [torch.zeros_like(p) for p in self.params]  # the parameters' dtype and memory format
+        self.norm_sum = torch.zeros((), device=accelerator.device)
+        self._step_open = False
+
+    def add(self) -> None:
+        """The gradient of the group just backpropagated, clipped to global norm grad_clip, into the step's sum."""
+        if not self._step_open:  # the first group of a step: .grad of the last step were these sums
+            torch._foreach_zero_(self.sums)
+            self.norm_sum.zero_()
+            self._step_open = True
+        have = [i for i, p in enumerate(self.params) if p.grad is not None]
+        grads = [self.params[i].grad for i in have]
+        with torch.no_grad():
+            norm = torch.nn.utils.get_total_norm(grads)
+            torch.nn.utils.clip_grads_with_norm_([self.params[i] for i in have], self.grad_clip, norm)
+            torch._foreach_add_([self.sums[i] for i in have], grads)
+            self.norm_sum += norm
+        for p in self.params:
+            p.grad = None
+
+    def finish(self) -> torch.Tensor:
+        """Sum the groups of every rank (one all-reduce), leave their average in ``.grad``; returns the mean over
+        the groups of their norms before clipping (train/grad_norm)."""
+        if self.accelerator.num_processes > 1:
+            flat = torch.cat([s.reshape(-1) for s in self.sums] + [self.norm_sum.reshape(1)])
+            flat = self.accelerator.reduce(flat, reduction="sum")
+            pieces = flat.split([s.numel() for s in self.sums] + [1])
+            torch._foreach_copy_(self.sums, [v.view(s.shape) for v, s in zip(pieces, self.sums)])
+            self.norm_sum.copy_(pieces[-1].reshape(()))
+        torch._foreach_div_(self.sums, float(self.groups))
+        for p, s in zip(self.params, self.sums):
+            p.grad = s
+        self._step_open = False
+        return self.norm_sum / self.groups
+
+    def average_norm(self) -> torch.Tensor:
+        """Global norm of the averaged gradient (after ``finish()``); NaN or inf if any group's was not finite."""
+        return torch.nn.utils.get_total_norm(self.sums)
+
+
+def check_group_clip(cfg: Config, deepspeed: bool, world: int) -> None:
+    """Refuse, before the first step, what optimizer.grad_clip_per does not support."""
+    tc, per = cfg.train, cfg.optimizer.grad_clip_per
+    fix = "or set optimizer.grad_clip_per=0 (clip the batch gradient once)"
+    if deepspeed:
+        raise ConfigError("optimizer.grad_clip_per is not supported under DeepSpeed, which clips the reduced "
+                          f"gradient inside its own step: launch without DeepSpeed (DDP), {fix}")
+    if tc.mixed_precision == "fp16":
+        raise ConfigError("optimizer.grad_clip_per with train.mixed_precision=fp16 is not supported (each group's "
+                          f"gradient would need unscaling first): use train.mixed_precision=no (the paper's) or bf16, {fix}")
+    if tc.grad_comm_dtype != "fp32":
+        raise ConfigError("optimizer.grad_clip_per all-reduces the clipped gradients itself, in fp32: set "
+                          f"train.grad_comm_dtype=fp32, {fix}")
+    if tc.micro_batch_per_gpu not in (0, per):
+        raise ConfigError(f"optimizer.grad_clip_per={per} runs each group of {per} images as one micro-batch: set "
+                          f"train.micro_batch_per_gpu=0 (or {per}), not {tc.micro_batch_per_gpu}, {fix}")
+    if tc.batch_size % (per * world):
+        raise ConfigError(f"optimizer.grad_clip_per={per}: train.batch_size={tc.batch_size} must be a multiple of "
+                          f"{per} images x {world} processes = {per * world}; change either, {fix}")
+
+
 class OptimizerStep:
     """Clip and step once per optimizer step: ``step(lr) -> (applied, grad_norm)``, device tensors, no sync.
 
     ``applied`` is the same on every rank (decided from the all-reduced gradient). DDP / one process: the
     global norm is clipped by accelerate and fused Adam skips the step on the device (found_inf) unless the
-    update it would apply (clipped norm x lr) is finite.
+    update it would apply (clipped norm x lr) is finite. With ``group_clip`` (optimizer.grad_clip_per) the groups
+    were clipped one by one: the step takes their average as it is, and ``grad_norm`` is the groups' mean norm.
     DeepSpeed stepped inside backward() and skipped a non-finite step itself (its own overflow check reads
     the norm on the host); its host counter skipped_steps tells us which, and its norm stays the device
     tensor it computed (read at the tick). The flags are two tensors made once: no host-to-device copy.
     """
 
     def __init__(self, accelerator: Any, module: Any, adam: torch.optim.Adam, wrapped: Any, grad_clip: float,
-                 deepspeed: bool):
+                 deepspeed: bool, group_clip: GroupClip | None = None):
         self.accelerator, self.module, self.adam, self.wrapped = accelerator, module, adam, wrapped
         self.grad_clip, self.deepspeed = grad_clip or math.inf, deepspeed
+        self.group_clip = group_clip
         self._ds_skipped = module.skipped_steps if deepspeed else 0
         device = accelerator.device
         self._applied = torch.ones((), dtype=torch.bool, device=device), torch.zeros((), dtype=torch.bool,
@@ -156,6 +239,15 @@ class OptimizerStep:
             if not torch.is_tensor(norm):  # skipped (DeepSpeed says inf; the tick ignores it) or not computed
                 norm = self._zero if norm is None or not applied else torch.tensor(float(norm), device=device)
             return self._applied[0] if applied else self._applied[1], norm.detach().reshape(())
+        if self.group_clip is not None:
+            # The groups were clipped one by one: step with their average as it is (its norm <= grad_clip; a
+            # second clip would rescale it by 1/(1 + 1e-6) at the bound), applied only if finite.
+            group_norm = self.group_clip.finish()
+            applied = torch.isfinite(self.group_clip.average_norm() * lr)
+            self.adam.found_inf = (~applied).float()
+            self.wrapped.step()
+            self.wrapped.zero_grad(set_to_none=True)
+            return applied, group_norm
         grad_norm = self.accelerator.clip_grad_norm_(self.module.parameters(), self.grad_clip)
         # Decide on the update actually applied: the norm after clipping (the clip coefficient is NaN when the
         # norm or the bound is not finite) times the learning rate, so neither a NaN gradient nor a NaN/inf
@@ -509,6 +601,54 @@ def log_real_grid(cfg: Config, sink: Any) -> None:
         sink.log_image(image_grid(np.stack(images), min_width=256), key="samples/real", step=0)
 
 
+def init_from(net: torch.nn.Module, cfg: Config, accelerator: Any) -> None:
+    """train.init_from: load that checkpoint's EMA weights into ``net`` (every rank, before the EMA copies it).
+
+    A step folder, a run folder (its newest checkpoint whose EMA file matches its sha256) or an imported checkpoint
+    (python -m evaluation.export --from-diffusers); its model config must be cfg.model's (model.dropout aside: it
+    changes training, not what the weights mean). Skipped with a note when this run resumes from its own
+    checkpoint; a resume of an imported checkpoint (no optimizer, data or RNG state) is refused.
+    """
+    import json
+
+    from pipeline import checkpoint as ck
+    from pipeline.config import to_dict
+    from pipeline.interop import IMPORTED
+
+    resume = cfg.checkpoint.resume
+    own = ck.complete_checkpoints(cfg.train.out_dir) if resume == "auto" else [] if resume == "none" else [Path(resume)]
+    if own:
+        try:
+            meta = json.loads((own[-1] / "meta.json").read_text())
+        except (OSError, ValueError):
+            meta = {}  # the resume says what is wrong with it
+        if IMPORTED in meta:
+            raise ck.CheckpointError(f"{own[-1]} is an imported checkpoint (weights only: no optimizer, data or RNG "
+                                     "state) and cannot be resumed: start a new run (another train.out_dir) from it "
+                                     f"with train.init_from={own[-1]}")
+        if cfg.train.init_from:
+            accelerator.print(f"train.init_from={cfg.train.init_from} ignored: resuming from this run's own checkpoint")
+        return
+    if not cfg.train.init_from:
+        return
+    where = Path(cfg.train.init_from)
+    found = [where] if (where / ck.COMPLETE).exists() else list(reversed(ck.complete_checkpoints(where)))
+    intact = [p for p in found if not ck.Checkpoint(p, what="train.init_from").verify([ck.EMA_FILE])]
+    if not intact:
+        raise ck.CheckpointError(f"train.init_from={where}: no complete checkpoint with an intact {ck.EMA_FILE} "
+                                 "there; give a step-NNNNNNNN folder, a run folder holding one, or an imported checkpoint")
+    weights, saved = ck.read_ema(intact[0] / ck.EMA_FILE)
+    now = {k: v for k, v in to_dict(cfg.model).items() if k != "dropout"}
+    diffs = [f"model.{k}: checkpoint {saved['model'].get(k)!r}, now {v!r}" for k, v in now.items()
+             if saved["model"].get(k) != v]
+    if diffs:
+        raise ck.CheckpointError(f"train.init_from={intact[0]} holds weights of another network; differing keys: "
+                                 f"{'; '.join(diffs)}. Set those keys to the checkpoint's (its config.yaml)")
+    net.load_state_dict({k: v.float() for k, v in weights.items()})
+    accelerator.print(f"initialised the U-Net from the EMA weights of {intact[0]} (step {saved['step']}): new "
+                      "optimizer, step 0")
+
+
 def train(cfg: Config) -> int:
     from pipeline.checkpoint import CheckpointManager, PerRank, make_deepspeed_loads_weights_only
     from pipeline.data.loader import StreamingLoader
@@ -523,8 +663,12 @@ def train(cfg: Config) -> int:
     started = time.perf_counter()
     accelerator, deepspeed = make_accelerator(tc)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    micro, accum = batch_split(tc.batch_size, tc.micro_batch_per_gpu, world)
-    accelerator.gradient_accumulation_steps = accum
+    if oc.grad_clip_per:
+        check_group_clip(cfg, deepspeed, world)
+    micro, accum = batch_split(tc.batch_size, oc.grad_clip_per or tc.micro_batch_per_gpu, world)
+    # With per-group clipping each micro-batch's gradient is taken whole (its loss not divided by accum): GroupClip
+    # averages the clipped groups itself.
+    accelerator.gradient_accumulation_steps = 1 if oc.grad_clip_per else accum
     faults = FaultHooks(rank, device.type == "cuda", deepspeed)
 
     # Model, loss, EMA, optimizer. The same seed on every rank gives the same initial weights (DDP would
@@ -533,31 +677,37 @@ def train(cfg: Config) -> int:
     # fp32 master weights, so it is made once DeepSpeed has partitioned them (pipeline/ema.py).
     torch.manual_seed(tc.seed)
     net = UNet(cfg.model)
+    init_from(net, cfg, accelerator)  # train.init_from, before the EMA copies the weights
     if tc.channels_last:
         net = net.to(memory_format=torch.channels_last)
     diffusion = Diffusion(cfg.diffusion)
     ema: EMA | PartitionedEMA | None = None
+    # all EMAs (ema.decay, ema.decays, ema.posthoc.sigma_rels) in one bank; snapshots at the checkpoint cadence
+    # unless ema.posthoc.snapshot_every_steps says otherwise
+    snapshot_every = cfg.ema.posthoc.snapshot_every_steps or cfg.checkpoint.every_steps
     if not deepspeed:
         net.to(device)
-        ema = EMA(net, cfg.ema, device=device)
+        ema = EMA(net, cfg.ema, device=device, snapshot_every=snapshot_every)
     if tc.compile:
         net.compile()  # in place: state_dict keys stay those of the plain U-Net
-    adam = torch.optim.Adam(net.parameters(), lr=lr_at(0, oc.lr, oc.warmup_steps), betas=(oc.adam_beta1, oc.adam_beta2),
+    adam = torch.optim.Adam(net.parameters(), lr=lr_at(0, oc.lr, oc.warmup_steps, oc.warmup_from_zero), betas=(oc.adam_beta1, oc.adam_beta2),
                             eps=oc.adam_eps, weight_decay=oc.weight_decay, fused=not deepspeed)
     if deepspeed:
         configure_deepspeed(accelerator, cfg, micro, accum)
     loss_module, wrapped_adam = accelerator.prepare(DDPMLoss(net, diffusion), adam)
     if deepspeed:
         make_deepspeed_loads_weights_only(loss_module)
-        ema = PartitionedEMA(loss_module, net, cfg.ema, build=lambda: UNet(cfg.model), device=device)
-    optimizer_step = OptimizerStep(accelerator, loss_module, adam, wrapped_adam, oc.grad_clip, deepspeed)
+        ema = PartitionedEMA(loss_module, net, cfg.ema, build=lambda: UNet(cfg.model), device=device,
+                             snapshot_every=snapshot_every)
+    group_clip = GroupClip(accelerator, loss_module, oc.grad_clip, accum * world) if oc.grad_clip_per else None
+    optimizer_step = OptimizerStep(accelerator, loss_module, adam, wrapped_adam, oc.grad_clip, deepspeed, group_clip)
     autocast_bf16 = deepspeed and tc.mixed_precision == "bf16"  # DeepSpeed does not autocast for us
     loader = StreamingLoader(cfg.data, batch_size=micro, rank=rank, world_size=world)
 
     # Checkpoints and resume: every piece of state is one entry in the registry.
     progress = Progress()
     checkpoints = CheckpointManager(tc.out_dir, cfg.checkpoint, accelerator=accelerator, record=cfg,
-                                    parts={"meta": progress, "ema": ema, "data": PerRank(loader)},
+                                    parts={"meta": progress, **ema.parts(), "data": PerRank(loader)},
                                     weights_finite=ema.all_finite)
     checkpoints.start()
     resumed_from = checkpoints.resume()
@@ -577,7 +727,9 @@ def train(cfg: Config) -> int:
     tick = TickStats(device, diffusion.num_timesteps, uses_loss_scaling(accelerator, tc, deepspeed))
     preemption = Preemption(cfg.preemption.check_every_steps)
     data_iter, exit_code, first_step = iter(loader), 0, progress.step
-    accelerator.print(f"training: world {world}, micro batch {micro}, accumulation {accum}, from step "
+    accelerator.print(f"training: world {world}, micro batch {micro}, accumulation {accum}, "
+                      + (f"each micro-batch's gradient clipped to {oc.grad_clip} (optimizer.grad_clip_per), "
+                         if group_clip else "") + "from step "
                       f"{progress.step} to {tc.total_steps}")
 
     loss_module.train()  # once: nothing in the loop sets eval mode (sample grids run on the EMA network)
@@ -590,7 +742,8 @@ def train(cfg: Config) -> int:
         data_wait_s = time.perf_counter() - t0
 
         # Forward and backward. accelerator.accumulate skips the DDP all-reduce (and DeepSpeed's step)
-        # on all but the last micro-batch and divides the loss by the accumulation count.
+        # on all but the last micro-batch and divides the loss by the accumulation count. With per-group
+        # clipping no backward all-reduces (no_sync): each group's gradient is clipped into GroupClip's sum.
         loss_q = count_q = torch.zeros(4, device=device)
         for i, x in enumerate(batches):
             m = rank * accum + i
@@ -599,17 +752,19 @@ def train(cfg: Config) -> int:
             if tc.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             x = faults.batch(x, step, m, first_of_rank=i == 0)
-            with accelerator.accumulate(loss_module), torch.autocast(device.type, torch.bfloat16,
-                                                                     enabled=autocast_bf16):
+            sync = accelerator.accumulate(loss_module) if group_clip is None else accelerator.no_sync(loss_module)
+            with sync, torch.autocast(device.type, torch.bfloat16, enabled=autocast_bf16):
                 loss_ps, t = loss_module(x)
                 loss_ps = loss_ps.float()
                 accelerator.backward(loss_ps.mean())
+            if group_clip is not None:
+                group_clip.add()
             lq, cq = tick.quartiles(loss_ps, t)
             loss_q, count_q = loss_q + lq, count_q + cq
 
         # Optimizer step, skipped on the device when the gradient is not finite; the EMA from fp32
         # weights, masked by the same flag so a skipped step leaves it unchanged.
-        lr = lr_at(step, oc.lr, oc.warmup_steps)
+        lr = lr_at(step, oc.lr, oc.warmup_steps, oc.warmup_from_zero)
         applied, grad_norm = optimizer_step.step(lr)
         tick.add(loss_q, count_q, applied, grad_norm, data_wait_s)
         ema.update(applied.float())
@@ -642,7 +797,7 @@ def train(cfg: Config) -> int:
 
         # Preemption (decided from the tick's all-reduce) and checkpoint: every rank takes part in both.
         preempted = preemption.agreed(step, done, signalled)
-        if checkpoints.due(step, final=done or preempted):
+        if checkpoints.due(step, final=done or preempted) or ema.snapshot_due(step):  # snapshots: in a checkpoint
             progress.finished, progress.mlflow_run_id = done, sink.run_id
             accelerator.print(f"checkpoint {checkpoints.save(step)}")
         faults.after_checkpoint(step, done)
@@ -666,4 +821,12 @@ def train(cfg: Config) -> int:
                                       exit_code=exit_code))
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if exit_code == 0 and newest and accelerator.is_main_process and cfg.tracking.enabled and cfg.tracking.log_model:
+        # The final EMA weights as an MLflow model of the run (docs/tracking.md); never fails the training.
+        try:
+            from evaluation.pyfunc_model import log_training_model
+        except Exception as exc:
+            print(f"warning: the EMA model was not logged to MLflow: {exc}", flush=True)
+        else:
+            log_training_model(newest[-1], cfg.tracking, sink.run_id, sink.tracking_uri)
     return exit_code

@@ -169,6 +169,7 @@ def test_refuses_non_empty_out_unless_overwrite(tmp_path, capsys):
     assert main(["digits", "--out", str(out), "--quiet"]) == 2
     assert "not empty; pass --overwrite" in capsys.readouterr().err
     assert main(["digits", "--out", str(out), "--quiet", "--overwrite", "--samples-per-shard", "1000"]) == 0
-    assert sorted(os.listdir(out)) == ["manifest.json", "notes.txt", "train-000000.tar", "train-000001.tar"]
+    assert sorted(os.listdir(out)) == ["manifest.json", "notes.txt", "train-000000.tar", "train-000001.tar",
+                                      "train-index.safetensors"]
     assert main(["nothing-here", "--out", str(tmp_path / "x"), "--quiet"]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -14,6 +14,7 @@ import pytest
 
 from pipeline.config import DataConfig
 from pipeline.data.loader import StreamingLoader
+from pipeline.data.plan import Plan
 from pipeline.data.report import CorruptDataError, CorruptDataWarning, Report
 from pipeline.data.sequential import iter_split, split_batches
 from tests.helpers.corrupt import (
@@ -21,7 +22,6 @@ from tests.helpers.corrupt import (
     drain,
     members,
     read_bytes,
-    unverified,
     write_bytes,
     write_members,
 )
@@ -79,31 +79,48 @@ def test_a_changed_label_is_trained_on_unverified_and_never_verified(shards, tmp
         StreamingLoader(cfg(folder, verify="start", strict=True), batch_size=4)
 
 
+def changed_pieces_passed(loader, shard: int, changed: set[int]) -> int:
+    """Pieces of `shard` holding one of its `changed` samples that a loader's streams have passed: each
+    counts on its last slot. Needs shuffle_buffer=0 (slots then come in read order)."""
+    counts = [s.num_samples for s in loader.shardset.shards]
+    plan = Plan(counts, loader.batch_size, loader.world_size, loader.K, loader.cfg.seed)
+    n = 0
+    for worker, (epoch, slot) in enumerate(loader.state_dict()["cursors"]):
+        for e in range(epoch + 1):
+            start, length = plan.slice(e, worker * loader.world_size + loader.rank)
+            done = 0
+            for i, _, lo, hi in plan.pieces(e, start, start + length):
+                done += hi - lo
+                n += i == shard and any(lo <= j < hi for j in changed) and (e < epoch or done <= slot)
+    return n
+
+
 @pytest.mark.parametrize(("world", "workers"), [(1, 0), (2, 0), (3, 0), (1, 2), (2, 2)])
-def test_stream_mode_verifies_every_shard_once_per_epoch(shards, tmp_path, world, workers):
-    """The guarantee: each epoch, the stream that owns a shard's last sample reads it whole and checks it;
-    it delivers none of its piece of a changed shard and counts it once. Streams whose piece ends earlier
-    deliver their part unverified. verify=start delivers nothing of it, in any layout."""
+def test_stream_mode_verifies_every_piece_of_every_shard(shards, tmp_path, world, workers):
+    """The guarantee with prepare's sample index: every piece of a shard, whichever stream reads it, is
+    checked sample by sample before any of it is delivered. A piece that holds a changed sample delivers
+    none of its samples and counts once; the other pieces of that shard are whole and delivered. So no
+    changed sample reaches the trainer in any layout. verify=start delivers nothing of the shard, counted
+    once an epoch by the piece that ends at its end."""
     folder = copy_folder(shards[0], str(tmp_path / "changed"))
-    changed = {int(relabel(folder, 1, j)) for j in (0, 3, 7)}  # first, a middle and last sample of shard 1
+    positions = (0, 3, 7)  # first, a middle and last sample of shard 1
+    changed = {int(relabel(folder, 1, j)) for j in positions}
     for verify in ("stream", "start"):
-        delivered, skipped, checks, late = [], 0, 0, set()
+        delivered, skipped, expected = [], 0, 0
         for rank in range(world):
             loader = StreamingLoader(cfg(folder, verify=verify, num_workers=workers), batch_size=2, rank=rank,
                                      world_size=world)
             got, stats, msgs = run(loader, 3 * loader.batches_per_epoch)
             delivered += got
             skipped += stats["skipped_shards"]
-            checks += checks_passed(loader, 1)
-            late |= unverified(loader)
+            expected += (changed_pieces_passed(loader, 1, set(positions)) if verify == "stream"
+                         else checks_passed(loader, 1))
             if not workers:  # (a worker process's warnings stay in its own stderr)
                 assert stats["skipped_shards"] == len(msgs) and all("train-000001.tar" in m for m in msgs)
-        assert skipped == checks >= 3  # once an epoch over all ranks and workers
-        wrong = {src for _, src, lab in delivered if lab != src % 10}
+        assert skipped == expected >= 3  # at least once an epoch over all ranks and workers
+        assert not {src for _, src, lab in delivered if lab != src % 10} and not changed & {s for _, s, _ in delivered}
         if verify == "start" or world * max(1, workers) == 1:
-            assert not wrong and not {i for i, _, _ in delivered} & set(range(8, 16))
-        else:  # wrong labels only from pieces that end before the shard's end
-            assert wrong <= changed and {i for i, src, lab in delivered if src in wrong} <= late
+            assert not {i for i, _, _ in delivered} & set(range(8, 16))
 
 
 @pytest.mark.parametrize("workers", [0, 2])

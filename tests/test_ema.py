@@ -1,5 +1,7 @@
-"""The EMA (pipeline/ema.py): bit-for-bit the implementation it replaced, with no host sync; the ZeRO layout's
-partition <-> state_dict mapping (pipeline/ema_deepspeed.py). The 2-process runs are in tests/test_ema_dist.py."""
+"""The EMA (pipeline/ema.py): bit-for-bit the implementation it replaced, with no host sync; several EMAs in one
+bank (each classic one still ema-pytorch's to the bit, the plain schedule, EDM2's power-function profile); the ZeRO
+layout's partition <-> state_dict mapping (pipeline/ema_deepspeed.py). The 2-process runs are in
+tests/test_ema_dist.py, post-hoc synthesis and snapshots in tests/test_posthoc_ema.py."""
 
 from __future__ import annotations
 
@@ -10,8 +12,8 @@ import torch
 from ema_pytorch import EMA as LucidrainsEMA
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pipeline.config import EMAConfig
-from pipeline.ema import EMA, EMASchedule
+from pipeline.config import EMAConfig, PostHocConfig
+from pipeline.ema import EMA, EMASchedule, sigma_rel_to_gamma
 from pipeline.ema_deepspeed import ZeroLayout, _Group, _Param
 
 
@@ -215,3 +217,137 @@ def test_scatter_refuses_a_state_without_every_parameter():
     del w["b.weight"]
     with pytest.raises(KeyError, match="b.weight"):
         layout.scatter(w, [torch.zeros(200)])
+
+
+# ---- several EMAs at once: classic decays, the plain (no warm-up) schedule, power-function EMAs -------------
+
+
+def _moving(live: torch.nn.Module, gen: torch.Generator) -> None:
+    with torch.no_grad():
+        for t in [*live.parameters(), *live.buffers()]:
+            if t.is_floating_point():
+                t.add_(torch.randn(t.shape, generator=gen) * 0.1)
+
+
+def test_every_classic_ema_of_a_bank_equals_its_own_previous_implementation_bitwise():
+    """One bank (primary 0.99 + decays 0.9 and 0.95 + two power EMAs, all in one lerp) against three separate
+    ema-pytorch EMAs, masked steps included: each row to the bit."""
+    base = EMAConfig(decay=0.99, warmup_steps=2, update_every=1, power=0.75)
+    cfg = EMAConfig(decay=0.99, warmup_steps=2, update_every=1, power=0.75, decays=[0.9, 0.95],
+                    posthoc=PostHocConfig(sigma_rels=[0.05, 0.1]))
+    live = _net()
+    bank = EMA(live, cfg)
+    refs = {name: _previous(live, EMAConfig(**{**vars(base), "decay": d}))
+            for name, d in (("", 0.99), ("decay0.9", 0.9), ("decay0.95", 0.95))}
+    gen = torch.Generator().manual_seed(2)
+    for i in range(30):
+        _moving(live, gen)
+        ok = torch.tensor(0.0 if i % 5 == 4 else 1.0)
+        bank.update(ok)
+        for name, ref in refs.items():
+            ref.masked_update(ok)
+            got, want = bank.weights(name), ref.ema_model.state_dict()
+            bad = [k for k in want if not torch.equal(got[k], want[k].float())]
+            assert not bad, f"update {i + 1}, EMA {name or 'primary'}: {bad[:3]} differ"
+    assert bank.names == ["", "decay0.9", "decay0.95", "sigma0.05", "sigma0.1"]
+
+
+def test_plain_schedule_copies_once_then_keeps_the_constant_decay():
+    """ema.warmup=none (the authors' EMA): a copy at the first update, then e <- decay e + (1 - decay) w with the
+    constant decay, against a float64 loop; a masked step changes nothing."""
+    decay = 0.9
+    cfg = EMAConfig(decay=decay, warmup="none")
+    live = _net()
+    ema = EMA(live, cfg)
+    gen = torch.Generator().manual_seed(3)
+    ref: dict[str, torch.Tensor] = {}
+    weights = set()
+    for i in range(25):
+        _moving(live, gen)
+        ok = i % 6 != 5
+        ema.update(torch.tensor(float(ok)))
+        now = {k: v.double() for k, v in live.state_dict().items() if v.is_floating_point()}
+        if i == 0:
+            ref = {k: v.clone() for k, v in now.items()}
+            assert all(torch.equal(ema.weights()[k], v.float()) for k, v in now.items())  # the copy, exact
+        elif ok:
+            ref = {k: decay * ref[k] + (1 - decay) * now[k] for k in ref}
+        if i:
+            weights.add(ema.schedule.weight(ema.num_updates))
+        got = ema.weights()
+        assert max((got[k].double() - ref[k]).abs().max().item() for k in ref) < 1e-5
+    assert weights == {float(torch.tensor(1.0) - torch.tensor(decay, dtype=torch.float32))}  # no warm-up ramp
+
+
+class _Line(torch.nn.Module):
+    def __init__(self, n: int):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(n))
+
+
+@pytest.mark.parametrize("sigma_rel", [0.05, 0.1, 0.2])
+def test_power_ema_averages_with_edm2s_profile_and_a_skipped_step_is_not_on_its_time_axis(sigma_rel):
+    """Live weights = the one-hot vector of the applied step, so the EMA row is its profile: the weight of applied
+    step tau after t applied steps is (tau^(g+1) - (tau-1)^(g+1)) / t^(g+1) (EDM2's p_t integrated over the step).
+    Skipped steps (live weights poisoned meanwhile) leave it unchanged and do not advance t."""
+    n = 40
+    live = _Line(n)
+    bank = EMA(live, EMAConfig(decay=0.5, posthoc=PostHocConfig(sigma_rels=[sigma_rel])))
+    g = sigma_rel_to_gamma(sigma_rel)
+    t = 0
+    for i in range(n + 8):
+        ok = i % 6 != 3
+        with torch.no_grad():
+            live.w.zero_()
+            if ok:
+                live.w[t] = 1.0
+            else:
+                live.w.fill_(1e3)  # a skipped step must not see this
+        before = bank.weights("sigma" + repr(sigma_rel))["w"].clone()
+        bank.update(torch.tensor(float(ok)))
+        got = bank.weights("sigma" + repr(sigma_rel))["w"].double()
+        if not ok:
+            assert torch.equal(got.float(), before)
+            continue
+        t += 1
+        tau = torch.arange(1, t + 1, dtype=torch.float64)
+        want = (tau ** (g + 1) - (tau - 1) ** (g + 1)) / t ** (g + 1)
+        assert torch.allclose(got[:t], want, rtol=2e-5, atol=1e-7), (t, (got[:t] - want).abs().max())
+        assert not got[t:].any()
+        if t == n:
+            break
+    assert int(bank.row_state(bank.names.index("sigma" + repr(sigma_rel)))["t"]) == n
+
+
+def test_a_bank_with_power_emas_reads_nothing_back_either():
+    cfg = EMAConfig(decay=0.999, warmup_steps=2, decays=[0.9], posthoc=PostHocConfig(sigma_rels=[0.05, 0.1]))
+    bank = EMA(_net(), cfg)
+    with _CountScalarReads() as mode:
+        for i in range(10):
+            bank.update(torch.tensor(float(i % 3 != 0)))
+    assert mode.count == 0
+
+
+def test_bank_state_roundtrip_keeps_every_ema_and_the_power_time():
+    cfg = EMAConfig(decay=0.9, decays=[0.8], posthoc=PostHocConfig(sigma_rels=[0.05]))
+    a, b = EMA(_net(), cfg), EMA(_net(1), cfg)
+    gen = torch.Generator().manual_seed(4)
+    for i in range(6):
+        _moving(a.source, gen)
+        a.update(torch.tensor(float(i != 2)))
+    parts_a, parts_b = a.parts(), b.parts()
+    assert list(parts_a) == ["ema", "ema-decay0.8", "ema-sigma0.05"]
+    for name in parts_a:
+        parts_b[name].load_state_dict(parts_a[name].state_dict())
+    assert parts_a["ema-sigma0.05"].state_dict()["t"] == 5  # one step of six skipped
+    for name in a.names:
+        assert h_same(a.weights(name), b.weights(name)), name
+    b.source.load_state_dict(a.source.state_dict())
+    for _ in range(3):  # and, from the same live weights, they go on identically
+        a.update(torch.tensor(1.0))
+        b.update(torch.tensor(1.0))
+    assert all(h_same(a.weights(n), b.weights(n)) for n in a.names)
+
+
+def h_same(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> bool:
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)

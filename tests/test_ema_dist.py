@@ -1,16 +1,22 @@
-"""The EMA in real 2-process trainings (gloo on CPU): under DDP and DeepSpeed ZeRO-1/2/3, fp32 and bf16, the EMA
+"""The EMAs in real 2-process trainings (gloo on CPU): under DDP and DeepSpeed ZeRO-1/2/3, fp32 and bf16, the EMA
 written to ema.safetensors at every step equals the previous implementation's EMA (tests/test_ema.py's
 PreviousEMA: ema-pytorch, masked) of the fp32 weights the optimizer produced, step by step, a skipped
-(non-finite) step included. Under ZeRO it is kept partitioned like DeepSpeed's master weights and gathered
-for each checkpoint and for the sample grid, so this is also the test of that gather."""
+(non-finite) step included; so does a second classic EMA (ema.decays), and the two power-function EMAs
+(ema.posthoc.sigma_rels) follow EDM2's beta_t = (1 - 1/t)^(gamma + 1) over the applied steps, their fp16
+snapshots hard-linked into every later checkpoint. Under ZeRO they are kept partitioned like DeepSpeed's master
+weights and gathered for each checkpoint and for the sample grid, so this is also the test of that gather."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from pipeline.checkpoint import Checkpoint
 from pipeline.config import EMAConfig
+from pipeline.ema import sigma_rel_to_gamma
 from pipeline.unet import UNet
 from tests.helpers import trainer as h
 from tests.test_ema import _previous
@@ -19,6 +25,7 @@ pytestmark = pytest.mark.slow
 
 STEPS, NAN_AT = 5, 3
 EMA_CFG = EMAConfig(decay=0.9, warmup_steps=1, update_every=1, power=0.75)  # one copy, then averaging
+DECAY2, SIGMAS, SNAP_EVERY = 0.8, (0.05, 0.1), 2
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +50,9 @@ def test_ema_equals_the_previous_implementation_of_the_optimizer_weights(digits,
     over = [f"data.shards={digits}", f"train.out_dir={tmp_path}", f"train.total_steps={STEPS}",
             "train.micro_batch_per_gpu=4", "checkpoint.every_steps=1", f"checkpoint.keep={STEPS}",
             f"ema.decay={EMA_CFG.decay}", f"ema.warmup_steps={EMA_CFG.warmup_steps}", f"ema.power={EMA_CFG.power}",
-            "logging.sample_every_steps=4", "logging.sample_grid_images=2", "logging.sample_ddim_steps=2"]
+            "logging.sample_every_steps=4", "logging.sample_grid_images=2", "logging.sample_ddim_steps=2",
+            f"ema.decays=[{DECAY2}]", f"ema.posthoc.sigma_rels=[{','.join(map(str, SIGMAS))}]",
+            f"ema.posthoc.snapshot_every_steps={SNAP_EVERY}"]
     over += ["train.mixed_precision=bf16"] if precision == "bf16" else []  # "no" would be read as false
     environ = (h.launch_env(deepspeed=True, DDPM_FAULT_NAN_AT_STEP=str(NAN_AT)) if stage else
                h.launch_env(multi=True, DDPM_FAULT_NAN_AT_STEP=str(NAN_AT)))
@@ -58,12 +67,32 @@ def test_ema_equals_the_previous_implementation_of_the_optimizer_weights(digits,
         assert any(not torch.equal(v, v.bfloat16().float()) for v in master[STEPS].values())
 
     live = UNet(Checkpoint(steps[1]).config().model)
-    ref = _previous(live, EMA_CFG)
+    refs = {"ema.safetensors": _previous(live, EMA_CFG),
+            f"ema-decay{DECAY2}.safetensors": _previous(live, EMAConfig(**{**vars(EMA_CFG), "decay": DECAY2}))}
+    power = {f"ema-sigma{s}.safetensors": (sigma_rel_to_gamma(s), None) for s in SIGMAS}  # float64 references
+    t = 0
     for s in range(1, STEPS + 1):
         live.load_state_dict(master[s])
-        ref.masked_update(torch.tensor(0.0 if s == NAN_AT else 1.0))
-        got, want = h.ema(steps[s]), ref.ema_model.state_dict()
-        assert got.keys() == want.keys() and all(v.dtype == torch.float32 for v in got.values())
-        bad = [k for k in want if not torch.equal(got[k], want[k])]
-        assert not bad, f"step {s}: {len(bad)} tensors differ, e.g. {bad[0]} by {h.max_diff(got, want):.3g}"
+        applied = s != NAN_AT
+        for file, ref in refs.items():
+            ref.masked_update(torch.tensor(1.0 if applied else 0.0))
+            got, want = load_file(str(steps[s] / file)), ref.ema_model.state_dict()
+            assert got.keys() == want.keys() and all(v.dtype == torch.float32 for v in got.values())
+            bad = [k for k in want if not torch.equal(got[k], want[k])]
+            assert not bad, f"step {s} {file}: {len(bad)} differ, e.g. {bad[0]} by {h.max_diff(got, want):.3g}"
+        t += applied
+        for file, (g, ref) in power.items():
+            if applied:
+                w = 1.0 - (1.0 - 1.0 / t) ** (g + 1)
+                ref = {k: (1 - w) * ref[k] + w * v.double() for k, v in master[s].items()} if ref else {
+                    k: v.double() for k, v in master[s].items()}
+                power[file] = (g, ref)
+            got = load_file(str(steps[s] / file))
+            assert max((got[k].double() - ref[k]).abs().max().item() for k in ref) < 1e-6, (s, file)
+            if s % SNAP_EVERY == 0:  # its snapshot: the EMA of that step in fp16, in every later checkpoint
+                rel = f"posthoc/sigma{file[len('ema-sigma'):-len('.safetensors')]}-step{s:08d}.safetensors"
+                snap = load_file(str(steps[s] / rel))
+                assert all(torch.equal(snap[k], got[k].half()) for k in got)
+                assert all(os.path.samefile(steps[s] / rel, steps[later] / rel) for later in range(s, STEPS + 1))
     assert not h.same(h.ema(steps[STEPS]), master[STEPS])  # a real average, not a copy of the weights
+    assert Checkpoint(steps[STEPS]).verify() == []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -53,6 +55,59 @@ def test_ddim_with_all_steps_and_eta_1_is_the_ancestral_sampler_with_fixedsmall(
     large = Diffusion(DiffusionConfig(timesteps=40, schedule="cosine", variance="fixedlarge"))
     x_large = sample_batch(net, large, gens(), (1, 8, 8), "ancestral")
     assert float((x_large - x_anc).abs().max()) > 1e-2
+
+
+@pytest.mark.parametrize(("T", "K", "spacing", "want"), [
+    # uniform: the DDIM authors' range(0, T, T // K), more than K entries when K does not divide T
+    (1000, 50, "uniform", list(range(0, 1000, 20))),
+    (1000, 30, "uniform", [33 * i for i in range(31)]),  # 31 steps, ending at 990
+    (10, 3, "uniform", [0, 3, 6, 9]),
+    (10, 4, "uniform", [0, 2, 4, 6, 8]),
+    (10, 6, "uniform", list(range(10))),  # T // K = 1: every t
+    (40, 40, "uniform", list(range(40))),
+    # leading: the first K of those (this project's uniform before), far from T when K does not divide T
+    (1000, 30, "leading", [33 * i for i in range(30)]),  # ends at 957
+    (10, 4, "leading", [0, 2, 4, 6]),
+    (10, 6, "leading", [0, 1, 2, 3, 4, 5]),
+    # linspace: round(i (T-1) / (K-1)), halves to even; trailing: round((K-i) T / K) - 1
+    (10, 4, "linspace", [0, 3, 6, 9]),
+    (10, 3, "linspace", [0, 4, 9]),  # 4.5 -> 4
+    (1000, 5, "linspace", [0, 250, 500, 749, 999]),  # 249.75, 499.5 -> 500, 749.25
+    (10, 4, "trailing", [1, 4, 7, 9]),  # 2.5 -> 2, 5, 7.5 -> 8, 10, minus 1
+    (10, 3, "trailing", [2, 6, 9]),
+    (1000, 5, "trailing", [199, 399, 599, 799, 999]),
+    (7, 1, "linspace", [0]),
+    (7, 1, "trailing", [6]),
+])
+def test_ddim_timesteps_are_the_written_lists(T, K, spacing, want):
+    assert ddim_timesteps(T, K, spacing) == want
+
+
+@pytest.mark.parametrize("K", [10, 20, 25, 30, 50, 100, 250])
+def test_ddim_timesteps_equal_diffusers_where_its_float_arithmetic_is_exact(K):
+    from diffusers import DDIMScheduler
+
+    for spacing in ("leading", "linspace", "trailing"):
+        scheduler = DDIMScheduler(num_train_timesteps=1000, timestep_spacing=spacing, steps_offset=0)
+        scheduler.set_timesteps(K)
+        assert ddim_timesteps(1000, K, spacing) == sorted(scheduler.timesteps.tolist()), spacing
+
+
+def test_ddim_timesteps_are_distinct_in_range_for_every_step_count():
+    T = 1000
+    for K in range(1, T + 1):
+        for spacing in ("uniform", "leading", "linspace", "trailing"):
+            seq = ddim_timesteps(T, K, spacing)
+            assert seq == sorted(set(seq)) and seq[0] >= 0 and seq[-1] < T, (K, spacing)
+            assert len(seq) == (math.ceil(T / (T // K)) if spacing == "uniform" else K), (K, spacing)
+        assert ddim_timesteps(T, K)[-1] >= T - T // K  # uniform always starts within T // K of T
+
+
+def test_the_sampler_walks_the_uniform_list_of_the_ddim_authors(net, one_thread):
+    visited = []
+    gens = [torch.Generator().manual_seed(0)]
+    sample_batch(net, Diffusion(SMALL), gens, (1, 8, 8), "ddim", steps=12, on_step=visited.append)
+    assert visited == list(range(39, -1, -3))  # range(0, 40, 3) walked backwards: 14 network calls, from t = 39
 
 
 def test_ddim_timesteps():

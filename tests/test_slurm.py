@@ -1,8 +1,10 @@
 """The SLURM job scripts against a real two-node SLURM (slurmctld + two slurmd on 127.0.0.1), on CPU.
 
 The first tests need only the cluster harness (tests/helpers/slurm.py); the end-to-end ones submit
-launch/slurm/train.sbatch and evaluate.sbatch with DDPM_CPU=1 (gloo, one process per node) on the
-bundled digits, with an MLflow SQLite store in a temporary folder.
+launch/slurm/train.sbatch, evaluate.sbatch and sweep.sbatch with DDPM_CPU=1 (gloo, one process per node)
+on the bundled digits, with an MLflow SQLite store in a temporary folder. The nodes have 2 CPUs each, so
+every training job asks for --cpus-per-task=1 (train.sbatch's default is 8), except where the test is
+about the data workers that --cpus-per-task gives.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SBATCH = REPO / "launch" / "slurm" / "train.sbatch"
 EVAL_SBATCH = REPO / "launch" / "slurm" / "evaluate.sbatch"
+SWEEP_SBATCH = REPO / "launch" / "slurm" / "sweep.sbatch"
 BATCH = 32  # global batch of the end-to-end runs
+ONE_CPU = "--cpus-per-task=1"  # a node's task: one CPU for its training process, no data workers
 
 
 def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.5):
@@ -81,7 +85,7 @@ if ((got)); then echo "trapped USR1"; kill $! 2>/dev/null; scontrol requeue "$SL
 def test_invalid_config_fails_before_any_node_starts(slurm, tmp_path):
     out = tmp_path / "bad.out"
     job = slurm.sbatch([TRAIN_SBATCH, "configs/digits.yaml", "train.total_steps=-3"],
-                               options=["-N2", f"--output={out}"], env={"DDPM_CPU": "1"}, cwd=REPO)
+                               options=["-N2", ONE_CPU, f"--output={out}"], env={"DDPM_CPU": "1"}, cwd=REPO)
     info = slurm.wait_done(job, timeout_s=60)
     assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0")
     text = out.read_text()
@@ -101,9 +105,11 @@ def digits_shards(tmp_path_factory) -> Path:
     return out
 
 
-def train_args(shards: Path, out_dir: Path, total_steps: int, checkpoint_every: int) -> list[str]:
+def train_args(shards: Path, out_dir: Path, total_steps: int, checkpoint_every: int,
+               workers: bool = True) -> list[str]:
+    """train.sbatch's arguments; `workers`: data.num_workers=0 as an override (else from --cpus-per-task)."""
     return [str(TRAIN_SBATCH), "configs/digits.yaml",
-            f"data.shards={shards}", "data.num_workers=0",
+            f"data.shards={shards}", *(["data.num_workers=0"] if workers else []),
             f"train.out_dir={out_dir}", f"train.batch_size={BATCH}", f"train.total_steps={total_steps}",
             f"checkpoint.every_steps={checkpoint_every}", "logging.every_steps=5",
             "logging.sample_every_steps=0", "preemption.check_every_steps=1", "checkpoint.keep=10",
@@ -132,7 +138,7 @@ def submit_train_and_eval(slurm, shards: Path, tmp_path: Path, total: int, every
     a small evaluation) submitted with --dependency=<dependency>:<training job>."""
     env = job_env(tmp_path)
     job = slurm.sbatch(train_args(shards, tmp_path / "run", total, every),
-                       options=["-N2", f"--output={tmp_path / 'train.out'}"], env=env, cwd=REPO)
+                       options=["-N2", ONE_CPU, f"--output={tmp_path / 'train.out'}"], env=env, cwd=REPO)
     eval_job = slurm.sbatch(
         [EVAL_SBATCH, *eval_args, "eval.num_samples=50", "eval.steps=5", "eval.bpd_timesteps=4",
          "eval.bpd_max_images=32"],
@@ -141,14 +147,18 @@ def submit_train_and_eval(slurm, shards: Path, tmp_path: Path, total: int, every
 
 
 def test_two_node_training_job_writes_checkpoints(slurm, digits_shards, tmp_path):
+    # --cpus-per-task=2 (a whole test node): one CPU for the training process, one data worker beside it
     pytest.importorskip("pipeline.trainer", exc_type=ModuleNotFoundError)
     out_dir, log = tmp_path / "run", tmp_path / "train.out"
-    job = slurm.sbatch(train_args(digits_shards, out_dir, total_steps=20, checkpoint_every=10),
-                               options=["-N2", f"--output={log}"], env=job_env(tmp_path), cwd=REPO)
+    job = slurm.sbatch(train_args(digits_shards, out_dir, total_steps=20, checkpoint_every=10, workers=False),
+                               options=["-N2", "--cpus-per-task=2", f"--output={log}"], env=job_env(tmp_path), cwd=REPO)
     info = slurm.wait_done(job, timeout_s=180)
     text = log.read_text()
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), text[-3000:]
     assert info["NodeList"] == "node[1-2]"
+    assert "data.num_workers=1: 2 CPU(s) per node for 1 training process(es)" in text
+    config = (out_dir / "step-00000020" / "config.yaml").read_text()
+    assert re.search(r"^  num_workers: 1$", config, re.M), config  # (the sweep test shows one that differs)
 
     # Both nodes took part: each srun task (--label "0:", "1:") trained in a world of 2.
     for task in (0, 1):
@@ -171,7 +181,7 @@ def test_two_node_deepspeed_zero2_job_trains_and_checkpoints(slurm, digits_shard
     out_dir, log = tmp_path / "run", tmp_path / "train.out"
     env = job_env(tmp_path) | {"ACCELERATE_CONFIG": "configs/accelerate/deepspeed_zero2.yaml", "DS_ACCELERATOR": "cpu"}
     job = slurm.sbatch(train_args(digits_shards, out_dir, total_steps=20, checkpoint_every=10),
-                       options=["-N2", f"--output={log}"], env=env, cwd=REPO)
+                       options=["-N2", ONE_CPU, f"--output={log}"], env=env, cwd=REPO)
     info = slurm.wait_done(job, timeout_s=240)
     text = log.read_text()
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), text[-3000:]
@@ -283,7 +293,7 @@ def test_scripts_pass_shellcheck():
         ensure_installed()  # installs shellcheck with the SLURM packages (Debian's), as CI does
     except SlurmUnavailable as exc:
         pytest.skip(str(exc))
-    scripts = [TRAIN_SBATCH, EVAL_SBATCH, *sorted((REPO / "launch" / "slurm").glob("*.sh")),
+    scripts = [TRAIN_SBATCH, EVAL_SBATCH, SWEEP_SBATCH, *sorted((REPO / "launch" / "slurm").glob("*.sh")),
                *sorted((REPO / "benchmarks").glob("*.sh"))]
     proc = subprocess.run(["shellcheck", *map(str, scripts)], capture_output=True, text=True)
     assert (proc.returncode, proc.stdout) == (0, "")
@@ -295,7 +305,7 @@ def test_scancel_checkpoints_and_does_not_requeue(slurm, digits_shards, tmp_path
     pytest.importorskip("pipeline.trainer", exc_type=ModuleNotFoundError)
     out_dir, log = tmp_path / "run", tmp_path / "train.out"
     job = slurm.sbatch(train_args(digits_shards, out_dir, total_steps=2000, checkpoint_every=1000),
-                       options=["-N2", f"--output={log}"], env=job_env(tmp_path), cwd=REPO)
+                       options=["-N2", ONE_CPU, f"--output={log}"], env=job_env(tmp_path), cwd=REPO)
     # Cancel once both nodes log training steps; no periodic checkpoint is due before step 1000.
     wait_for(lambda: log.exists() and all(re.search(rf"^{t}: step \d+/2000", log.read_text(), re.M) for t in (0, 1)),
              150, "training steps on both nodes")
@@ -310,3 +320,59 @@ def test_scancel_checkpoints_and_does_not_requeue(slurm, digits_shards, tmp_path
         assert re.search(rf"^{task}: preempted\b.*\bstep {steps[0]}\b", text, re.M), text[-3000:]
     assert not (out_dir / "TRAINING_DONE").exists()
     assert "requeueing" not in text
+
+
+# ------------------------------------------------------------------------------- sweeps: a job array
+
+
+def test_sweep_array_trains_evaluates_and_compares_as_one_table(slurm, digits_shards, tmp_path):
+    """sweep.sbatch: a 3-element array over a grid file; each element trains (1 node, 1 CPU: data.num_workers=0
+    derived from --cpus-per-task, replacing the config's 1), evaluates its final checkpoint, and logs into the
+    one MLflow store tagged sweep=<array job id>; compare --tag shows those three runs, and no other."""
+    pytest.importorskip("evaluation.evaluate", exc_type=ModuleNotFoundError)
+    from mlflow.tracking import MlflowClient
+
+    grid = tmp_path / "grid.txt"
+    grid.write_text("# learning rates\noptimizer.lr=1e-3\n\noptimizer.lr=2e-3 ema.decay=0.99\noptimizer.lr=5e-4\n")
+    common = [f"data.shards={digits_shards}", f"train.batch_size={BATCH}", "train.total_steps=4",
+              "checkpoint.every_steps=4", "logging.every_steps=2", "logging.sample_every_steps=0",
+              "tracking.experiment=sweep-test", "eval.feature_extractor=digits", "eval.num_samples=20", "eval.steps=3",
+              "eval.bpd_timesteps=2", "eval.bpd_max_images=16"]
+    env = job_env(tmp_path) | {"SWEEP_OUT": str(tmp_path / "runs")}
+    store = env["MLFLOW_TRACKING_URI"]
+    array = slurm.sbatch([SWEEP_SBATCH, grid, "configs/digits.yaml", *common],
+                         options=["--array=0-2", ONE_CPU, f"--output={tmp_path}/sweep-%a.out"], env=env, cwd=REPO)
+    elements = slurm.wait_array_done(array, 3, timeout_s=600)
+    logs = [(tmp_path / f"sweep-{i}.out").read_text() for i in range(3)]
+    for info, text in zip(elements, logs):
+        assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), text[-3000:]
+    for i, lr in enumerate(["0.001", "0.002", "0.0005"]):
+        out_dir = tmp_path / "runs" / f"sweep-{array}-{i}"
+        assert (out_dir / "TRAINING_DONE").exists(), logs[i][-3000:]
+        config = (out_dir / "step-00000004" / "config.yaml").read_text()
+        assert re.search(rf"^  lr: {lr}$", config, re.M) and re.search(r"^  num_workers: 0$", config, re.M)
+        assert f"element {i}: training done; evaluating {out_dir}" in logs[i]
+    # one store, three runs tagged with the sweep, each with the FID of its final checkpoint
+    client = MlflowClient(store)
+    exp = client.get_experiment_by_name("sweep-test")
+    runs = client.search_runs([exp.experiment_id])
+    assert sorted(r.data.tags.get("sweep.element") for r in runs) == ["0", "1", "2"]
+    assert {r.data.tags.get("sweep") for r in runs} == {str(array)}
+    assert all(r.data.metrics.get("eval/fid_digits", 0) > 0 for r in runs)
+    client.create_run(exp.experiment_id, run_name="not-in-the-sweep")  # same experiment, no sweep tag
+
+    def compare(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "evaluation.compare", "--experiment", "sweep-test",
+                               "--tracking-uri", store, "--out", str(tmp_path / "cmp"), *extra], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+
+    r = compare("--tag", f"sweep={array}")
+    assert r.returncode == 0, r.stderr
+    table = r.stdout.split("\nwrote ")[0].splitlines()
+    header, rows = table[0], table[2:]
+    assert sorted(row.split()[0] for row in rows) == [f"sweep-{array}-{i}" for i in range(3)], r.stdout  # by start
+    assert "optimizer.lr" in header and "ema.decay" in header and "best eval/fid_digits" in header
+    assert (tmp_path / "cmp" / "fid_vs_step.png").is_file()
+    assert len(compare().stdout.split("\nwrote ")[0].splitlines()) == 2 + 4  # without --tag: the other run too
+    missing = compare("--tag", "sweep=999999")
+    assert missing.returncode == 2 and "no runs of experiment 'sweep-test' with tag sweep=999999" in missing.stderr

@@ -41,7 +41,7 @@ from pipeline.data.decode import to_unit_range
 from pipeline.data.plan import Plan, seeded
 from pipeline.data.report import CorruptDataError, DataError, Report
 from pipeline.data.samples import Raw, decode_sample, read_all, read_piece
-from pipeline.data.shards import ShardSet, check_shards, resolve_shards, start_verification
+from pipeline.data.shards import ShardSet, attach_index, check_shards, resolve_shards, start_verification
 from pipeline.data.transport import Ring, batch_buffer, batch_nbytes, batch_views, create_ring, pack, unpack
 
 STATE_VERSION = 1
@@ -209,7 +209,7 @@ class StreamingLoader:
         self.cfg, self.batch_size, self.rank, self.world_size = cfg, batch_size, rank, world_size
         self.K = max(1, cfg.num_workers)
         exact = cfg.mode == "exact"
-        self.shardset = resolve_shards(cfg.shards, cfg.split, need_counts=exact)
+        self.shardset = resolve_shards(cfg.shards, cfg.split, need_counts=exact, manifest=cfg.manifest)
         shards = self.shardset.shards
         if not shards:
             raise DataError(f"data.shards={cfg.shards!r} split {cfg.split!r} has no shards; re-run prepare")
@@ -218,12 +218,20 @@ class StreamingLoader:
             raise DataError(
                 f"data.mode=exact needs per-shard sample counts, but {cfg.shards!r} has no manifest.json beside "
                 "its shards; point data.shards at the prepared folder, copy manifest.json next to the shards, "
-                "or use data.mode=resampled"
+                "name it with data.manifest=URL (pipe: lists), or use data.mode=resampled"
             )
         self.num_samples = self.shardset.num_samples if self.shardset.counts_known else -1
         if exact and self.num_samples == 0:
             raise DataError(f"data.shards={cfg.shards!r} split {cfg.split!r} holds 0 samples; re-run prepare")
         start_verification(self.shardset, cfg.verify, cfg.strict)
+        unindexed = attach_index(self.shardset)  # each sample's byte range: a stream reads only its piece
+        if exact and self.shardset.manifest is not None and unindexed:
+            warnings.warn(
+                f"data.shards={cfg.shards!r}: {len(unindexed)} of {len(shards)} shards (e.g. {unindexed[0].url}) "
+                "have no sample index (prepared before it existed), so a stream reads each of them from its "
+                "first byte to its piece; re-run prepare to read each byte once",
+                UserWarning, stacklevel=2,
+            )
         # nominal: the epoch's last batch is completed by the next epoch's first samples
         self.batches_per_epoch = math.ceil(self.num_samples / (batch_size * world_size)) if exact else -1
         self._batches = 0

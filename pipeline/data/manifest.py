@@ -5,8 +5,12 @@ Layout (format 1)::
     {"format": 1, "image_size": 32, "channels": 3, "num_classes": 10, "encoding": "png",
      "class_names": [...], "source": {...}, "options": {...},
      "splits": {"train": {"num_samples": N, "shards": [{"name": "train-000000.tar",
-                                                       "num_samples": n, "sha256": "..."}, ...]}, ...},
+                                                       "num_samples": n, "sha256": "..."}, ...],
+                          "index": {"name": "train-index.safetensors", "sha256": "..."}}, ...},
      "unreadable": [{"input": "...", "error": "..."}]}
+
+A split's "index" (pipeline/data/index.py: each sample's byte range and sha256) is absent in manifests
+written before it existed; such shards are read from their first byte.
 
 Shard names are relative to the folder holding the manifest, so a prepared folder can be moved,
 copied to object storage, or served over HTTP as a whole.
@@ -61,6 +65,15 @@ def is_url(path: str) -> bool:
     return "://" in path or path.startswith("pipe:")
 
 
+def shard_name(url: str) -> str:
+    """The file name a shard has in a manifest: the URL's last path part; for `pipe:COMMAND`, that of the
+    command's last word naming a .tar (`pipe:aws s3 cp s3://b/train-000000.tar -` -> train-000000.tar)."""
+    if url.startswith("pipe:"):
+        words = [w.strip("'\"") for w in url[5:].split() if ".tar" in w]
+        return words[-1].rsplit("/", 1)[-1] if words else url
+    return url.rsplit("/", 1)[-1]
+
+
 def local_path(url: str) -> str | None:
     """The file a local shard names (a path or file:// URL); None for pipe: and remote URLs."""
     if url.startswith("file:"):
@@ -75,16 +88,19 @@ def join(location: str, name: str) -> str:
     return f"{location.rstrip('/')}/{name}" if is_url(location) else os.path.join(location, name)
 
 
-def _read_text(path: str) -> str:
-    if is_url(path):
-        try:
-            import fsspec
-        except ImportError as exc:  # pragma: no cover - fsspec ships with the stack
-            raise ManifestError(f"reading {path} needs fsspec (pip install fsspec)") from exc
-        with fsspec.open(path, "rt") as f:
-            return f.read()
-    with open(path, encoding="utf-8") as f:
+def read_file(path: str) -> bytes:
+    """A small file (manifest, index) from a local path or any fsspec URL (object storage: retried, and a
+    missing bucket, wrong endpoint or missing credentials raise remote.RemoteError with one line)."""
+    if is_url(path) and local_path(path) is None:
+        from pipeline.data import remote
+
+        return remote.read_bytes(path)
+    with open(local_path(path) or path, "rb") as f:
         return f.read()
+
+
+def _read_text(path: str) -> str:
+    return read_file(path).decode("utf-8")
 
 
 def read_manifest(path_or_dir: str | os.PathLike) -> Manifest:
@@ -99,6 +115,10 @@ def read_manifest(path_or_dir: str | os.PathLike) -> Manifest:
         raise ManifestError(
             f"no manifest at {path}; prepare the data first: python -m pipeline.data.prepare SOURCE --out DIR"
         ) from exc
+    except DataError:
+        raise  # object storage that cannot be read as configured: its one line says what to set
+    except OSError as exc:
+        raise ManifestError(f"manifest {path} cannot be read ({type(exc).__name__}: {exc})") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ManifestError(f"manifest {path} is not valid JSON ({exc}); re-run prepare") from exc
     if raw.get("format") != FORMAT_VERSION:

@@ -3,11 +3,15 @@
     python -m pipeline.data.prepare digits --out data/digits --test-fraction 0.1
     python -m pipeline.data.prepare ~/cifar-10-batches-py --out data/cifar10 --samples-per-shard 5000
     python -m pipeline.data.prepare ~/photos --out data/photos --resolution 256 --workers 16
+    python -m pipeline.data.prepare ~/cifar-10-batches-py --out s3://bucket/cifar10    # object storage
 
-Writes DIR/<split>-NNNNNN.tar (members `<key>.png` or `<key>.u8`, and `<key>.cls` when labelled) and
-DIR/manifest.json (see pipeline/data/manifest.py). Re-running on the same input gives byte-identical
-shards: tar headers carry fixed mtime/uid/gid/mode, samples are written in a seeded order, and PNG
-encoding is deterministic. See docs/data.md.
+Writes DIR/<split>-NNNNNN.tar (members `<key>.png` or `<key>.u8`, and `<key>.cls` when labelled), the
+sample index DIR/<split>-index.safetensors (each sample's byte range and sha256: pipeline/data/index.py)
+and DIR/manifest.json (see pipeline/data/manifest.py). Re-running on the same input gives byte-identical
+files: tar headers carry fixed mtime/uid/gid/mode, samples are written in a seeded order, and PNG
+encoding is deterministic. An `--out` URL (s3://, gs://, ...: anything fsspec writes) gets the same
+bytes: each file is written to a local staging folder, uploaded once complete (then removed there), and
+the manifest last, so a reader never finds a manifest whose shards are not all there. See docs/data.md.
 """
 
 from __future__ import annotations
@@ -17,18 +21,26 @@ import io
 import json
 import os
 import re
+import shutil
 import sys
 import tarfile
+import tempfile
+from collections.abc import Callable
 from multiprocessing import get_context
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.data.manifest import FORMAT_VERSION, MANIFEST_NAME, sha256_file
+from pipeline.data import remote
+from pipeline.data.index import ShardIndex, index_name, shard_index
+from pipeline.data.index import encode as encode_index
+from pipeline.data.manifest import FORMAT_VERSION, MANIFEST_NAME, is_url, join, sha256_file
+from pipeline.data.report import DataError
 from pipeline.data.sources import Source, SourceError, load_item, open_source
 
 SHARD_RE = re.compile(r"^(train|test)-\d{6}\.tar$")
+INDEX_RE = re.compile(r"^(train|test)-index\.safetensors$")
 PNG_COMPRESS_LEVEL = 6  # fixed, so shards are byte-identical across runs
 
 
@@ -95,13 +107,18 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
 
 
 class _ShardWriter:
-    """Sequential shards with fixed headers; each is written to a temp name and renamed when complete."""
+    """Sequential shards with fixed headers; each is written to a temp name and renamed when complete, then
+    handed to `done(path)` (an upload, for an --out URL). Records each sample's first byte for the index."""
 
-    def __init__(self, out: str, split: str, samples_per_shard: int, encoding: str):
+    def __init__(self, out: str, split: str, samples_per_shard: int, encoding: str,
+                 done: Callable[[str], None] | None = None):
         self.out, self.split, self.per_shard, self.ext = out, split, samples_per_shard, encoding
         self.shards: list[dict[str, Any]] = []
+        self.index: dict[str, ShardIndex] = {}
         self.tar: tarfile.TarFile | None = None
         self.count = 0
+        self.starts: list[int] = []
+        self.done = done
 
     def _close_current(self) -> None:
         if self.tar is None:
@@ -110,13 +127,17 @@ class _ShardWriter:
         name = f"{self.split}-{len(self.shards):06d}.tar"
         final = os.path.join(self.out, name)
         os.replace(final + ".tmp", final)
-        self.shards.append({"name": name, "num_samples": self.count, "sha256": sha256_file(final)})
-        self.tar, self.count = None, 0
+        self.index[name], sha256 = shard_index(final, self.starts)
+        self.shards.append({"name": name, "num_samples": self.count, "sha256": sha256})
+        self.tar, self.count, self.starts = None, 0, []
+        if self.done is not None:
+            self.done(final)
 
     def write(self, key: str, data: bytes, label: int | None) -> None:
         if self.tar is None:
             path = os.path.join(self.out, f"{self.split}-{len(self.shards):06d}.tar.tmp")
             self.tar = tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 (closed in _close_current)
+        self.starts.append(self.tar.offset)  # where this sample's first header goes
         self.tar.addfile(_tarinfo(f"{key}.{self.ext}", len(data)), io.BytesIO(data))
         if label is not None:
             text = str(label).encode()
@@ -147,12 +168,26 @@ def _probe_channels(source: Source) -> int:
     return 1 if first.ndim == 2 else 3
 
 
+def _ours(name: str) -> bool:
+    """A file prepare writes (and --overwrite replaces): shards, indexes, the manifest, leftovers."""
+    return bool(SHARD_RE.match(name) or INDEX_RE.match(name)) or name == MANIFEST_NAME or name.endswith(".tmp")
+
+
 def _prepare_out_dir(out: str, overwrite: bool) -> None:
+    if is_url(out):  # object storage: no folders, a prefix is empty when no object lies under it
+        names = remote.listdir(out)
+        if names and not overwrite:
+            raise PrepareError(f"{out} is not empty ({len(names)} objects, e.g. {names[0]}); pass --overwrite to "
+                               "replace its shards, indexes and manifest")
+        for f in names:
+            if _ours(f):
+                remote.remove(join(out, f))
+        return
     if os.path.isdir(out) and os.listdir(out):
         if not overwrite:
             raise PrepareError(f"{out} is not empty; pass --overwrite to replace its shards and manifest")
         for f in os.listdir(out):
-            if SHARD_RE.match(f) or f == MANIFEST_NAME or f.endswith(".tar.tmp"):
+            if _ours(f):
                 os.remove(os.path.join(out, f))
     os.makedirs(out, exist_ok=True)
 
@@ -189,7 +224,36 @@ def prepare(
         raise PrepareError(str(exc)) from exc
     if src.predefined_split is not None and test_fraction:
         raise PrepareError(f"{src.kind} has its own train/test split; drop --test-fraction")
-    _prepare_out_dir(out, overwrite)
+    if is_url(out) and out.startswith("pipe:"):
+        raise PrepareError(f"--out {out!r}: write to a folder or an object-storage URL (s3://bucket/prefix)")
+    try:
+        _prepare_out_dir(out, overwrite)
+    except (DataError, OSError) as exc:
+        raise PrepareError(f"cannot write to {out}: {exc}") from exc
+    if not is_url(out):
+        return _prepare(src, source, out, resolution, channels, samples_per_shard, test_fraction, seed, encoding,
+                        strict, workers, progress)
+    stage = tempfile.mkdtemp(prefix="prepare-")  # each file is uploaded once complete, then removed here
+
+    def upload(path: str) -> None:
+        try:
+            remote.put_file(path, join(out, os.path.basename(path)))
+        except (DataError, OSError) as exc:
+            raise PrepareError(f"cannot write {join(out, os.path.basename(path))}: {exc}") from exc
+        os.remove(path)
+
+    try:
+        return _prepare(src, source, stage, resolution, channels, samples_per_shard, test_fraction, seed, encoding,
+                        strict, workers, progress, upload)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _prepare(src: Source, source: str, out: str, resolution: int | None, channels: int | None,
+             samples_per_shard: int, test_fraction: float, seed: int, encoding: str, strict: bool,
+             workers: int | None, progress: bool, upload: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Write the shards, indexes and manifest of `src` (named `source`) into the local folder `out`, handing
+    each finished file to `upload` (for an --out URL)."""
     if channels is None:
         channels = _probe_channels(src)
     workers = workers or len(os.sched_getaffinity(0))
@@ -203,7 +267,7 @@ def prepare(
         for split, indices in order.items():
             if not indices:
                 continue
-            writer = _ShardWriter(out, split, samples_per_shard, encoding)
+            writer = _ShardWriter(out, split, samples_per_shard, encoding, upload)
             jobs = ((src.kind, src.items[i], resolution, channels, encoding) for i in indices)
             results = pool.imap(_work, jobs, chunksize=64) if pool else map(_work, jobs)
             bar = tqdm(results, total=len(indices), desc=f"prepare {split}", unit="img", disable=not progress)
@@ -222,7 +286,13 @@ def prepare(
                 label = src.labels[i] if src.labels is not None else None
                 writer.write(f"{i:08d}", data, label)
             shards = writer.close()
-            splits[split] = {"num_samples": sum(s["num_samples"] for s in shards), "shards": shards}
+            index_path = os.path.join(out, index_name(split))
+            with open(index_path, "wb") as f:
+                f.write(encode_index(writer.index))
+            splits[split] = {"num_samples": sum(s["num_samples"] for s in shards), "shards": shards,
+                             "index": {"name": index_name(split), "sha256": sha256_file(index_path)}}
+            if upload is not None:
+                upload(index_path)
     finally:
         if pool is not None:
             pool.terminate()
@@ -255,6 +325,8 @@ def prepare(
         json.dump(manifest, f, indent=1)
         f.write("\n")
     os.replace(tmp, os.path.join(out, MANIFEST_NAME))
+    if upload is not None:
+        upload(os.path.join(out, MANIFEST_NAME))  # last: its shards and indexes are all there already
     return manifest
 
 
@@ -279,7 +351,9 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("source", help="image folder | CIFAR-10/100 python-version folder | file.npz/.npy | digits")
-    p.add_argument("--out", required=True, help="output folder (must be empty unless --overwrite)")
+    p.add_argument("--out", required=True, help="output folder, or object-storage URL (s3://bucket/prefix; the "
+                                                "AWS_* variables name the endpoint and credentials); must be empty "
+                                                "unless --overwrite")
     p.add_argument("--resolution", type=int, help="output size N: shorter side resized to N (Lanczos), centre crop")
     p.add_argument("--channels", type=int, choices=(1, 3), help="1 = grey, 3 = RGB (default: as the source)")
     p.add_argument("--samples-per-shard", type=int, default=1000)
@@ -297,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
             test_fraction=a.test_fraction, seed=a.seed, encoding=a.encoding, overwrite=a.overwrite,
             strict=a.strict, workers=a.workers or None, progress=not a.quiet,
         )
-    except PrepareError as exc:
+    except (PrepareError, DataError) as exc:
         print(f"prepare: error: {exc}", file=sys.stderr)
         return 2
     counts = ", ".join(f"{k}: {v['num_samples']} samples in {len(v['shards'])} shards" for k, v in m["splits"].items())

@@ -9,7 +9,8 @@ It is the training loader's path without its shuffle, flips and workers: the sam
 (pipeline.data.tar), positions (pipeline.data.samples), decoder and scaling (pipeline.data.decode) and
 corruption policy (pipeline.data.report: a corrupt shard or sample is counted and skipped with a
 CorruptDataWarning, or raises with a strict Report). Every shard is read whole, so every shard with a
-manifest sha256 is verified as in data.verify=stream, and none of its samples is yielded before that.
+manifest sha256 is verified as in data.verify=stream (sample by sample against prepare's index, or as a
+whole file for shards prepared before it), and none of its samples is yielded before that.
 So FID reference statistics and held-out bits/dim see exactly the pixels the trainer sees, and `index`
 is the sample's position in the split, as in the loader's batch["index"].
 """
@@ -26,7 +27,14 @@ from pipeline.data.decode import to_unit_range
 from pipeline.data.manifest import Manifest
 from pipeline.data.report import Report
 from pipeline.data.samples import Raw, decode_sample, read_all, read_piece
-from pipeline.data.shards import ShardSet, check_shards, from_manifest, resolve_shards, start_verification
+from pipeline.data.shards import (
+    ShardSet,
+    attach_index,
+    check_shards,
+    from_manifest,
+    resolve_shards,
+    start_verification,
+)
 
 
 class SplitSample(NamedTuple):
@@ -67,6 +75,7 @@ def iter_split(shards: str | Manifest, split: str, max_images: int = 0,
     check_shards(shardset.shards, shardset.source)
     report = report if report is not None else Report(strict=False)
     start_verification(shardset, "stream", report.strict)  # every shard is read whole: hashed as it is read
+    attach_index(shardset)  # with the index, every sample's bytes are checked against their own sha256
     count, shape = 0, None
     for raw in _raws(shardset, report):
         got = decode_sample(raw, shardset, report)

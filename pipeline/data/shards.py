@@ -2,29 +2,37 @@
 
 `data.shards` is a prepared folder, its manifest.json, a brace pattern (`/data/train-{000000..000099}.tar`)
 or URLs joined with `::`. A pattern or URL list is matched against a manifest.json beside its first
-shard when there is one (counts, geometry, members, sha256); a manifest that is there but invalid is an
+shard when there is one, or against the one `data.manifest` names (any URL: so `pipe:` lists get exact
+mode too), by shard name (counts, geometry, members, sha256); a manifest that is there but invalid is an
 error, not a silent fallback. Local shards are checked for existence and remote protocols for an
 installed fsspec backend at start; pipe: commands and remote objects are checked when opened
-(docs/data.md). With data.verify=start, every local shard's sha256 is checked here too.
+(docs/data.md). With data.verify=start, every local shard's sha256 is checked here too. `attach_index`
+loads prepare's sample index (pipeline/data/index.py), checked against the manifest's sha256.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from pipeline.data.index import ShardIndex, decode
 from pipeline.data.manifest import (
     MANIFEST_NAME,
     Manifest,
     ManifestError,
     Shard,
     is_url,
+    join,
     local_path,
+    read_file,
     read_manifest,
     sha256_problem,
+    shard_name,
 )
+from pipeline.data.remote import RemoteError
 from pipeline.data.report import CorruptDataError, DataError
 from pipeline.data.tar import READ_ERRORS, count_samples
 
@@ -41,6 +49,9 @@ class ShardSet:
     verify: str = "stream"  # data.verify: stream | start | off
     # verify=start: url -> what differs, for local shards whose bytes are not the manifest's (read as failed)
     changed: dict[str, str] = field(default_factory=dict)
+    manifest: Manifest | None = field(default=None, repr=False)  # where counts and the sample index come from
+    # url -> each sample's byte range and sha256 (attach_index); a shard without one is read from its first byte
+    index: dict[str, ShardIndex] = field(default_factory=dict, repr=False)
 
     def hashed_while_read(self, shard: Shard) -> bool:
         """Whether a read of `shard` to its end checks its sha256 (start mode checked local ones at start)."""
@@ -82,15 +93,19 @@ def _no_manifest(folder: str) -> DataError:
     )
 
 
-def resolve_shards(spec: str, split: str, *, need_counts: bool) -> ShardSet:
-    """data.shards -> shard list: a prepared folder, a manifest path, a brace pattern or URLs ('::'-joined)."""
+def resolve_shards(spec: str, split: str, *, need_counts: bool, manifest: str = "") -> ShardSet:
+    """data.shards -> shard list: a prepared folder, a manifest path, a brace pattern or URLs ('::'-joined);
+    `manifest` (data.manifest) names the manifest of a pattern or URL list, wherever it lies."""
     from webdataset.shardlists import expand_urls
 
-    spec = spec.strip()
+    spec, manifest = spec.strip(), manifest.strip()
     if not spec:
         raise DataError("data.shards is empty; set it to a prepared folder "
                         "(python -m pipeline.data.prepare ...)")
     looks_like_tars = ".tar" in spec or "{" in spec or "::" in spec or spec.startswith("pipe:")
+    if manifest and not looks_like_tars:
+        raise DataError(f"data.manifest={manifest!r} is for shard patterns and URL lists, but data.shards={spec!r} "
+                        "is a prepared folder (or manifest) with its own manifest.json; unset data.manifest")
     if not looks_like_tars:
         if not is_url(spec) and not os.path.exists(spec):
             raise DataError(
@@ -107,16 +122,22 @@ def resolve_shards(spec: str, split: str, *, need_counts: bool) -> ShardSet:
     urls = expand_urls(spec)
     if not urls:
         raise DataError(f"data.shards={spec!r} expands to an empty shard list")
-    manifest = None if urls[0].startswith("pipe:") else _manifest_beside(urls[0], spec)
-    if manifest is not None:
-        by_name = {s.name: s for shards in manifest.splits.values() for s in shards}
+    if manifest:
+        try:
+            m: Manifest | None = read_manifest(manifest)
+        except ManifestError as exc:
+            raise ManifestError(f"data.manifest: {exc}") from exc
+    else:
+        m = None if urls[0].startswith("pipe:") else _manifest_beside(urls[0], spec)
+    if m is not None:
+        by_name = {s.name: s for shards in m.splits.values() for s in shards}
         shards = []
         for u in urls:
             n, sha = _count_sha(by_name, u)
             if n < 0 and need_counts and (p := local_path(u)) is not None and os.path.isfile(p):
                 n = _count_tar(p)  # in the pattern but not in the manifest: count it (headers only)
-            shards.append(Shard(u, u.rsplit("/", 1)[-1], n, sha))
-        return from_manifest(manifest, shards, spec)
+            shards.append(Shard(u, shard_name(u), n, sha))
+        return from_manifest(m, shards, spec)
     shards = []
     for u in urls:
         n = -1
@@ -132,6 +153,8 @@ def _manifest_beside(first: str, spec: str) -> Manifest | None:
     path = f"{folder}/{MANIFEST_NAME}"
     try:
         return read_manifest(path)
+    except RemoteError:
+        raise  # a missing bucket, no credentials, an unreachable store: say so, do not read without counts
     except ManifestError as exc:
         if isinstance(exc.__cause__, FileNotFoundError):
             return None  # shards without a manifest: counts come from their headers (or are unknown)
@@ -172,7 +195,7 @@ def check_shards(shards: list[Shard], spec: str) -> None:
 
 
 def _count_sha(by_name: dict[str, Shard], url: str) -> tuple[int, str]:
-    s = by_name.get(url.rsplit("/", 1)[-1])
+    s = by_name.get(shard_name(url))
     return (s.num_samples, s.sha256) if s else (-1, "")
 
 
@@ -180,7 +203,46 @@ def from_manifest(m: Manifest, shards: list[Shard], spec: str) -> ShardSet:
     """A ShardSet of `shards` with the counts, geometry and per-sample members that manifest `m` gives."""
     # prepare writes <key>.<encoding> for every sample, and <key>.cls for all of them when labelled
     members = frozenset({m.encoding} | ({"cls"} if m.num_classes > 0 else set())) if m.encoding else frozenset()
-    return ShardSet(shards, m.image_size, m.channels, m.encoding, spec, members, m.num_classes)
+    return ShardSet(shards, m.image_size, m.channels, m.encoding, spec, members, m.num_classes, manifest=m)
+
+
+def attach_index(shardset: ShardSet) -> list[Shard]:
+    """Load the sample index of every split whose shards `shardset` reads (checked against the manifest's
+    sha256, then against its counts) into shardset.index. Shards without one are read from their first
+    byte: those the manifest lists without a sha256 (the index describes the bytes a sha256 names; these
+    are warned about as unverified already), and those it lists with one but no index, which are returned
+    (a manifest written before the index existed)."""
+    m = shardset.manifest
+    if m is None:
+        return list(shardset.shards)
+    by_name: dict[str, list[Shard]] = {}
+    for s in shardset.shards:
+        if s.num_samples >= 0 and s.sha256:  # the index describes the bytes that sha256 names
+            by_name.setdefault(s.name, []).append(s)
+    for split, entry in m.raw.get("splits", {}).items():
+        info = entry.get("index") if isinstance(entry, dict) else None
+        counts = {s.name: s.num_samples for s in m.splits.get(split, []) if s.name in by_name}
+        if not info or not counts:
+            continue
+        path = join(m.location, str(info.get("name", "")))
+        try:
+            data = read_file(path)
+        except FileNotFoundError as exc:
+            raise ManifestError(f"the manifest in {m.location} names the sample index {path}, which is missing; "
+                                "copy it beside the manifest, or re-run prepare") from exc
+        except OSError as exc:
+            if isinstance(exc, RemoteError):
+                raise
+            raise ManifestError(f"sample index {path} cannot be read ({type(exc).__name__}: {exc})") from exc
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != info.get("sha256"):
+            raise ManifestError(f"sample index {path}: its sha256 {digest[:12]}... differs from the manifest's "
+                                f"{str(info.get('sha256'))[:12]}... (changed after prepare); re-run prepare")
+        for name, ix in decode(data, counts, path).items():
+            for s in by_name[name]:
+                if s.num_samples == len(ix.digests):
+                    shardset.index[s.url] = ix
+    return [s for s in shardset.shards if s.url not in shardset.index and s.sha256]
 
 
 def start_verification(shardset: ShardSet, verify: str, strict: bool) -> None:

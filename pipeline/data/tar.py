@@ -13,6 +13,12 @@ failed shard, naming it (pipeline.data.report).
 
 Samples follow the WebDataset convention: consecutive members with the same key (the file name up to
 its first dot) form one sample, {extension: bytes}.
+
+Reading each byte once: where prepare's sample index gives every sample's byte offset, a stream reads
+only its piece of a shard, `Span(url, offsets[lo], offsets[hi])` (a seek into a local file, range
+requests to object storage through pipeline.data.remote, or a pipe: command's output after skipping
+the bytes before the piece), and parses each sample from exactly its own bytes (`sample_from_bytes`).
+`READ` counts the bytes this process has read from shards, wherever they came from.
 """
 
 from __future__ import annotations
@@ -46,6 +52,74 @@ class TruncatedTar(EOFError):
 
 # what reading a shard can raise: a cut or corrupted tar, an unreachable URL, a failing pipe: command
 READ_ERRORS = (OSError, EOFError, ValueError)
+LOCAL_CHUNK = 1 << 20  # bytes per read of a piece of a local shard (never past the piece's end)
+REMOTE_CHUNK = 8 << 20  # bytes per range request to object storage (never past the piece's end)
+
+
+class ReadCounter:
+    """Bytes (and reads) this process has taken from shards: local files, range requests, pipe: output.
+
+    Counted where the bytes arrive, so it is what "read each byte once" is measured with (tests/test_data_index.py,
+    benchmarks/loader_s3_bench.py): sum it over every stream of an epoch and divide by the shards' size.
+    """
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.requests = 0
+
+    def add(self, nbytes: int) -> None:
+        self.bytes += nbytes
+        self.requests += 1
+
+    def reset(self) -> None:
+        self.bytes = self.requests = 0
+
+
+READ = ReadCounter()
+
+
+class _Counted(io.RawIOBase):
+    """A raw stream with read() (a file opened unbuffered, a pipe: command's output) whose bytes are counted."""
+
+    def __init__(self, raw: Any):
+        self.raw = raw
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        data = self.raw.read(len(buf))
+        buf[:len(data)] = data
+        READ.add(len(data))
+        return len(data)
+
+    def close(self) -> None:
+        try:
+            self.raw.close()  # a pipe: command's exit status is raised here
+        finally:
+            super().close()
+
+
+class _Remote(io.RawIOBase):
+    """An object read from its first byte to its end by range requests (retried: pipeline.data.remote)."""
+
+    def __init__(self, url: str):
+        self.url, self.pos, self.eof = url, 0, False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        from pipeline.data import remote
+
+        if self.eof or not len(buf):
+            return 0
+        data = remote.read_range(self.url, self.pos, self.pos + len(buf))
+        READ.add(len(data))
+        self.eof = len(data) < len(buf)
+        buf[:len(data)] = data
+        self.pos += len(data)
+        return len(data)
 
 
 class _Hashed(io.RawIOBase):
@@ -75,20 +149,18 @@ def _open(url: str, digest: Any = None) -> tuple[IO[bytes], int | None]:
     """(stream, its size in bytes or None where unknown) of a local path or file:// URL, pipe:COMMAND or
     any URL fsspec knows (s3://, gs://, http://, ...); with `digest`, every byte read is hashed into it."""
     size = None
+    buffer = _BUFFER
     if url.startswith("pipe:"):
         from webdataset.gopen import gopen
 
-        raw = gopen(url, "rb", bufsize=_BUFFER)
+        raw: Any = _Counted(gopen(url, "rb", bufsize=_BUFFER))
     elif (path := local_path(url)) is not None:
-        raw = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by the caller, through the reader
-        size = os.fstat(raw.fileno()).st_size
-        if digest is None:
-            return io.BufferedReader(raw, _BUFFER), size
+        f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by the caller, through the reader
+        size = os.fstat(f.fileno()).st_size
+        raw = _Counted(f)
     else:
-        import fsspec
-
-        raw = fsspec.open(url, "rb").open()
-    return (io.BufferedReader(_Hashed(raw, digest), _BUFFER) if digest is not None else raw), size
+        raw, buffer = _Remote(url), REMOTE_CHUNK
+    return io.BufferedReader(_Hashed(raw, digest) if digest is not None else raw, buffer), size
 
 
 def _number(header: bytes, lo: int, hi: int, what: str) -> int:
@@ -123,16 +195,21 @@ def _name(header: bytes, long_name: str | None) -> str:
     return long_name or header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
-def _tar_members(stream: IO[bytes], size: int | None, skip_data: bool = False) -> Iterator[tuple[str, bytes]]:
+def _tar_members(stream: IO[bytes], size: int | None, skip_data: bool = False,
+                 open_end: bool = False) -> Iterator[tuple[str, bytes]]:
     """(name, data) of the regular files of a tar stream of `size` bytes (None: unknown), in order (see
-    the module docstring). With `skip_data` a seekable stream seeks over regular members' data (b"")."""
+    the module docstring). With `skip_data` a seekable stream seeks over regular members' data (b"").
+    With `open_end` (one sample's bytes, cut out by the index) the stream may end at a member boundary,
+    or inside tar's zero blocks, instead of with an end-of-archive block."""
     long_name = None
     left = size  # bytes after the current position; None = unknown
     while True:
         header = stream.read(512)
         if not header:
+            if open_end:
+                return
             raise TruncatedTar("tar ends without its end-of-archive block (cut at a member boundary)")
-        if header == ZERO_BLOCK:
+        if header == ZERO_BLOCK or (open_end and len(header) < 512 and not header.strip(b"\0")):
             return
         if len(header) < 512:
             raise TruncatedTar(f"tar header cut short ({len(header)} of 512 bytes)")
@@ -233,6 +310,123 @@ def tar_samples(url: str, members: frozenset[str] = frozenset(),
             if finished:  # a command that failed after writing a whole tar
                 raise
             # stopped early on purpose: a pipe's command may die of SIGPIPE, which is no error
+
+
+def sample_from_bytes(data: bytes, members: frozenset[str], last: bool = False) -> tuple[str, dict[str, bytes]]:
+    """(key, {ext: bytes}) of one sample from exactly its bytes in the shard (its headers, data and padding;
+    the shard's last sample also holds tar's end-of-archive blocks), as prepare's index delimits them.
+
+    Raises one of READ_ERRORS unless the bytes hold whole members of one key, and every member a sample of
+    this shard has (`members`, from the manifest): bytes that are cut, or that do not line up with a sample
+    (the shard changed after the index was written), never make a sample. With `last` (the shard's last
+    sample) members of another key end it instead: what follows the samples the manifest counts is not
+    parsed, as in a read from the shard's first byte (a verifying read still checks those bytes' sha256).
+    """
+    key, parts = None, {}
+    for name, member in _tar_members(io.BytesIO(data), len(data), open_end=True):
+        k, ext = _key_ext(name)
+        if key is not None and k != key:
+            if last:
+                break
+            raise TarFormatError(f"the bytes the index gives sample {key} hold members of another sample ({name}); "
+                                 "the shard changed after prepare")
+        key = k
+        parts[ext] = member
+    if key is None:
+        raise TruncatedTar("no tar member where the index puts a sample")
+    if not members <= parts.keys():
+        raise TruncatedTar(f"sample {key} lacks its member(s) {sorted(members - parts.keys())}", f"{key}.?")
+    return key, parts
+
+
+class Span:
+    """Bytes [start, end) of one shard, read in order, each byte once: a local file from `start` (pread, in
+    LOCAL_CHUNK reads), an object by range requests of at most REMOTE_CHUNK bytes (retried on transient
+    errors, pipeline.data.remote), a pipe: command's output after reading past the `start` bytes before it
+    (a pipe cannot seek). No read goes past `end`; `read(n)` returns fewer than n bytes only where the
+    shard ends early (a truncated file), and then `ended_at` is the shard's size (None: unknown)."""
+
+    def __init__(self, url: str, start: int, end: int):
+        self.url, self.pos, self.end = url, start, end
+        self.ended_at: int | None = None
+        self._buf, self._at = b"", 0
+        self._fd: int | None = None
+        self._pipe: Any = None
+        if url.startswith("pipe:"):
+            from webdataset.gopen import gopen
+
+            self._pipe = gopen(url, "rb", bufsize=_BUFFER)
+            at = 0
+            while at < start:
+                got = self._pipe.read(min(start - at, _BUFFER))
+                READ.add(len(got))
+                if not got:
+                    self.ended_at = at
+                    break
+                at += len(got)
+        elif (path := local_path(url)) is not None:
+            self._fd = os.open(path, os.O_RDONLY)
+
+    def _size(self) -> int | None:
+        """The shard's size, after a read at self.pos returned nothing (it is at most self.pos)."""
+        if self._fd is not None:
+            return os.fstat(self._fd).st_size
+        if self._pipe is not None:
+            return self.pos
+        from pipeline.data import remote
+
+        try:
+            return remote.size(self.url)
+        except OSError:
+            return None
+
+    def _fetch(self, want: int) -> bytes:
+        if self.ended_at is not None:
+            return b""
+        n = min(max(want, LOCAL_CHUNK if self._fd is not None or self._pipe is not None else REMOTE_CHUNK),
+                self.end - self.pos)
+        if n <= 0:
+            return b""
+        if self._pipe is not None:
+            data = self._pipe.read(n)
+        elif self._fd is not None:
+            data = os.pread(self._fd, n, self.pos)
+        else:
+            from pipeline.data import remote
+
+            data = remote.read_range(self.url, self.pos, self.pos + n)
+        READ.add(len(data))
+        self.pos += len(data)
+        if len(data) < n:
+            self.ended_at = self.pos if data else self._size()
+        return data
+
+    def read(self, n: int) -> bytes:
+        """The next n bytes (fewer only where the shard ends first)."""
+        out = []
+        while n > 0:
+            if self._at >= len(self._buf):
+                self._buf, self._at = self._fetch(n), 0
+                if not self._buf:
+                    break
+            chunk = self._buf[self._at:self._at + n]
+            self._at += len(chunk)
+            n -= len(chunk)
+            out.append(chunk)
+        return b"".join(out)
+
+    def close(self, check: bool = False) -> None:
+        """Release the file, connection or command; with `check`, a pipe: command's failure is raised."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._pipe is not None:
+            pipe, self._pipe = self._pipe, None
+            try:
+                pipe.close()
+            except OSError:
+                if check:  # the command failed before writing what was asked of it
+                    raise  # otherwise it was stopped early on purpose, and may have died of SIGPIPE
 
 
 def count_samples(path: str) -> int:

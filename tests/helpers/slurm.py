@@ -10,8 +10,10 @@ In tests (the fixture has session scope and stops the daemons also when a test f
     from tests.helpers.slurm import slurm_fixture  # noqa: F401  (provides the fixture `slurm`)
 
     def test_x(slurm):
-        job = slurm.sbatch(["launch/slurm/train.sbatch", "configs/digits.yaml"], options=["-N2"])
+        job = slurm.sbatch(["launch/slurm/train.sbatch", "configs/digits.yaml"], options=["-N2", "--cpus-per-task=1"])
         info = slurm.wait_done(job, timeout_s=120)
+        array = slurm.sbatch(["launch/slurm/sweep.sbatch", "grid.txt", "configs/digits.yaml"], options=["--array=0-2"])
+        elements = slurm.wait_array_done(array, 3, timeout_s=300)
 
 For developers::
 
@@ -223,6 +225,24 @@ class SlurmCluster:
 
     def wait_done(self, job_id: int, timeout_s: float) -> dict[str, str]:
         return self.wait_job(job_id, lambda i: i.get("JobState") in FINISHED_STATES, timeout_s)
+
+    def array_elements(self, array_id: int) -> list[dict[str, str]]:
+        """The records of a job array's elements (pending ones may share one record, ArrayTaskId=1-2)."""
+        out = self.cmd("scontrol", "-o", "show", "job", str(array_id))
+        return [_split_show(line) for line in out.stdout.strip().splitlines() if line.strip()]
+
+    def wait_array_done(self, array_id: int, elements: int, timeout_s: float, poll_s: float = 1) -> list[dict[str, str]]:
+        """Poll until each of the array's `elements` has finished; their records by ArrayTaskId."""
+        deadline = time.monotonic() + timeout_s
+        records: list[dict[str, str]] = []
+        while time.monotonic() < deadline:
+            records = self.array_elements(array_id)
+            done = [r for r in records if r.get("ArrayTaskId", "").isdigit() and r.get("JobState") in FINISHED_STATES]
+            if len(done) == len(records) == elements:
+                return sorted(done, key=lambda r: int(r["ArrayTaskId"]))
+            time.sleep(poll_s)
+        states = [(r.get("ArrayTaskId"), r.get("JobState"), r.get("Reason")) for r in records]
+        raise TimeoutError(f"array {array_id} not done within {timeout_s:.0f} s: {states}\n{self.log_tail()}")
 
     def start_requeued_now(self, job_id: int, restarts: int, timeout_s: float) -> dict[str, str]:
         """Wait until the job is pending again after its ``restarts``-th requeue, then lift the wait.

@@ -29,6 +29,7 @@ TINY = [
     "train.batch_size=8", "optimizer.lr=1e-3", "optimizer.warmup_steps=2", "logging.every_steps=2",
     "logging.sample_every_steps=0", "ema.decay=0.9", "preemption.check_every_steps=1",
     "train.deterministic=true", "tracking.enabled=false",
+    "tracking.log_model=false",  # when a test turns tracking on: logging the model costs seconds (tests/test_mlflow_model.py)
 ]
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "digits.yaml"
-EMA_SWEEP_TRAIN = ["name=digits-ema", "ema.decays=[0.998,0.9995]", "ema.posthoc.sigma_rels=[0.05,0.1]"]
+EMA_SWEEP_TRAIN = ["name=digits-ema", "ema.decays=[0.99,0.995]", "ema.posthoc.sigma_rels=[0.05,0.1]"]
 EMA_SWEEP_EVAL = ["--ema", "all", "--posthoc-sigma-rels", "0.02:0.25:8", "eval.num_samples=1000"]
 
 

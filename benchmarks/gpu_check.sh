@@ -1,11 +1,11 @@
 #!/bin/bash
-# The GPU check: the CUDA tests and the CIFAR-10 training throughput/MFU, as one call of a GPU machine.
+# The GPU check: the CUDA tests and the CIFAR-10 training throughput/MFU, in one script for a GPU machine.
 #
 #   bash benchmarks/gpu_check.sh --fetch-wheels   # here, once: pure-Python packages a bare GPU image may lack,
 #                                                 # into .whl/ (ignored by git; pip needs the registry)
 #   bash benchmarks/gpu_check.sh                  # on the GPU machine, from the repository root
 #
-# Copy the working tree with .whl/ to the GPU machine and run it there (about 9 minutes). Logs and the table
+# Copy the working tree with .whl/ to a GPU machine and run it there (about 9 minutes). Logs and the table
 # go to $OUT (or /tmp/gpu-check): gpu_tests.log, gpu_throughput.log, gpu_throughput.md. Needs torch with
 # CUDA, accelerate, safetensors, scikit-learn, Pillow, PyYAML and tqdm installed there; MLflow is not
 # needed (tracking is off in both parts).

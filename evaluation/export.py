@@ -2,6 +2,7 @@
 
     python -m evaluation.export runs/digits --diffusers exports/digits              # its newest checkpoint, EMA
     python -m evaluation.export runs/digits/step-00004000 --diffusers OUT --weights raw
+    python -m evaluation.export runs/digits-ema --diffusers OUT --weights sigma0.08   # a post-hoc EMA
     python -m evaluation.export --from-diffusers ddpm-cifar10-32 --out runs/ddpm-cifar10 data.shards=data/cifar10
 
 Export writes ``OUT/model_index.json``, ``OUT/unet/`` (a ``UNet2DModel``: config.json and safetensors) and
@@ -20,7 +21,10 @@ diffusers configs.
 
 Both directions map every tensor (pipeline/interop.py), refuse a layout or schedule the other side cannot
 represent, and check that the two networks give the same output on the same inputs before writing anything.
-Weights are read as safetensors (a ``.bin`` only with torch's weights-only loader).
+Weights are read as safetensors (a ``.bin`` only with torch's weights-only loader). ``--weights`` is ``ema``
+(the primary EMA), ``raw`` (the training weights) or the name of any other EMA of the checkpoint, as
+``evaluation.evaluate --ema`` takes it: ``decay<d>`` (``ema.decays``), ``sigma<s>`` (a stored power-function
+EMA, or one synthesized from the checkpoint's post-hoc snapshots for any other ``s``).
 
 Exit status: 0 written; 1 an unexpected failure (the traceback is printed); 2 invalid input (one line
 ``export: error: ...``): a missing or incomplete folder, a model or schedule that cannot be converted, diffusers
@@ -60,7 +64,8 @@ EXPORT_RECORD = "ddpm_export.json"
 OUTPUT_RTOL = 1e-3  # of the output's scale: float32 rounding is ~1e-6 of it, a wrong mapping O(1)
 
 # --weights NAME -> the U-Net state dict of a checkpoint. ``expected``: our U-Net's keys (for the raw weights,
-# which accelerate stores under its wrapper's prefixes). Other averages of the weights plug in here by name.
+# which accelerate stores under its wrapper's prefixes). Any other name is an EMA of the checkpoint
+# (pipeline.posthoc_ema.ema_weights: decay<d>, sigma<s>, synthesized where not stored).
 WEIGHTS: dict[str, Callable[[Checkpoint, set[str]], dict[str, torch.Tensor]]] = {
     "ema": lambda ckpt, expected: ckpt.ema_weights(),
     "raw": lambda ckpt, expected: ckpt.raw_weights(expected),
@@ -68,10 +73,18 @@ WEIGHTS: dict[str, Callable[[Checkpoint, set[str]], dict[str, torch.Tensor]]] = 
 
 
 def export_weights(ckpt: Checkpoint, which: str, model: ModelConfig) -> dict[str, torch.Tensor]:
-    """The ``which`` weights of a checkpoint (a name in ``WEIGHTS``), as float32 tensors of our U-Net's keys."""
-    if which not in WEIGHTS:
-        raise EvaluationError(f"--weights {which}: not one of {', '.join(sorted(WEIGHTS))}")
-    weights = WEIGHTS[which](ckpt, set(interop.our_shapes(model)))
+    """The ``which`` weights of a checkpoint (a name in ``WEIGHTS`` or an EMA's name), as float32 tensors of our
+    U-Net's keys; EvaluationError naming what there is otherwise."""
+    if which in WEIGHTS:
+        weights = WEIGHTS[which](ckpt, set(interop.our_shapes(model)))
+    else:
+        from pipeline import posthoc_ema
+
+        try:
+            weights = posthoc_ema.ema_weights(ckpt, which)
+        except CheckpointError as exc:
+            raise EvaluationError(f"--weights {which}: not one of {', '.join(sorted(WEIGHTS))} nor an EMA of the "
+                                  f"checkpoint: {exc}") from None
     return {k: v.float() for k, v in weights.items()}
 
 
@@ -316,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="export: the checkpoint (a step-NNNNNNNN folder, or a run folder: its newest); import: "
                         "key=value settings for the checkpoint's config.yaml (e.g. data.shards=DIR)")
     p.add_argument("--diffusers", metavar="OUT_DIR", help="export CHECKPOINT as a DDPMPipeline folder here (new)")
-    p.add_argument("--weights", default="ema", help=f"export which weights: {', '.join(sorted(WEIGHTS))}")
+    p.add_argument("--weights", default="ema", help=f"export which weights: {', '.join(sorted(WEIGHTS))}, or an "
+                   "EMA's name as evaluate's --ema takes it (decay<d>; sigma<s>, synthesized if not stored)")
     p.add_argument("--from-diffusers", metavar="DIR", help="import this DDPMPipeline (or UNet2DModel) folder")
     p.add_argument("--out", metavar="CHECKPOINT",
                    help="import into this run folder (as step-00000000) or this step-NNNNNNNN folder (new)")

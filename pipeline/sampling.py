@@ -5,12 +5,20 @@ and then one noise tensor per stochastic step, in step order. So image i depends
 the sampler settings), never on the batch size, on which other images share its batch, or on the device
 (noise is drawn on the CPU and then moved). Outputs are uint8 images (N, C, H, W).
 
+On a GPU the draws cost the device nothing: a host thread draws each step's noise ahead, two steps at most,
+into page-locked buffers, and the copy to the device does not block, so the host never waits for the device
+inside the loop (``NoiseStream``). Per-image generators on the device (EDM's stacked generators) would be
+cheaper still for the host, but a CUDA generator's stream is not the CPU's: the same seed would give another
+image on another device, so they are not used.
+
 Pure torch (docs/architecture.md).
 """
 
 from __future__ import annotations
 
 import math
+import queue
+import threading
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 
@@ -66,8 +74,89 @@ def _to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
-def _randn(gens: list[torch.Generator], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    return torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+def _draw(gens: list[torch.Generator], shape: tuple[int, ...], pin: bool) -> torch.Tensor:
+    """(B, *shape) standard normals, row i from gens[i] (row.normal_ is torch.randn(shape, generator=g)'s draw)."""
+    buf = torch.empty((len(gens), *shape), pin_memory=pin)
+    for row, g in zip(buf, gens):
+        row.normal_(generator=g)
+    return buf
+
+
+class NoiseStream:
+    """The ``count`` noise tensors of one batch, in draw order, on ``device``: each image's from its own CPU
+    generator, so an image does not depend on the device.
+
+    ``prefetch`` (the default on a GPU): a host thread draws up to ``depth`` tensors ahead into page-locked
+    memory and ``next()`` copies with ``non_blocking``: the host neither draws in the sampling loop nor waits for
+    the device (torch's pinned-memory allocator keeps a buffer until its copy is done). Otherwise each draw
+    happens in ``next()`` (on the CPU the network needs every core; a thread would only compete).
+    """
+
+    def __init__(self, gens: list[torch.Generator], shape: tuple[int, ...], device: torch.device, count: int,
+                 prefetch: bool | None = None, depth: int = 2) -> None:
+        self.gens, self.shape, self.device, self.count = gens, tuple(shape), torch.device(device), count
+        self.pin = self.device.type == "cuda"
+        self.prefetch = self.pin if prefetch is None else prefetch
+        self.taken = 0
+        self._thread: threading.Thread | None = None
+        if self.prefetch and count > 0:
+            self._queue: queue.Queue = queue.Queue(maxsize=depth)
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._produce, name="sampling-noise", daemon=True)
+            self._thread.start()
+
+    def _put(self, item: object) -> bool:
+        """Queue ``item`` unless the consumer closed the stream first (then False)."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        try:
+            for _ in range(self.count):
+                if not self._put(_draw(self.gens, self.shape, self.pin)):
+                    return
+        except BaseException as exc:  # handed to the consumer, which raises it
+            self._put(exc)
+
+    def next(self) -> torch.Tensor:
+        if self.taken >= self.count:
+            raise RuntimeError(f"NoiseStream: all {self.count} draws were taken")
+        self.taken += 1
+        if self._thread is None:
+            return _draw(self.gens, self.shape, False).to(self.device)
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item.to(self.device, non_blocking=self.pin)
+
+    def close(self) -> None:
+        """Stop the thread (a loop that ended early leaves draws untaken)."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+    def __enter__(self) -> NoiseStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def ddim_sigmas(diffusion: Diffusion, seq: list[int], eta: float) -> list[float]:
+    """σ of each DDIM step, in the loop's order (from seq[-1] down): the noise scale of x_{prev} given x_t."""
+    ac = diffusion.alphas_cumprod
+    out = []
+    for i in reversed(range(len(seq))):
+        a_t = float(ac[seq[i]])
+        a_prev = float(ac[seq[i - 1]]) if i > 0 else 1.0
+        out.append(eta * math.sqrt((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)))
+    return out
 
 
 @torch.no_grad()
@@ -83,48 +172,52 @@ def sample_batch(
     spacing: str = "uniform",
     clip_denoised: bool = True,
     on_step: Callable[[int], None] | None = None,
+    prefetch: bool | None = None,
 ) -> torch.Tensor:
     """One batch, one generator per image; returns float32 images (B, C, H, W) (about [−1, 1]).
 
-    ``on_step(t)`` is called with each timestep the network is evaluated at.
+    ``on_step(t)`` is called with each timestep the network is evaluated at. ``prefetch``: draw the noise
+    ahead on a host thread (``NoiseStream``; default: on a GPU).
     """
     device = torch.device(device)
     B = len(gens)
-    x = _randn(gens, shape, device)
     if sampler == "ancestral":
         # Algorithm 2: x_{t-1} = μ_θ(x_t, t) + σ_t z, z ~ N(0, I) except at the last step; σ_t² by diffusion.variance.
-        for t_int in reversed(range(diffusion.num_timesteps)):
-            if on_step is not None:
-                on_step(t_int)
-            t = torch.full((B,), t_int, device=device, dtype=torch.long)
-            mean, _, logvar, _ = diffusion.p_mean_variance(net, x, t, clip_denoised)
-            x = mean + (0.5 * logvar).exp() * _randn(gens, shape, device) if t_int > 0 else mean
+        with NoiseStream(gens, shape, device, diffusion.num_timesteps, prefetch) as noise:
+            x = noise.next()
+            for t_int in reversed(range(diffusion.num_timesteps)):
+                if on_step is not None:
+                    on_step(t_int)
+                t = torch.full((B,), t_int, device=device, dtype=torch.long)
+                mean, _, logvar, _ = diffusion.p_mean_variance(net, x, t, clip_denoised)
+                x = mean + (0.5 * logvar).exp() * noise.next() if t_int > 0 else mean
         return x
     if sampler != "ddim":
         raise ValueError(f"unknown sampler {sampler!r}; choose 'ddim' or 'ancestral'")
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta={eta} must lie in [0, 1] (0 = deterministic DDIM, 1 = DDPM-like noise)")
     seq = ddim_timesteps(diffusion.num_timesteps, steps, spacing)
+    sigmas = ddim_sigmas(diffusion, seq, eta)
     ac = diffusion.alphas_cumprod
-    for i in reversed(range(len(seq))):
-        t_int, prev = seq[i], (seq[i - 1] if i > 0 else -1)
-        if on_step is not None:
-            on_step(t_int)
-        a_t = float(ac[t_int])
-        a_prev = float(ac[prev]) if prev >= 0 else 1.0
-        t = torch.full((B,), t_int, device=device, dtype=torch.long)
-        out = _call_net(net, x, t).float()
-        x0 = diffusion.model_output_to_x0(out, x, t)
-        if clip_denoised:
-            x0 = x0.clamp(-1.0, 1.0)
-        # ε consistent with the (clipped) x_0, so that η = 1 with all T steps is exactly the ancestral step.
-        eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1.0 - a_t)
-        sigma = eta * math.sqrt((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev))
-        x = math.sqrt(a_prev) * x0 + math.sqrt(max(1.0 - a_prev - sigma**2, 0.0)) * eps
-        if sigma > 0:
-            x = x + sigma * _randn(gens, shape, device)
+    with NoiseStream(gens, shape, device, 1 + sum(s > 0 for s in sigmas), prefetch) as noise:
+        x = noise.next()
+        for i, sigma in zip(reversed(range(len(seq))), sigmas):
+            t_int, prev = seq[i], (seq[i - 1] if i > 0 else -1)
+            if on_step is not None:
+                on_step(t_int)
+            a_t = float(ac[t_int])
+            a_prev = float(ac[prev]) if prev >= 0 else 1.0
+            t = torch.full((B,), t_int, device=device, dtype=torch.long)
+            out = _call_net(net, x, t).float()
+            x0 = diffusion.model_output_to_x0(out, x, t)
+            if clip_denoised:
+                x0 = x0.clamp(-1.0, 1.0)
+            # ε consistent with the (clipped) x_0, so that η = 1 with all T steps is exactly the ancestral step.
+            eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1.0 - a_t)
+            x = math.sqrt(a_prev) * x0 + math.sqrt(max(1.0 - a_prev - sigma**2, 0.0)) * eps
+            if sigma > 0:
+                x = x + sigma * noise.next()
     return x
-
 
 def sample(
     net: nn.Module,

@@ -242,7 +242,7 @@ def test_command_line_refusals_are_one_line_exit_2(checkpoint, tmp_path, capsys)
 
     refused([str(tmp_path / "nope"), "--diffusers", str(tmp_path / "o")], "no such folder")
     refused(["--from-diffusers", str(tmp_path), "--out", str(tmp_path / "o")], "neither unet/config.json")
-    refused([str(checkpoint), "--diffusers", str(tmp_path / "o"), "--weights", "posthoc"], "--weights posthoc: not one of")
+    refused([str(checkpoint), "--diffusers", str(tmp_path / "o"), "--weights", "posthoc"], "--weights posthoc: not one of ema, raw nor an EMA")
 
     layout = tmp_path / "asymmetric"
     (layout / "unet").mkdir(parents=True)

@@ -255,3 +255,24 @@ def test_an_ema_added_to_a_run_in_progress_is_refused(run, shards, tmp_path):
     assert r.returncode == 2, r.stderr[-3000:]
     last = [ln for ln in r.stderr.splitlines() if ln.strip()][-1]
     assert "holds no ema-sigma0.2" in last and "start a new run" in last
+
+
+@pytest.mark.slow
+def test_a_synthesized_ema_exports_to_diffusers_with_its_own_weights(run, tmp_path, capsys):
+    """export --weights takes any EMA name evaluate's --ema takes; the diffusers UNet holds exactly those weights."""
+    pytest.importorskip("diffusers")
+    from diffusers import UNet2DModel
+
+    from evaluation import export
+    from pipeline import interop
+
+    ckpt = Checkpoint(run / "step-00000010")
+    for name in ("sigma0.07", "decay0.8"):
+        out = tmp_path / name
+        assert export.main([str(ckpt.path), "--diffusers", str(out), "--weights", name]) == 0, capsys.readouterr().err
+        assert json.loads((out / export.EXPORT_RECORD).read_text())["weights"] == name
+        theirs = UNet2DModel.from_pretrained(str(out / "unet")).state_dict()
+        assert h.same(interop.from_diffusers(theirs, export.checkpoint_model(ckpt)[0]), ph.ema_weights(ckpt, name))
+    assert export.main([str(ckpt.path), "--diffusers", str(tmp_path / "x"), "--weights", "decay0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "--weights decay0.5: not one of ema, raw nor an EMA" in err and "decay0.8, sigma0.05, sigma0.1" in err

@@ -10,7 +10,7 @@ import torch
 
 from pipeline.config import DiffusionConfig
 from pipeline.diffusion import Diffusion
-from pipeline.sampling import ddim_timesteps, sample, sample_batch
+from pipeline.sampling import NoiseStream, ddim_sigmas, ddim_timesteps, sample, sample_batch
 from pipeline.unet import UNet, model_config
 from tests.helpers.diffusion import GaussianData, OracleDenoiser
 
@@ -41,6 +41,51 @@ def test_image_i_depends_only_on_seed_i(net, sampler, eta):
         diff = (one_batch.int() - other.int()).abs()
         assert int(diff.max()) <= 1 and float((diff == 0).float().mean()) > 0.99
     assert len({bytes(im.numpy()) for im in one_batch}) == 5  # different seeds, different images
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_the_noise_stream_is_each_images_own_randn_in_order(prefetch):
+    seeds, shape, count = [5, 6, 7], (2, 3, 3), 4
+    with NoiseStream([torch.Generator().manual_seed(s) for s in seeds], shape, torch.device("cpu"), count,
+                     prefetch) as noise:
+        got = [noise.next() for _ in range(count)]
+        with pytest.raises(RuntimeError, match="all 4 draws were taken"):
+            noise.next()
+    ref = [torch.Generator().manual_seed(s) for s in seeds]
+    for draw in got:  # torch.randn per image, in draw order: what an image's seed always gave
+        assert torch.equal(draw, torch.stack([torch.randn(shape, generator=g) for g in ref]))
+
+
+def test_a_prefetching_stream_stops_when_closed_early_and_passes_errors_on():
+    gens = [torch.Generator().manual_seed(0)]
+    noise = NoiseStream(gens, (4,), torch.device("cpu"), 1000, prefetch=True, depth=2)
+    noise.next()
+    noise.close()  # 999 untaken: the thread, blocked on a full queue, ends
+    assert noise._thread is None
+    bad = NoiseStream(gens, (-1,), torch.device("cpu"), 3, prefetch=True)  # a negative size fails in the thread
+    with pytest.raises(RuntimeError, match="negative"):
+        bad.next()
+    bad.close()
+
+
+@pytest.mark.parametrize(("sampler", "eta"), [("ddim", 0.0), ("ddim", 0.7), ("ancestral", 0.0)])
+def test_prefetched_noise_gives_the_same_images_and_uses_exactly_the_draws_counted(net, sampler, eta):
+    diffusion = Diffusion(SMALL)
+    runs = {}
+    for prefetch in (False, True):
+        gens = [torch.Generator().manual_seed(s) for s in (21, 22)]
+        torch.manual_seed(0)  # the fixture's net is in train mode: its dropout draws from the global generator
+        runs[prefetch] = sample_batch(net, diffusion, gens, (1, 8, 8), sampler, steps=8, eta=eta, prefetch=prefetch)
+        # the stream drew exactly what the loop took: each generator is where that many draws leave it
+        seq = ddim_timesteps(SMALL.timesteps, 8)
+        draws = SMALL.timesteps if sampler == "ancestral" else 1 + sum(
+            x > 0 for x in ddim_sigmas(diffusion, seq, eta))
+        for g, s in zip(gens, (21, 22)):
+            ref = torch.Generator().manual_seed(s)
+            for _ in range(draws):
+                torch.randn((1, 8, 8), generator=ref)
+            assert torch.equal(g.get_state(), ref.get_state())
+    assert torch.equal(runs[False], runs[True])
 
 
 def test_ddim_with_all_steps_and_eta_1_is_the_ancestral_sampler_with_fixedsmall(net):

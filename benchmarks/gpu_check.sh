@@ -1,14 +1,16 @@
 #!/bin/bash
-# The GPU check: the CUDA tests and the CIFAR-10 training throughput/MFU, in one script for a GPU machine.
+# The GPU check, in one script for a GPU machine: the CUDA tests, the CIFAR-10 training throughput/MFU, the
+# loop's per-step bookkeeping (host time) before/after, and DDP vs ZeRO-1/2/3 with one process per GPU.
 #
 #   bash benchmarks/gpu_check.sh --fetch-wheels   # here, once: pure-Python packages a bare GPU image may lack,
 #                                                 # into .whl/ (ignored by git; pip needs the registry)
 #   bash benchmarks/gpu_check.sh                  # on the GPU machine, from the repository root
 #
-# Copy the working tree with .whl/ to a GPU machine and run it there (about 9 minutes). Logs and the table
-# go to $OUT (or /tmp/gpu-check): gpu_tests.log, gpu_throughput.log, gpu_throughput.md. Needs torch with
-# CUDA, accelerate, safetensors, scikit-learn, Pillow, PyYAML and tqdm installed there; MLflow is not
-# needed (tracking is off in both parts).
+# Copy the working tree with .whl/ to a GPU machine and run it there (about 14 minutes). Logs and the table
+# go to $OUT (or /tmp/gpu-check): gpu_tests.log, gpu_throughput.log, gpu_throughput.md, host_overhead.log,
+# zero_vs_ddp.log. Needs torch with CUDA, accelerate, safetensors, scikit-learn, Pillow, PyYAML, tqdm and
+# pytest installed there (DeepSpeed for the ZeRO rows; without it the DDP row only); MLflow is not needed
+# (tracking is off throughout).
 set -uo pipefail
 
 WHEELS=(omegaconf==2.4.0 ema-pytorch==0.8.3 webdataset==1.0.2 braceexpand==0.1.7 tenacity==9.2.1)
@@ -38,5 +40,16 @@ tests_rc=${PIPESTATUS[0]}
 timeout 300 "$PY" benchmarks/gpu_throughput.py --out "$OUT" 2>&1 | tee "$OUT/gpu_throughput.log"
 bench_rc=${PIPESTATUS[0]}
 
-echo "gpu_check: tests exit $tests_rc, throughput exit $bench_rc"
-exit $((tests_rc || bench_rc))
+# 3. The loop's bookkeeping per step on the GPU, before/after (host time: mode, seeding, EMA).
+timeout 90 "$PY" benchmarks/host_overhead.py --device cuda --rounds 30 2>&1 | tee "$OUT/host_overhead.log"
+host_rc=${PIPESTATUS[0]}
+
+# 4. DDP vs ZeRO-1/2/3, one process per GPU (digits config, bf16): images/s and the EMA's host share.
+modes=ddp,zero1,zero2,zero3
+"$PY" -c "import deepspeed" 2>/dev/null || { modes=ddp; echo "deepspeed is not installed here: the DDP row only"; }
+timeout 240 "$PY" benchmarks/zero_vs_ddp.py --gpu --precision bf16 --steps 600 --log-every 200 --modes "$modes" \
+    2>&1 | tee "$OUT/zero_vs_ddp.log"
+zero_rc=${PIPESTATUS[0]}
+
+echo "gpu_check: tests exit $tests_rc, throughput exit $bench_rc, host overhead exit $host_rc, zero exit $zero_rc"
+exit $((tests_rc || bench_rc || host_rc || zero_rc))

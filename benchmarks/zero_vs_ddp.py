@@ -2,6 +2,10 @@
 
     python benchmarks/zero_vs_ddp.py                       # 120 steps, ticks at 40/80/120, every mode
     python benchmarks/zero_vs_ddp.py --steps 60 --log-every 20 --modes ddp,zero2
+    python benchmarks/zero_vs_ddp.py --gpu --precision bf16 --steps 600 --log-every 200   # on a GPU machine
+
+``--gpu``: one process per visible GPU (NCCL), bf16 as the shipped configs; the EMA and step-window times are
+then host times (the kernels run asynchronously), which is the cost this table is about on a GPU.
 
 - images/s: launch/train.py's own tick lines (``step N/M ... X img/s``), one number per tick; the first tick
   (start-up, first DeepSpeed steps) is shown but left out of the mean.
@@ -40,20 +44,23 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(mode: str, shards: Path, out: Path, steps: int, log_every: int, precision: str) -> dict:
+def _launch(mode: str, shards: Path, out: Path, steps: int, log_every: int, precision: str, gpus: int = 0) -> dict:
     stage = MODES[mode]
     accelerate = str(Path(sys.executable).parent / "accelerate")
-    common = ["--num_processes", "2", "--num_machines", "1", "--main_process_ip", "127.0.0.1",
+    nproc = gpus or 2
+    common = ["--num_processes", str(nproc), "--num_machines", "1", "--main_process_ip", "127.0.0.1",
               "--main_process_port", str(_port()), "--mixed_precision", precision, "--dynamo_backend", "no"]
     launcher = ([accelerate, "launch", "--use_deepspeed", "--zero_stage", str(stage),
-                 "--gradient_accumulation_steps", "1", *common] if stage else [accelerate, "launch", "--multi_gpu", *common])
+                 "--gradient_accumulation_steps", "1", *common] if stage
+                else [accelerate, "launch", *(["--multi_gpu"] if nproc > 1 else []), *common])
     overrides = [f"data.shards={shards}", f"train.out_dir={out / mode}", f"train.total_steps={steps}",
                  f"logging.every_steps={log_every}", "logging.sample_every_steps=0", "checkpoint.every_steps=100000",
                  "tracking.enabled=false", *([f"train.mixed_precision={precision}"] if precision != "no" else [])]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "DDPM_"))}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore", ZERO_BENCH_DIR=str(out / mode),
                ZERO_BENCH_SKIP=str(log_every), PYTHONPATH=str(REPO))
-    env.update({"DS_ACCELERATOR": "cpu"} if stage else {"ACCELERATE_USE_CPU": "1"})
+    if not gpus:
+        env.update({"DS_ACCELERATOR": "cpu"} if stage else {"ACCELERATE_USE_CPU": "1"})
     cmd = [*launcher, str(Path(__file__).resolve()), "--worker", "--config", str(REPO / "configs" / "digits.yaml"),
            *overrides]
     (out / mode).mkdir(parents=True, exist_ok=True)
@@ -113,6 +120,7 @@ def main() -> int:
     p.add_argument("--log-every", type=int, default=40)
     p.add_argument("--modes", default="ddp,zero1,zero2,zero3")
     p.add_argument("--precision", default="no", choices=["no", "bf16"])
+    p.add_argument("--gpu", action="store_true", help="one process per visible GPU (NCCL) instead of 2 CPU processes")
     p.add_argument("--shards", default=str(REPO / "data" / "digits"), help="prepared digits (made if missing)")
     args = p.parse_args()
     modes = args.modes.split(",")
@@ -121,6 +129,14 @@ def main() -> int:
         print(f"error: --modes takes {','.join(MODES)} (got {unknown}); --steps must be at least 2 x --log-every",
               file=sys.stderr)
         return 2
+    gpus = 0
+    if args.gpu:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if not gpus:
+            print("error: --gpu: no CUDA device is visible", file=sys.stderr)
+            return 2
     with tempfile.TemporaryDirectory(prefix="zero_vs_ddp-") as tmp:
         shards = Path(args.shards)
         if not (shards / "manifest.json").is_file() and not any(shards.glob("*.tar")):
@@ -131,13 +147,14 @@ def main() -> int:
         load = os.getloadavg()[0]
         rows = []
         for mode in modes:
-            res = _launch(mode, shards, Path(tmp), args.steps, args.log_every, args.precision)
+            res = _launch(mode, shards, Path(tmp), args.steps, args.log_every, args.precision, gpus)
             later = [v for _, v in res["ticks"][1:]]
             share = res["ema_s"] / res["step_s"] if res["step_s"] else float("nan")
             rows.append((mode, " / ".join(f"{v:.0f}" for _, v in res["ticks"]), statistics.mean(later),
                          1e3 * res["step_s"] / max(res["steps"], 1), 1e3 * res["ema_s"] / max(res["steps"], 1), share))
     base = rows[0][2] if rows[0][0] == "ddp" else None
-    print(f"2 CPU processes (gloo), configs/digits.yaml, {args.steps} steps, precision {args.precision}; "
+    where = f"{gpus} GPU process(es) (NCCL)" if gpus else "2 CPU processes (gloo)"
+    print(f"{where}, configs/digits.yaml, {args.steps} steps, precision {args.precision}; "
           f"load average at start {load:.2f}, {os.cpu_count()} CPUs")
     print("| mode | img/s per tick | img/s (mean, later ticks) | vs DDP | step (ms, host) | EMA (ms) | EMA share |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

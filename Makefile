@@ -18,8 +18,13 @@ $(STAMP): pyproject.toml constraints.txt
 lint: install
 	$(VENV)/bin/ruff check .
 
+# Two pytest workers (the CI machine's two cores: most tests run a 1-thread training process, so one alone
+# leaves a core idle); each test file stays whole on one worker, so its module fixtures, the SLURM cluster and
+# the S3 server start once. TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
+
 test: lint
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"

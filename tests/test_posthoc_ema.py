@@ -226,8 +226,10 @@ def test_kill_9_and_resume_gives_every_ema_and_snapshot_bitwise(run, shards, tmp
     out = tmp_path / "run"
     cmd = _cmd(shards, out)
     environ = h.env(DDPM_FAULT_NAN_AT_STEP=str(NAN_AT))
-    proc = h.start(cmd, {**environ, "DDPM_FAULT_STALL_AFTER_STEP": "6"}, tmp_path / "killed.log")
-    h.wait_for(lambda: 6 in h.complete_steps(out), 240, proc, "checkpoint 6")
+    log = tmp_path / "killed.log"
+    proc = h.start(cmd, {**environ, "DDPM_FAULT_STALL_AFTER_STEP": "6"}, log)
+    # the stall line follows checkpoint 6 and its keep-k pruning (COMPLETE alone can precede the pruning)
+    h.wait_for(lambda: "stalling after step 6" in log.read_text(), 240, proc, "checkpoint 6")
     h.kill_group(proc, signal.SIGKILL)
     assert proc.wait(30) == -signal.SIGKILL
     assert h.complete_steps(out) == [4, 6]

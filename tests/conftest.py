@@ -1,5 +1,6 @@
 """Fixtures shared by several test modules (module-specific helpers live in tests/helpers/)."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -23,3 +24,14 @@ def empty_store(tmp_path_factory) -> Path:
     db = tmp_path_factory.mktemp("template") / "mlflow.db"
     MlflowClient(f"sqlite:///{db}").search_experiments()
     return db
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Each test leaves os.environ as it found it. mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI, so an
+    in-process test would otherwise point every later subprocess of its worker (a training, the demo) at its store."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)

@@ -18,10 +18,10 @@ $(STAMP): pyproject.toml constraints.txt
 lint: install
 	$(VENV)/bin/ruff check .
 
-# Two pytest workers (the CI machine's two cores: most tests run a 1-thread training process, so one alone
-# leaves a core idle); each test file stays whole on one worker, so its module fixtures, the SLURM cluster and
-# the S3 server start once. TEST_WORKERS=0 runs everything in one process.
-TEST_WORKERS ?= 2
+# TEST_WORKERS=2 runs two pytest workers, each test file whole on one worker (pytest-xdist): ~32 min instead of
+# ~41 on a 2-core host, but under that load two tests failed once (a 2-process checkpoint and two trainings
+# sharing one store), so CI stays on one process (0) until those are understood.
+TEST_WORKERS ?= 0
 
 test: lint
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15

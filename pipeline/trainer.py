@@ -494,7 +494,15 @@ def make_accelerator(tc: Any) -> tuple[Any, bool]:
         gradient_as_bucket_view=True,
         comm_hook=DDPCommunicationHookType.BF16 if tc.grad_comm_dtype == "bf16" else DDPCommunicationHookType.NO,
     ))
-    accelerator = Accelerator(mixed_precision=tc.mixed_precision, kwargs_handlers=handlers)
+    # Several processes on CPU: cpu=True makes Accelerate's state MULTI_CPU whatever launched them. Without it,
+    # a launch from a config file (use_cpu: true) without ACCELERATE_USE_CPU in the environment gave a process
+    # group but distributed_type NO: no DDP wrapper (no gradient all-reduce) and no-op barriers.
+    accelerator = Accelerator(mixed_precision=tc.mixed_precision, kwargs_handlers=handlers,
+                              cpu=launched and not on_gpu and not deepspeed)
+    if launched and accelerator.distributed_type.value == "NO":
+        raise ConfigError(f"the launcher started {os.environ.get('WORLD_SIZE')} processes but Accelerate set up no "
+                          "distributed run (distributed_type NO); launch with accelerate launch --multi_gpu, or "
+                          "set ACCELERATE_USE_CPU=1 on a CPU machine")
     dist.init_flag_group()
     if tc.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

@@ -16,6 +16,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from tests.helpers import trainer as h
 from tests.helpers.trainer import ACCELERATE, PY, REPO, env, free_port, run
 
 TRAIN = [PY, str(REPO / "launch" / "train.py")]
@@ -139,6 +140,15 @@ def test_cpu_2proc_config_starts_two_processes_without_an_environment_variable(r
     r = run(cmd, env())  # env() drops every ACCELERATE_* variable
     assert r.returncode == 0, r.stdout + r.stderr
     assert "training: world 2, micro batch 4" in r.stdout
+    # and a real DDP run: the same weights as the documented launch with ACCELERATE_USE_CPU=1 (once, this config
+    # gave two independent trainings: a process group, but no gradient all-reduce and no-op barriers)
+    ref = [c.replace(str(tmp_path / "run"), str(tmp_path / "ref")) for c in cmd]
+    r = run(ref, env(ACCELERATE_USE_CPU="1"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    a, b = (h.params(tmp_path / d / "step-00000002") for d in ("run", "ref"))
+    assert h.same(a, b)
+    assert sorted(p.name for p in (tmp_path / "run" / "step-00000002" / "accelerate").glob("random_states_*")) == [
+        "random_states_0.pkl", "random_states_1.pkl"]
 
 
 def _tick_losses(stdout: str) -> list[float]:

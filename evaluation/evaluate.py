@@ -680,7 +680,8 @@ def format_sweep(results: list[tuple[Any, EvalResult]]) -> str:
     if key:
         c, r = min(rows, key=lambda cr: cr[1].metrics[key])
         lines.append(f"best: {c.name} (sigma_rel {c.sigma_rel:.4g}, {c.kind}): {key.removeprefix('eval/')} "
-                     f"{r.metrics[key]:.4f}; evaluate or export it with --ema {c.name}")
+                     f"{r.metrics[key]:.4f}; evaluate it with --ema {c.name}, export it with "
+                     f"python -m evaluation.export CHECKPOINT --diffusers OUT --weights {c.name}")
     return "\n".join(lines)
 
 

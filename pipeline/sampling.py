@@ -148,14 +148,15 @@ class NoiseStream:
         self.close()
 
 
-def ddim_sigmas(diffusion: Diffusion, seq: list[int], eta: float) -> list[float]:
-    """σ of each DDIM step, in the loop's order (from seq[-1] down): the noise scale of x_{prev} given x_t."""
+def ddim_steps(diffusion: Diffusion, seq: list[int], eta: float) -> list[tuple[int, float, float, float]]:
+    """The DDIM loop's steps in its order (from seq[-1] down): (t, ᾱ_t, ᾱ_prev, σ), σ the noise scale of
+    x_prev given x_t (ᾱ_prev = 1 after the last step)."""
     ac = diffusion.alphas_cumprod
     out = []
     for i in reversed(range(len(seq))):
         a_t = float(ac[seq[i]])
         a_prev = float(ac[seq[i - 1]]) if i > 0 else 1.0
-        out.append(eta * math.sqrt((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)))
+        out.append((seq[i], a_t, a_prev, eta * math.sqrt((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev))))
     return out
 
 
@@ -197,16 +198,12 @@ def sample_batch(
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta={eta} must lie in [0, 1] (0 = deterministic DDIM, 1 = DDPM-like noise)")
     seq = ddim_timesteps(diffusion.num_timesteps, steps, spacing)
-    sigmas = ddim_sigmas(diffusion, seq, eta)
-    ac = diffusion.alphas_cumprod
-    with NoiseStream(gens, shape, device, 1 + sum(s > 0 for s in sigmas), prefetch) as noise:
+    plan = ddim_steps(diffusion, seq, eta)
+    with NoiseStream(gens, shape, device, 1 + sum(sigma > 0 for *_, sigma in plan), prefetch) as noise:
         x = noise.next()
-        for i, sigma in zip(reversed(range(len(seq))), sigmas):
-            t_int, prev = seq[i], (seq[i - 1] if i > 0 else -1)
+        for t_int, a_t, a_prev, sigma in plan:
             if on_step is not None:
                 on_step(t_int)
-            a_t = float(ac[t_int])
-            a_prev = float(ac[prev]) if prev >= 0 else 1.0
             t = torch.full((B,), t_int, device=device, dtype=torch.long)
             out = _call_net(net, x, t).float()
             x0 = diffusion.model_output_to_x0(out, x, t)
@@ -218,6 +215,7 @@ def sample_batch(
             if sigma > 0:
                 x = x + sigma * noise.next()
     return x
+
 
 def sample(
     net: nn.Module,

@@ -476,6 +476,7 @@ def make_accelerator(tc: Any) -> tuple[Any, bool]:
     from accelerate.utils import (
         DDPCommunicationHookType,
         DistributedDataParallelKwargs,
+        DistributedType,
         InitProcessGroupKwargs,
     )
 
@@ -499,7 +500,7 @@ def make_accelerator(tc: Any) -> tuple[Any, bool]:
     # group but distributed_type NO: no DDP wrapper (no gradient all-reduce) and no-op barriers.
     accelerator = Accelerator(mixed_precision=tc.mixed_precision, kwargs_handlers=handlers,
                               cpu=launched and not on_gpu and not deepspeed)
-    if launched and accelerator.distributed_type.value == "NO":
+    if launched and accelerator.distributed_type == DistributedType.NO:
         raise ConfigError(f"the launcher started {os.environ.get('WORLD_SIZE')} processes but Accelerate set up no "
                           "distributed run (distributed_type NO); launch with accelerate launch --multi_gpu, or "
                           "set ACCELERATE_USE_CPU=1 on a CPU machine")

@@ -10,7 +10,7 @@ import torch
 
 from pipeline.config import DiffusionConfig
 from pipeline.diffusion import Diffusion
-from pipeline.sampling import NoiseStream, ddim_sigmas, ddim_timesteps, sample, sample_batch
+from pipeline.sampling import NoiseStream, ddim_steps, ddim_timesteps, sample, sample_batch
 from pipeline.unet import UNet, model_config
 from tests.helpers.diffusion import GaussianData, OracleDenoiser
 
@@ -79,7 +79,7 @@ def test_prefetched_noise_gives_the_same_images_and_uses_exactly_the_draws_count
         # the stream drew exactly what the loop took: each generator is where that many draws leave it
         seq = ddim_timesteps(SMALL.timesteps, 8)
         draws = SMALL.timesteps if sampler == "ancestral" else 1 + sum(
-            x > 0 for x in ddim_sigmas(diffusion, seq, eta))
+            sigma > 0 for *_, sigma in ddim_steps(diffusion, seq, eta))
         for g, s in zip(gens, (21, 22)):
             ref = torch.Generator().manual_seed(s)
             for _ in range(draws):

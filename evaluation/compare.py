@@ -27,6 +27,7 @@ import os
 import re
 import statistics
 import sys
+import textwrap
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -228,6 +229,11 @@ class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.Argum
         if d is None or d is False or d is argparse.SUPPRESS or (isinstance(d, (str, list)) and not d):
             return action.help
         return super()._get_help_string(action)
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        # argparse's wrapping also breaks at hyphens, which cut paths such as a default store in a folder
+        # named with a hyphen ("ci-" / "check/..."); wrap at whitespace only
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
 
 
 def _labels(runs: list[RunSummary]) -> list[str]:

@@ -15,8 +15,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+# ruff, then the layers and "no cycles" contracts in pyproject.toml (import-linter; docs/architecture.md)
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 # TEST_WORKERS=2 runs two pytest workers, each test file whole on one worker (pytest-xdist): ~32 min instead of
 # ~41 on a 2-core host, but under that load two tests failed once (a 2-process checkpoint and two trainings
@@ -30,11 +32,11 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 demo: install
-	$(PY) -m pipeline.demo
+	$(PY) -m launch.demo
 
 # the second demo: train once keeping post-hoc EMAs, then FID against the EMA length (README)
 demo-ema: install
-	$(PY) -m pipeline.demo --ema-sweep
+	$(PY) -m launch.demo --ema-sweep
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -2,9 +2,9 @@
 
 One process, one device. A training step = DDPMLoss forward (t, eps, q_sample, U-Net) + backward + gradient
 clipping + fused Adam, as the trainer's inner work (bf16 autocast on a GPU, as configs/cifar10.yaml); the EMA
-update = ``pipeline.ema.EMA.update(ok)`` with a device-side ``ok``, as the trainer calls it. Each is timed on its
+update = ``pipeline.train.ema.EMA.update(ok)`` with a device-side ``ok``, as the trainer calls it. Each is timed on its
 own between device synchronisations, round-robin (a step, then one update of every EMA set, per round) so that
-load from other users of a shared machine hits them alike; medians over the rounds are reported, with the share
+load from other processes on the host hits them alike; medians over the rounds are reported, with the share
 ``EMA / step``. The EMA sets:
 
 - ``1``: the primary EMA only (today's default);
@@ -30,9 +30,9 @@ import time
 import torch
 
 from pipeline.config import DiffusionConfig, EMAConfig, PostHocConfig
-from pipeline.diffusion import DDPMLoss, Diffusion
-from pipeline.ema import EMA, _float_tensors
-from pipeline.unet import UNet, count_parameters, model_config
+from pipeline.model.diffusion import DDPMLoss, Diffusion
+from pipeline.model.unet import UNet, count_parameters, model_config
+from pipeline.train.ema import EMA, _float_tensors
 
 EMA_SETS = {
     "1": EMAConfig(decay=0.9999),

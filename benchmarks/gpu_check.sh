@@ -2,12 +2,12 @@
 # The GPU check, in one script for a GPU machine: the CUDA tests, the CIFAR-10 training throughput/MFU, the
 # loop's per-step bookkeeping (host time) before/after, and DDP vs ZeRO-1/2/3 with one process per GPU.
 #
-#   bash benchmarks/gpu_check.sh --fetch-wheels   # here, once: pure-Python packages a bare GPU image may lack,
-#                                                 # into .whl/ (ignored by git; pip needs the registry)
+#   bash benchmarks/gpu_check.sh --fetch-wheels   # online, once: pure-Python packages a GPU machine may lack,
+#                                                 # into .whl/ (ignored by git; pip needs PyPI)
 #   bash benchmarks/gpu_check.sh                  # on the GPU machine, from the repository root
 #
 # Copy the working tree with .whl/ to a GPU machine and run it there (about 14 minutes). Logs and the table
-# go to $OUT (or /tmp/gpu-check): gpu_tests.log, gpu_throughput.log, gpu_throughput.md, host_overhead.log,
+# go to $OUT (default /tmp/gpu-check): gpu_tests.log, gpu_throughput.log, gpu_throughput.md, host_overhead.log,
 # zero_vs_ddp.log. Needs torch with CUDA, accelerate, safetensors, scikit-learn, Pillow, PyYAML, tqdm and
 # pytest installed there (DeepSpeed for the ZeRO rows; without it the DDP row only); MLflow is not needed
 # (tracking is off throughout).

@@ -72,7 +72,7 @@ def forward_flops_per_image(config: str) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     from pipeline.config import load_config
-    from pipeline.unet import UNet
+    from pipeline.model.unet import UNet
 
     m = load_config(str(REPO / config), []).model
     net = UNet(m)

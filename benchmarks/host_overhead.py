@@ -6,10 +6,10 @@ CIFAR-10 net) it times, per step and round-robin (so load on a shared machine hi
 - ``step``: the work itself, DDPMLoss forward + backward + gradient clipping + Adam (the denominator);
 - ``mode``: before, ``loss_module.train()`` every step (it walks every module); after, once before the loop;
 - ``seeding``: before, ``torch.manual_seed`` per micro-batch (it also seeds every other backend, lazily,
-  recording a stack trace); after, ``pipeline.trainer.seed_generators`` (the CPU's and the device's generator);
+  recording a stack trace); after, ``pipeline.train.step.seed_generators`` (the CPU's and the device's generator);
 - ``EMA``: before, ema-pytorch's EMA masked by a device tensor as the trainer used it until the partitioned
   EMA (it walks every module and parameter, and reads its step counter with ``.item()``); after,
-  ``pipeline.ema.EMA.update(ok)`` (cached flat buffers, one ``lerp_``).
+  ``pipeline.train.ema.EMA.update(ok)`` (cached flat buffers, one ``lerp_``).
 
 On a GPU every row but ``step`` is host time (the kernels run asynchronously); on a CPU the EMA rows also hold
 the EMA's arithmetic, which is the same before and after (a lerp over every weight), so the EMA's host share
@@ -34,10 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: 
 
 from benchmarks.ema_cost import machine, sync
 from pipeline.config import DiffusionConfig, EMAConfig, ModelConfig
-from pipeline.diffusion import DDPMLoss, Diffusion
-from pipeline.ema import EMA
-from pipeline.trainer import micro_seed, seed_generators
-from pipeline.unet import UNet, count_parameters, model_config
+from pipeline.model.diffusion import DDPMLoss, Diffusion
+from pipeline.model.unet import UNet, count_parameters, model_config
+from pipeline.train.ema import EMA
+from pipeline.train.step import micro_seed, seed_generators
 from tests.test_ema import _previous  # the EMA before: ema-pytorch masked by a device tensor
 
 NETS: dict[str, tuple[Callable[[], ModelConfig], int]] = {  # the net and the batch its step is timed at

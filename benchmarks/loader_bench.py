@@ -5,14 +5,14 @@
 
 Both loaders run in this process (num_workers=0: one core) and in one DataLoader worker, on the same
 local PNG shards written by prepare, batched by 128, interleaved (the order rotates every repeat) so
-load from other users of the machine hits all alike; the tables report the median of the repeats. The
+load from other processes on the host hits all alike; the tables report the median of the repeats. The
 baseline is `wds.WebDataset(urls, shardshuffle=False).decode("torchrgb").to_tuple("png", "cls").batched(128)`;
 ours additionally shuffles (block of 1000) and flips, so the comparison is conservative. Ours runs with
 each data.verify: stream (the default: every shard hashed as it is read), start (hashed when the loader
 is constructed: that time is reported apart, the rates count from the first batch on) and off.
 
 Two rates per run: wall-clock samples/s, and samples per CPU-second (this process and its DataLoader
-worker, which is shut down before its time is read). On a machine shared with other jobs the wall
+worker, which is shut down before its time is read). On a host shared with other processes the wall
 clock swings with their load; CPU time is what one core's worth of work buys, and holds still.
 """
 
@@ -156,7 +156,7 @@ def main() -> None:
         "column; the rates start at the first batch).",
         "",
         "Samples per second of wall clock, and per CPU-second (this process and its DataLoader worker): on a "
-        "shared machine the wall clock follows the other jobs' load, CPU time measures the work.",
+        "loaded host the wall clock follows the other processes' load, CPU time measures the work.",
         "",
         "| images | samples | num_workers | measure | ours, stream | ours, off | ours, start | webdataset "
         "| stream / webdataset | stream / off | start: constructor |",

@@ -11,7 +11,7 @@ loader (exact mode, shuffle block 1000, flips, data.verify=stream, batch 128) fr
 * the same server behind a proxy that holds every request for --latency-ms before passing it on, the
   round trip of a store in another data centre (S3 answers a GET's first byte in tens of ms).
 
-Runs are interleaved, the order rotating every repeat, so load from other users of the machine hits all
+Runs are interleaved, the order rotating every repeat, so load from other processes on the host hits all
 alike; the table gives the median of the repeats. The rate counts from the second batch on (the first one
 includes starting the workers). Each stream reads only its piece of each shard (prepare's sample index),
 in requests of at most pipeline.data.tar.REMOTE_CHUNK bytes, so a worker waits one round trip per request,

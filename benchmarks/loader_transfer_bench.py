@@ -114,7 +114,7 @@ def main() -> None:
         "# Worker -> training process transfer: ms per batch (no decoding)",
         "",
         f"Machine: {os.cpu_count()}-core {platform.machine()} VM, no GPU, Python {platform.python_version()}, "
-        f"torch {torch.__version__.split('+')[0]}. Shared with other engineers' jobs while this ran; the three "
+        f"torch {torch.__version__.split('+')[0]}. Measured while other processes shared the host; the three "
         f"layouts alternate ({a.repeats} repeats of {a.batches} batches, median).",
         "",
         "Command: `.venv/bin/python benchmarks/loader_transfer_bench.py`",

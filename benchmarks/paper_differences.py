@@ -10,7 +10,7 @@ VM they took 5 s, 632 + 570 s, 100 s, 1656 s and 1215 s).
 Four measurements, each on CPU in minutes, printed as markdown rows (--only picks some):
 
 - decoder: the bound's L_0 in bits/dim over the held-out test split, with the exact discretised Gaussian (what
-  pipeline/diffusion.py computes) and with the authors' tanh-approximated CDF in float32
+  pipeline/model/diffusion.py computes) and with the authors' tanh-approximated CDF in float32
   (discretized_gaussian_log_likelihood_tanh); every other term of the bound is the same, so the difference of the
   L_0 means is the difference of the bounds;
 - clipping: the configs/digits.yaml recipe (batch 64, Adam 1e-3, warm-up 200, clip 1.0) trained for --clip-steps
@@ -48,7 +48,7 @@ def host() -> str:
 def decoder(ckpt: Path, batch_size: int) -> dict[str, float]:
     """Mean L_0 (bits/dim) over the test split with the exact and the tanh-approximated decoder."""
     from evaluation.evaluate import held_out_batches, load_network, read_checkpoint
-    from pipeline.diffusion import (
+    from pipeline.model.diffusion import (
         Diffusion,
         discretized_gaussian_log_likelihood,
         discretized_gaussian_log_likelihood_tanh,
@@ -79,10 +79,10 @@ def clipping(steps: int, group: int, clip_rule: str) -> dict[str, float]:
     """Train configs/digits.yaml for ``steps`` steps under one rule; the clip shares under both rules."""
     from pipeline.config import load_config
     from pipeline.data.loader import StreamingLoader
-    from pipeline.diffusion import DDPMLoss, Diffusion
     from pipeline.geometry import resolve_geometry
-    from pipeline.trainer import lr_at, micro_seed, seed_generators
-    from pipeline.unet import UNet
+    from pipeline.model.diffusion import DDPMLoss, Diffusion
+    from pipeline.model.unet import UNet
+    from pipeline.train.step import lr_at, micro_seed, seed_generators
 
     cfg = resolve_geometry(load_config("configs/digits.yaml", ["data.num_workers=0"]))
     oc, batch = cfg.optimizer, cfg.train.batch_size
@@ -135,8 +135,8 @@ def late_norms(ckpt: Path, batches: int, group: int) -> dict[str, float]:
     how often each rule clips late in training."""
     from evaluation.evaluate import load_network, read_checkpoint
     from pipeline.data.loader import StreamingLoader
-    from pipeline.diffusion import DDPMLoss, Diffusion
-    from pipeline.trainer import micro_seed, seed_generators
+    from pipeline.model.diffusion import DDPMLoss, Diffusion
+    from pipeline.train.step import micro_seed, seed_generators
 
     cfg, meta = read_checkpoint(ckpt, ["data.num_workers=0"])
     net = load_network(ckpt, cfg, False, torch.device("cpu")).requires_grad_(True).train()
@@ -166,8 +166,8 @@ def ddim_lists(ckpt: Path, images: int, step_counts: list[int], batch_size: int)
     from evaluation.evaluate import load_network, read_checkpoint
     from evaluation.features import digits_extractor
     from evaluation.fid import fid, load_reference
-    from pipeline.diffusion import Diffusion
-    from pipeline.sampling import ddim_timesteps, sample
+    from pipeline.model.diffusion import Diffusion
+    from pipeline.model.sampling import ddim_timesteps, sample
 
     cfg, _ = read_checkpoint(ckpt)
     device = torch.device("cpu")

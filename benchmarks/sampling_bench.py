@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     from evaluation.evaluate import evaluate, load_network, read_checkpoint
     from evaluation.features import digits_extractor
     from evaluation.fid import fid, load_reference
-    from pipeline.diffusion import Diffusion
-    from pipeline.sampling import sample
+    from pipeline.model.diffusion import Diffusion
+    from pipeline.model.sampling import sample
 
     ckpt = Path(a.checkpoint)
     cfg, meta = read_checkpoint(ckpt)

@@ -31,12 +31,12 @@ def main() -> None:
     from sklearn.datasets import load_digits
 
     from evaluation.digits_net import class_summary, predict_proba
-    from pipeline.checkpoint import complete_checkpoints, read_ema
+    from pipeline.checkpoint.folder import complete_checkpoints, read_ema
     from pipeline.config import DiffusionConfig, ModelConfig
-    from pipeline.diffusion import Diffusion
-    from pipeline.images import image_grid
-    from pipeline.sampling import sample
-    from pipeline.unet import UNet
+    from pipeline.model.diffusion import Diffusion
+    from pipeline.model.sampling import sample
+    from pipeline.model.unet import UNet
+    from pipeline.tracking.images import image_grid
 
     out = Path(a.out)
     shards = out / "shards"

@@ -8,7 +8,7 @@ Workloads (the same batch and the same U-Net shape for all three):
 
 Contenders (each measured in a fresh process, rounds interleaved; best and median reported):
   ours        launch/train.py end to end (images/s of its second log tick), and a step-time breakdown of the
-              same components (StreamingLoader, DDPMLoss(UNet), fused Adam, pipeline.ema.EMA) timed phase by phase
+              same components (StreamingLoader, DDPMLoss(UNet), fused Adam, pipeline.train.ema.EMA) timed phase by phase
   lucidrains  denoising_diffusion_pytorch.Trainer driving GaussianDiffusion around OUR U-Net (same weights
               shape; its data path is an image folder + DataLoader, EMA every 10 steps, its defaults)
   diffusers   the train_unconditional example's loop (UNet2DModel, DDPMScheduler, AdamW, EMAModel every
@@ -78,7 +78,7 @@ def _unet(w: dict):
     import torch
 
     from pipeline.config import ModelConfig
-    from pipeline.unet import UNet
+    from pipeline.model.unet import UNet
 
     torch.manual_seed(0)
     return UNet(ModelConfig(image_size=w["size"], channels=w["channels"], base_channels=w["base"],
@@ -95,8 +95,8 @@ def worker_ours_breakdown(w: dict, shards: str, steps: int) -> dict:
 
     from pipeline.config import DataConfig, DiffusionConfig, EMAConfig
     from pipeline.data.loader import StreamingLoader
-    from pipeline.diffusion import DDPMLoss, Diffusion
-    from pipeline.ema import EMA
+    from pipeline.model.diffusion import DDPMLoss, Diffusion
+    from pipeline.train.ema import EMA
 
     net = _unet(w)
     ema = EMA(net, EMAConfig(decay=0.9999, warmup_steps=0, update_every=1, power=0.75))
@@ -267,7 +267,7 @@ def main() -> None:
         return
     import torch
 
-    from pipeline.unet import count_parameters
+    from pipeline.model.unet import count_parameters
 
     results: dict = {}
     rounds: dict = {}  # every round's images/s, for the median and the spread

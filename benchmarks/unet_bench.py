@@ -2,7 +2,7 @@
 
 One training step = DDPMLoss forward (sample t and ε, q_sample, U-Net) + backward, the trainer's inner work
 without the optimizer. The modes are timed round-robin within one process (one step of each mode per round)
-so that load from other users of a shared machine hits all of them alike; the median step time is reported.
+so that load from other processes on the host hits all of them alike; the median step time is reported.
 FLOPs are counted with torch.utils.flop_counter.FlopCounterMode (matmul/conv/SDPA FLOPs; norms and
 activations are not counted). Correctness: the per-sample loss of each mode on the same batch, t and ε,
 against eager fp32 (eval mode, so dropout does not differ).
@@ -24,8 +24,8 @@ import time
 import torch
 
 from pipeline.config import DiffusionConfig
-from pipeline.diffusion import DDPMLoss, Diffusion
-from pipeline.unet import UNet, count_parameters, model_config
+from pipeline.model.diffusion import DDPMLoss, Diffusion
+from pipeline.model.unet import UNet, count_parameters, model_config
 
 
 def count_flops(net: UNet, batch: int) -> tuple[int, int]:

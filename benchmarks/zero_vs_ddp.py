@@ -10,8 +10,8 @@ then host times (the kernels run asynchronously), which is the cost this table i
 - images/s: launch/train.py's own tick lines (``step N/M ... X img/s``), one number per tick; the first tick
   (start-up, first DeepSpeed steps) is shown but left out of the mean.
 - EMA share: this script re-enters itself in each training process (``--worker``) and times, around
-  launch/train.py, every ``EMA.update`` / ``PartitionedEMA.update`` call and every step window
-  (``FaultHooks.step_window``: data, forward, backward, optimizer step, EMA), after the first tick; on CPU the
+  launch/train.py, every ``EMA.update`` / ``PartitionedEMA.update`` call and every step window (loop hooks from
+  ``step_begin`` to ``step_end``: data, forward, backward, optimizer step, EMA), after the first tick; on CPU the
   ops are synchronous, so the update's wall time is its cost. Reported for rank 0 (the ranks agree within noise).
 
 Each mode is a real launch (``accelerate launch``), with one OpenMP thread per process; the machine should be
@@ -76,7 +76,9 @@ def _launch(mode: str, shards: Path, out: Path, steps: int, log_every: int, prec
 def worker(argv: list[str]) -> int:
     """One training process: launch/train.py with the EMA update and the step window timed."""
     sys.path.insert(0, str(REPO))
-    from pipeline import ema, trainer
+    from launch.train import main
+    from pipeline.train import ema
+    from pipeline.train.hooks import LoopHooks
 
     skip, acc = int(os.environ["ZERO_BENCH_SKIP"]), {"ema_s": 0.0, "step_s": 0.0, "steps": 0}
     state = {"step": -1, "t0": 0.0}
@@ -94,21 +96,19 @@ def worker(argv: list[str]) -> int:
 
     for cls in (ema.EMA, ema.PartitionedEMA):
         cls.update = timed_update(cls.update)
-    window = trainer.FaultHooks.step_window
 
-    def step_window(self, enter: bool, step: int, first_step: int) -> None:
-        if enter:
+    class StepTimer(LoopHooks):
+        """The step window: from step_begin (before the data) to step_end (after the EMA update)."""
+
+        def step_begin(self, step: int, first_step: int) -> None:
             state["step"], state["t0"] = step, time.perf_counter()
-        elif step >= skip:
-            acc["step_s"] += time.perf_counter() - state["t0"]
-            acc["steps"] += 1
-        window(self, enter, step, first_step)
 
-    trainer.FaultHooks.step_window = step_window
-    sys.path.insert(0, str(REPO / "launch"))
-    from train import main
+        def step_end(self, steps_done: int, first_step: int, ema: object) -> None:
+            if steps_done - 1 >= skip:
+                acc["step_s"] += time.perf_counter() - state["t0"]
+                acc["steps"] += 1
 
-    code = main(argv)
+    code = main(argv, hooks=StepTimer())
     rank = os.environ.get("RANK", "0")
     (Path(os.environ["ZERO_BENCH_DIR"]) / f"bench-rank-{rank}.json").write_text(json.dumps(acc))
     return code

@@ -23,15 +23,20 @@ a table of FID against EMA length (sigma_rel) per checkpoint, each run's best EM
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import statistics
 import sys
-import textwrap
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from sqlalchemy.engine import make_url
+
+from evaluation.errors import EvaluationError
+from pipeline import cli
 
 LOSS_KEY = "train/loss"
 IMAGES_PER_S_KEY = "train/images_per_s"
@@ -112,6 +117,7 @@ def load_runs(tracking_uri: str, experiment: str, max_runs: int,
               tags: dict[str, str] | None = None) -> list[RunSummary] | None:
     """The experiment's active runs in one store (only those carrying every tag in `tags`, e.g. a sweep's),
     None if the store has no such experiment."""
+    # mlflow: ~1.5-3 s of import, paid only by a process that talks to MLflow
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -220,22 +226,6 @@ def protocol_cell(run: RunSummary, key: str, ext: str, majority: dict[str, str])
     return f"{n}, differs: {','.join(differ)}" if differ else n
 
 
-class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help with every option's default where one is worth showing (not None, False or empty), and the
-    description and epilog as written (shared with evaluation.evaluate)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        d = action.default
-        if d is None or d is False or d is argparse.SUPPRESS or (isinstance(d, (str, list)) and not d):
-            return action.help
-        return super()._get_help_string(action)
-
-    def _split_lines(self, text: str, width: int) -> list[str]:
-        # argparse's wrapping also breaks at hyphens, which cut paths such as a default store in a folder
-        # named with a hyphen ("ci-" / "check/..."); wrap at whitespace only
-        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
-
-
 def _labels(runs: list[RunSummary]) -> list[str]:
     names = [r.name for r in runs]
     return [f"{r.name} ({r.run_id[:8]})" if names.count(r.name) > 1 else r.name for r in runs]
@@ -244,6 +234,7 @@ def _labels(runs: list[RunSummary]) -> list[str]:
 def _plot(path: Path, series: list[tuple[str, list[tuple[int, float]]]], ylabel: str, title: str,
           logy: bool = False, styles: list[str] | None = None) -> list[tuple[str, str]]:
     """Write the PNG; returns (legend label, line style) of each line as drawn (read back from the axes)."""
+    # matplotlib: ~1.5 s of import, paid only when plots are drawn; the Agg backend before pyplot loads one
     import matplotlib
 
     matplotlib.use("Agg")
@@ -366,7 +357,6 @@ def ema_points(run: RunSummary, metric: str) -> list[EMAPoint]:
 def ema_sweeps(runs: list[RunSummary], labels: list[str], out: Path, metric: str, experiment: str
                ) -> tuple[str, list[str], Path | None]:
     """(table of FID vs sigma_rel per run and checkpoint, the best EMA of each run, fid_vs_ema.png or None)."""
-    import math
 
     rows, best_lines, series = [], [], []
     for label, run in zip(labels, runs):
@@ -386,6 +376,7 @@ def ema_sweeps(runs: list[RunSummary], labels: list[str], out: Path, metric: str
         return "", [], None
     table = render_table(["run", "step", "ema", "kind", "sigma_rel", "fid", "best"], rows)
 
+    # matplotlib: ~1.5 s of import, paid only when plots are drawn; the Agg backend before pyplot loads one
     import matplotlib
 
     matplotlib.use("Agg")
@@ -426,7 +417,6 @@ def missing_store(uri: str) -> str:
     would create it, empty, and the comparison would silently show nothing of the runs meant."""
     if not uri.startswith("sqlite:"):
         return ""
-    from sqlalchemy.engine import make_url
 
     try:
         database = make_url(uri).database
@@ -440,8 +430,7 @@ def missing_store(uri: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m evaluation.compare", description=__doc__.split("\n")[0],
-                                     formatter_class=DefaultsHelpFormatter, epilog=__doc__)
+    parser = cli.parser("python -m evaluation.compare", __doc__)
     parser.add_argument("--experiment", required=True, help="MLflow experiment name (tracking.experiment)")
     parser.add_argument("--tracking-uri", action="append", default=None,
                         help="store to read; repeat to merge several (default: $MLFLOW_TRACKING_URI, else "
@@ -454,20 +443,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="only runs with this tag (repeat for several), e.g. --tag sweep=ID for the runs of "
                              "one launch/slurm/sweep.sbatch array (ID: its array job id)")
     args = parser.parse_args(argv)
+    return cli.run("compare", lambda: _main(args))
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         tags = parse_tags(args.tag)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise EvaluationError(str(exc)) from None
 
     uris = args.tracking_uri or [default_store()]
     for uri in uris:
         if problem := missing_store(uri):
             how = ("pass --tracking-uri sqlite:///ABS/PATH/mlflow.db (a training with train.out_dir=DIR/NAME logs "
                    "into DIR/mlflow.db), run from the folder holding runs/, or set MLFLOW_TRACKING_URI")
-            print(f"error: {problem}; {how}" if not args.tracking_uri else f"error: {problem}; check the path",
-                  file=sys.stderr)
-            return 2
+            raise EvaluationError(f"{problem}; {how}" if not args.tracking_uri else f"{problem}; check the path")
     runs: list[RunSummary] = []
     for uri in uris:
         found = load_runs(uri, args.experiment, args.max_runs, tags)
@@ -477,10 +467,9 @@ def main(argv: list[str] | None = None) -> int:
         runs += found
     if not runs:
         with_tags = f" with tag {', '.join(f'{k}={v}' for k, v in tags.items())}" if tags else ""
-        print(f"error: no runs of experiment {args.experiment!r}{with_tags} in {', '.join(uris)}; "
-              "the experiment name is tracking.experiment of the training config"
-              + ("; a sweep's id is its array job id (or SWEEP_ID)" if "sweep" in tags else ""), file=sys.stderr)
-        return 2
+        raise EvaluationError(f"no runs of experiment {args.experiment!r}{with_tags} in {', '.join(uris)}; "
+                              "the experiment name is tracking.experiment of the training config"
+                              + ("; a sweep's id is its array job id (or SWEEP_ID)" if "sweep" in tags else ""))
     runs.sort(key=lambda r: r.start_time)
     title = args.experiment + "".join(f" [{k}={v}]" for k, v in tags.items())
     result = compare(runs, experiment=title, out_dir=args.out, metric=args.metric)

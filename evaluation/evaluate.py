@@ -33,11 +33,11 @@ a file created with O_EXCL, its mtime refreshed every ``--claim-stale-s``/6 s) a
 over by another watcher, or by the same one restarted; the one that lost a claim reports nothing. Several
 hosts need a shared file system with atomic rename and O_EXCL, and clocks that agree (docs/fid.md).
 
-Exit status: 0 done; 1 an unexpected failure (a bug, CUDA out of memory, NCCL, ...: the traceback is
-printed); 2 invalid input: arguments, configuration, checkpoint, data, reference statistics, unavailable
-feature-extractor weights (one line ``evaluate: error: ...``); 3 ``--watch`` gave up after
-``--max-wait-s`` with no new record, before the training wrote TRAINING_DONE or while other watchers
-still held claims on the checkpoints left (what this watcher could claim was evaluated).
+Exit codes as every command's (pipeline/cli.py): 0 done; 1 a failure that is not the input's (a bug, CUDA out
+of memory, NCCL, ...: the traceback is printed); 2 an input to fix: arguments, configuration, checkpoint, data,
+reference statistics, unavailable feature-extractor weights (one line ``evaluate: error: ...``); 3 ``--watch``
+gave up after ``--max-wait-s`` with no new record, before the training wrote TRAINING_DONE or while other
+watchers still held claims on the checkpoints left (what this watcher could claim was evaluated).
 """
 
 from __future__ import annotations
@@ -50,19 +50,24 @@ import math
 import os
 import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as tdist
+from PIL import Image
 
-from evaluation.compare import DefaultsHelpFormatter
+from evaluation import digits_net
 from evaluation.errors import EvaluationError
+from evaluation.features import build_extractor
+from evaluation.fid import CLEANFID_PREFIX, fid, kid, load_reference, parse_cleanfid_spec
+from evaluation.protocol import apply_protocol, overridden, recorded_name
 from evaluation.watch import DEFAULT_CLAIM_STALE_S, StopReason, watch
-from pipeline import dist
-from pipeline.checkpoint import (
+from pipeline import cli, dist
+from pipeline.checkpoint import posthoc
+from pipeline.checkpoint.folder import (
     COMPLETE,
     DONE,
     EMA_FILE,
@@ -72,10 +77,19 @@ from pipeline.checkpoint import (
     complete_checkpoints,
     step_dir_name,
 )
-from pipeline.config import Config, ConfigError
+from pipeline.checkpoint.weights import RAW, choices, load_unet
+from pipeline.config import Config
+from pipeline.data.manifest import read_manifest
+from pipeline.data.report import DataError
+from pipeline.data.sequential import iter_split, split_batches
+from pipeline.data.shards import resolve_shards
+from pipeline.model.diffusion import Diffusion, bound_per_image, summarize_bound
+from pipeline.model.sampling import sample
+from pipeline.tracking.factory import make_sink
+from pipeline.tracking.images import image_grid
+from pipeline.tracking.sink import read_run_file
 
 log = logging.getLogger("evaluation")
-WATCH_GAVE_UP_EXIT_CODE = 3  # --watch stopped after --max-wait-s with checkpoints left to evaluate
 EMA_METRIC_PREFIX = "eval/ema/"  # --ema / --posthoc-sigma-rels: eval/ema/<name>/fid_<ext>, .../sigma_rel, ...
 
 
@@ -95,7 +109,7 @@ class EvalResult:
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
-    """A complete checkpoint folder (pipeline.checkpoint.Checkpoint), or EvaluationError saying why not."""
+    """A complete checkpoint folder (pipeline.checkpoint.folder.Checkpoint), or EvaluationError saying why not."""
     try:
         return Checkpoint(path, what="--checkpoint")
     except CheckpointError as exc:
@@ -106,7 +120,6 @@ def read_checkpoint(path: str | Path, overrides: list[str] | tuple[str, ...] = (
                     announce: bool = False) -> tuple[Config, dict]:
     """The resolved config (with overrides and eval.protocol's settings: evaluation/protocol.py) and meta.json of
     a complete checkpoint folder; ``announce`` prints (rank 0) what the protocol set or left to the overrides."""
-    from evaluation.protocol import apply_protocol
 
     ckpt = open_checkpoint(path)
     cfg, lines = apply_protocol(ckpt.config(overrides), overrides)
@@ -143,27 +156,16 @@ def checkpoint_of(path: str | Path) -> tuple[Path, str]:
 
 
 def load_network(ckpt: str | Path, cfg: Config, use_ema: bool, device: torch.device,
-                 weights: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
-    """The U-Net of ``cfg.model`` with the checkpoint's EMA (or raw training) weights, or ``weights`` (an EMA
-    chosen with --ema, pipeline.posthoc_ema.ema_weights), in eval mode."""
-    from pipeline.unet import UNet
-
-    checkpoint = open_checkpoint(ckpt)
-    net = UNet(cfg.model)
-    expected = set(net.state_dict())
+                 weights: dict[str, torch.Tensor] | None = None, ema: str = "") -> torch.nn.Module:
+    """The U-Net with the checkpoint's EMA (or raw training) weights, or the EMA named ``ema`` (--ema), or
+    ``weights`` (that EMA's, at hand already: synthesized in one pass for a sweep), in eval mode
+    (pipeline.checkpoint.weights.load_unet); ``cfg.model`` must be the network the weights belong to (a model.*
+    override that changes it is refused, naming the keys)."""
+    which = ema or ("ema" if use_ema else RAW)
     try:
-        if weights is None:
-            weights = checkpoint.ema_weights() if use_ema else checkpoint.raw_weights(expected)
+        return load_unet(open_checkpoint(ckpt), which, device=device, expect=cfg.model, state=weights).net
     except CheckpointError as exc:
-        raise EvaluationError(f"{exc}" + ("" if use_ema else " (eval.use_ema=false)")) from None
-    missing = expected - set(weights)
-    if missing:
-        raise EvaluationError(
-            f"{ckpt}: weights lack {sorted(missing)[:3]}...; was model.* overridden? The checkpoint's config.yaml "
-            "describes the network its weights belong to"
-        )
-    net.load_state_dict({k: weights[k].float() for k in expected})
-    return net.to(device).eval().requires_grad_(False)
+        raise EvaluationError(f"{exc}" + ("" if use_ema or ema else " (eval.use_ema=false)")) from None
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -181,11 +183,10 @@ def draw_samples(net, diffusion, cfg: Config, device: torch.device, features=Non
     given a feature extractor, the images' features (N, D) on rank 0.
 
     Each rank samples a disjoint contiguous block of seeds, and extracts its block's features; since image
-    i depends only on its seed (pipeline/sampling.py), the gathered set equals the one-process set.
+    i depends only on its seed (pipeline/model/sampling.py), the gathered set equals the one-process set.
     Only rank 0 receives, and with ``keep_images`` only the first that many images travel (the grid's):
     10k 256x256 images would be 2 GB, their features 80 MB.
     """
-    from pipeline.sampling import sample
 
     e = cfg.eval
     mine = seed_block(e.num_samples, dist.rank(), dist.world_size())
@@ -208,7 +209,6 @@ def draw_samples(net, diffusion, cfg: Config, device: torch.device, features=Non
 
 def save_samples(images: np.ndarray, dest: str | Path, seed0: int) -> Path:
     """``*.npz`` (images, seeds) or a folder of PNGs named by seed."""
-    from PIL import Image
 
     dest = Path(dest)
     seeds = np.arange(seed0, seed0 + len(images))
@@ -230,7 +230,6 @@ def held_out_batches(shards: str, split: str, max_images: int, batch_size: int, 
     """Deterministic batches {"image": float in [-1, 1], "label", "index": positions in the split} of a split,
     in manifest order, decoded and scaled exactly as the training loader does; with ``world_size`` > 1,
     batch k goes to rank k mod world_size (the others only read it)."""
-    from pipeline.data.sequential import split_batches
 
     return split_batches(shards, split, batch_size, rank=rank, world_size=world_size, max_images=max_images)
 
@@ -242,9 +241,6 @@ def data_facts(cfg: Config) -> tuple[int, int, int, str]:
     """(image size, channels, class count, source kind) of the evaluated data: the geometry from the
     checkpoint's config (what the samples are), the class count (-1: unknown, no manifest.json) and the
     source kind (``digits``, ``folder``, ...) from the manifest of ``data.shards``."""
-    from pipeline.data.manifest import read_manifest
-    from pipeline.data.report import DataError
-    from pipeline.data.shards import resolve_shards
 
     shardset = resolve_shards(cfg.data.shards, cfg.data.split, need_counts=False)
     has_manifest = bool(shardset.image_size)  # 0 = shards without a manifest.json
@@ -264,9 +260,6 @@ def check_fits(cfg: Config) -> bool:
     """Refuse (EvaluationError, before anything is sampled) a protocol that cannot give a meaningful figure
     for this checkpoint; return whether the digits classifier fits its data (its figures are reported only
     then). Data that cannot be read raises DataError here too, rather than after the sampling."""
-    from evaluation import digits_net
-    from evaluation.fid import CLEANFID_PREFIX, parse_cleanfid_spec
-    from pipeline.data.report import DataError
 
     e = cfg.eval
     size = cfg.model.image_size
@@ -299,9 +292,6 @@ def check_fits(cfg: Config) -> bool:
 def real_images(cfg: Config, count: int) -> tuple[np.ndarray | None, str]:
     """The first ``count`` images of the reference split (of the training split for a clean-fid reference),
     in manifest order through the one data path, for the grid beside the samples; else None, and why not."""
-    from evaluation.fid import CLEANFID_PREFIX
-    from pipeline.data.report import DataError
-    from pipeline.data.sequential import iter_split
 
     e = cfg.eval
     cleanfid = e.reference.startswith(CLEANFID_PREFIX)
@@ -323,7 +313,6 @@ def real_images(cfg: Config, count: int) -> tuple[np.ndarray | None, str]:
 
 def _provenance(cfg: Config, meta: dict, extractor, ref, ckpt: Path, diffusion) -> dict[str, Any]:
     """What the figures were computed from; the FID keys only when FID was (eval.feature_extractor != none)."""
-    from evaluation.protocol import overridden, recorded_name
 
     e = cfg.eval
     fid_keys: dict[str, Any] = {"extractor": "none"}
@@ -372,13 +361,8 @@ def evaluate(ckpt: str | Path, overrides: list[str] | tuple[str, ...] = (), *, s
     """Evaluate one checkpoint (every rank calls this and does its share of sampling, features and bits/dim;
     rank 0 gathers, computes FID/KID, logs and returns the result, the others None).
 
-    ``ema`` (a ``pipeline.posthoc_ema.EMAChoice``): evaluate that EMA instead of the primary one (its
+    ``ema`` (a ``pipeline.checkpoint.weights.EMAChoice``): evaluate that EMA instead of the primary one (its
     ``weights`` when already at hand, e.g. synthesized); its figures go to ``eval/ema/<name>/...`` in MLflow."""
-    from evaluation import digits_net
-    from evaluation.features import build_extractor
-    from evaluation.fid import fid, kid, load_reference
-    from pipeline.data.manifest import read_manifest
-    from pipeline.diffusion import Diffusion, bound_per_image, summarize_bound
 
     ckpt = Path(ckpt)
     cfg, meta = read_checkpoint(ckpt, overrides, announce=True)
@@ -388,11 +372,7 @@ def evaluate(ckpt: str | Path, overrides: list[str] | tuple[str, ...] = (), *, s
     device = _device(e.device)
     diffusion = Diffusion(cfg.diffusion)
     # Weights are read into memory first, so keep-k deleting the folder later does not matter.
-    if ema is not None and weights is None:
-        from pipeline.posthoc_ema import ema_weights
-
-        weights = ema_weights(open_checkpoint(ckpt), ema.name)
-    net = load_network(ckpt, cfg, e.use_ema, device, weights=weights)
+    net = load_network(ckpt, cfg, e.use_ema, device, weights=weights, ema=ema.name if ema is not None else "")
     # Every rank: its block of samples and their features, then its share of the held-out batches for
     # bits/dim; rank 0 gathers both. Only then does rank 0 alone load (or compute) the reference
     # statistics, so no rank waits at a collective meanwhile.
@@ -446,7 +426,6 @@ def evaluate(ckpt: str | Path, overrides: list[str] | tuple[str, ...] = (), *, s
         provenance["bpd"] = {"split": e.bpd_split, "num_images": est.num_images,
                              "timesteps_k": e.bpd_timesteps or "exact (all T)"}  # fmt: skip
 
-    from pipeline.images import image_grid
 
     shown = images[: e.grid_images]
     _save_png(image_grid(shown, min_width=GRID_MIN_WIDTH), out / SAMPLES_GRID)
@@ -476,8 +455,6 @@ def _device(name: str) -> torch.device:
 
 
 def _save_png(arr: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
     Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr).save(path)
 
 
@@ -490,7 +467,6 @@ def protocol_tags(ext: str, provenance: dict[str, Any]) -> dict[str, str]:
 
 def _log(cfg: Config, meta: dict, ckpt: Path, result: EvalResult) -> str | None:
     """Into the training run at the checkpoint's step; returns the run id, or None when nothing was logged."""
-    from pipeline.tracking import make_sink, read_run_file
 
     run_id, uri = meta.get("mlflow_run_id"), meta.get("mlflow_tracking_uri")
     if not run_id:  # saved before its run existed: the training records the run beside its checkpoints too
@@ -575,8 +551,7 @@ def _checkpoint_arg(arg: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m evaluation.evaluate", description=__doc__.split("\n")[0],
-                                formatter_class=DefaultsHelpFormatter, epilog=__doc__)
+    p = cli.parser("python -m evaluation.evaluate", __doc__)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--checkpoint", help="a complete out_dir/step-NNNNNNNN folder, or a run folder (out_dir): "
                                            "its newest complete checkpoint")
@@ -610,30 +585,25 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     _init_distributed()
-    bad_input = _input_errors()
-    try:
-        if a.watch and (a.ema or a.posthoc_sigma_rels):
-            raise EvaluationError("--ema and --posthoc-sigma-rels evaluate one checkpoint: use --checkpoint (the "
-                                  "watcher evaluates the primary EMA of each new checkpoint)")
-        if a.watch:
-            return _watch(a)
-        if a.ema or a.posthoc_sigma_rels:
-            _sweep(a)
-            dist.shutdown()
-            return 0
-        r = evaluate(_checkpoint_arg(a.checkpoint), a.overrides, save_samples_to=a.save_samples, out_dir=a.out,
-                     log_to_run=not a.no_log)
-        if r is not None:
-            print(format_result(r))
-        dist.shutdown()  # an orderly teardown of the process groups (no collective follows)
+    return cli.run("evaluate", lambda: _main(a))
+
+
+def _main(a: argparse.Namespace) -> int:
+    if a.watch and (a.ema or a.posthoc_sigma_rels):
+        raise EvaluationError("--ema and --posthoc-sigma-rels evaluate one checkpoint: use --checkpoint (the "
+                              "watcher evaluates the primary EMA of each new checkpoint)")
+    if a.watch:
+        return _watch(a)
+    if a.ema or a.posthoc_sigma_rels:
+        _sweep(a)
+        dist.shutdown()
         return 0
-    except bad_input as exc:
-        print(f"evaluate: error: {exc}", file=sys.stderr)
-        return 2
-    except Exception:
-        # not the input: a bug or the machine (CUDA out of memory, NCCL); whoever debugs it needs the traceback
-        traceback.print_exc()
-        return 1
+    r = evaluate(_checkpoint_arg(a.checkpoint), a.overrides, save_samples_to=a.save_samples, out_dir=a.out,
+                 log_to_run=not a.no_log)
+    if r is not None:
+        print(format_result(r))
+    dist.shutdown()  # an orderly teardown of the process groups (no collective follows)
+    return 0
 
 
 def _sweep(a: argparse.Namespace) -> list[tuple[Any, EvalResult]]:
@@ -641,17 +611,16 @@ def _sweep(a: argparse.Namespace) -> list[tuple[Any, EvalResult]]:
     against the EMA length (rank 0). Post-hoc EMAs are synthesized first, in one pass over the snapshots. With
     more than one EMA, bits/dim is left out (eval.bpd_split=''): it does not choose the EMA, and costs as much as
     the sampling; evaluate the chosen one with --ema NAME for it."""
-    from pipeline import posthoc_ema
 
     ckpt = _checkpoint_arg(a.checkpoint)
     try:
-        sigma_rels = posthoc_ema.parse_sigma_rels(a.posthoc_sigma_rels) if a.posthoc_sigma_rels else []
+        sigma_rels = posthoc.parse_sigma_rels(a.posthoc_sigma_rels) if a.posthoc_sigma_rels else []
     except ValueError as exc:
         raise EvaluationError(str(exc)) from None
-    chosen = posthoc_ema.choices(open_checkpoint(ckpt), a.ema, sigma_rels)
+    chosen = choices(open_checkpoint(ckpt), a.ema, sigma_rels)
     if a.save_samples and len(chosen) > 1:
         raise EvaluationError("--save-samples writes the samples of one EMA; give one --ema NAME with it")
-    synthesized = posthoc_ema.synthesize(open_checkpoint(ckpt), [c.sigma_rel for c in chosen if c.kind == "posthoc"]
+    synthesized = posthoc.synthesize(open_checkpoint(ckpt), [c.sigma_rel for c in chosen if c.kind == "posthoc"]
                                          ) if any(c.kind == "posthoc" for c in chosen) else {}
     overrides = [*a.overrides, *(["eval.bpd_split=''"] if len(chosen) > 1 else [])]
     results = []
@@ -683,17 +652,6 @@ def format_sweep(results: list[tuple[Any, EvalResult]]) -> str:
                      f"{r.metrics[key]:.4f}; evaluate it with --ema {c.name}, export it with "
                      f"python -m evaluation.export CHECKPOINT --diffusers OUT --weights {c.name}")
     return "\n".join(lines)
-
-
-def _input_errors() -> tuple[type[Exception], ...]:
-    """The exceptions that mean "fix the input" (exit 2, one line); anything else is a failure (exit 1)."""
-    from evaluation.features import InceptionWeightsUnavailable
-    from evaluation.fid import ReferenceStatsError
-    from pipeline.checkpoint import CheckpointError
-    from pipeline.data.report import DataError  # ManifestError, CorruptDataError, missing/empty shard folders
-
-    return (EvaluationError, ConfigError, CheckpointError, DataError, ReferenceStatsError,
-            InceptionWeightsUnavailable)
 
 
 def _watch(a: argparse.Namespace) -> int:
@@ -728,14 +686,13 @@ def _watch(a: argparse.Namespace) -> int:
             print(f"evaluate: the watcher stopped before {a.watch}/{DONE} appeared, after "
                   f"{len(stopped.ledger['checkpoints'])} checkpoint(s); did the training fail or stall?",
                   file=sys.stderr)
-        return WATCH_GAVE_UP_EXIT_CODE
+        return cli.EXIT_PARTIAL
     return 0
 
 
 def _init_distributed() -> None:
     """Under torchrun/accelerate launch: one process group (gloo on CPU, NCCL on GPUs) plus a gloo group."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        import torch.distributed as tdist
 
         backend = "nccl" if torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "") != "1" else "gloo"
         if backend == "nccl":

@@ -19,16 +19,16 @@ optimizer, data or RNG state). ``key=value`` arguments go into its config.yaml (
 to evaluate against, ``model.dropout=`` for a fine-tune, ...); its model and diffusion sections come from the
 diffusers configs.
 
-Both directions map every tensor (pipeline/interop.py), refuse a layout or schedule the other side cannot
+Both directions map every tensor (pipeline/model/interop.py), refuse a layout or schedule the other side cannot
 represent, and check that the two networks give the same output on the same inputs before writing anything.
 Weights are read as safetensors (a ``.bin`` only with torch's weights-only loader). ``--weights`` is ``ema``
 (the primary EMA), ``raw`` (the training weights) or the name of any other EMA of the checkpoint, as
 ``evaluation.evaluate --ema`` takes it: ``decay<d>`` (``ema.decays``), ``sigma<s>`` (a stored power-function
 EMA, or one synthesized from the checkpoint's post-hoc snapshots for any other ``s``).
 
-Exit status: 0 written; 1 an unexpected failure (the traceback is printed); 2 invalid input (one line
-``export: error: ...``): a missing or incomplete folder, a model or schedule that cannot be converted, diffusers
-not installed.
+Exit codes as every command's (pipeline/cli.py): 0 written; 1 a failure that is not the input's (the traceback
+is printed); 2 an input to fix (one line ``export: error: ...``): a missing or incomplete folder, a model or
+schedule that cannot be converted, diffusers not installed.
 """
 
 from __future__ import annotations
@@ -38,65 +38,46 @@ import dataclasses
 import inspect
 import json
 import re
-import sys
-import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import MISSING
+from safetensors.torch import load_file
 
-from evaluation.compare import DefaultsHelpFormatter
 from evaluation.errors import EvaluationError
-from pipeline import interop
-from pipeline.checkpoint import (
+from evaluation.evaluate import EVALUATED_FILES, checkpoint_of
+from pipeline import cli
+from pipeline.checkpoint.folder import (
     EMA_FILE,
     STEP_RE,
     Checkpoint,
     CheckpointError,
-    CheckpointManager,
     complete_checkpoints,
     read_ema,
 )
-from pipeline.config import CheckpointConfig, ConfigError, DiffusionConfig, ModelConfig, load_config
+from pipeline.checkpoint.manager import CheckpointManager
+from pipeline.checkpoint.weights import WEIGHTS_HELP, LoadedUNet, load_unet, unet_with
+from pipeline.config import CheckpointConfig, DiffusionConfig, ModelConfig, load_config
+from pipeline.data.manifest import sha256_file
+from pipeline.model import interop
+from pipeline.model.diffusion import Diffusion
+from pipeline.model.unet import UNet
 
 EXPORT_RECORD = "ddpm_export.json"
 OUTPUT_RTOL = 1e-3  # of the output's scale: float32 rounding is ~1e-6 of it, a wrong mapping O(1)
 
-# --weights NAME -> the U-Net state dict of a checkpoint. ``expected``: our U-Net's keys (for the raw weights,
-# which accelerate stores under its wrapper's prefixes). Any other name is an EMA of the checkpoint
-# (pipeline.posthoc_ema.ema_weights: decay<d>, sigma<s>, synthesized where not stored).
-WEIGHTS: dict[str, Callable[[Checkpoint, set[str]], dict[str, torch.Tensor]]] = {
-    "ema": lambda ckpt, expected: ckpt.ema_weights(),
-    "raw": lambda ckpt, expected: ckpt.raw_weights(expected),
-}
-
-
-def export_weights(ckpt: Checkpoint, which: str, model: ModelConfig) -> dict[str, torch.Tensor]:
-    """The ``which`` weights of a checkpoint (a name in ``WEIGHTS`` or an EMA's name), as float32 tensors of our
-    U-Net's keys; EvaluationError naming what there is otherwise."""
-    if which in WEIGHTS:
-        weights = WEIGHTS[which](ckpt, set(interop.our_shapes(model)))
-    else:
-        from pipeline import posthoc_ema
-
-        try:
-            weights = posthoc_ema.ema_weights(ckpt, which)
-        except CheckpointError as exc:
-            raise EvaluationError(f"--weights {which}: not one of {', '.join(sorted(WEIGHTS))} nor an EMA of the "
-                                  f"checkpoint: {exc}") from None
-    return {k: v.float() for k, v in weights.items()}
-
-
-def checkpoint_model(ckpt: Checkpoint) -> tuple[ModelConfig, DiffusionConfig, int]:
-    """The model and diffusion config its weights belong to (from ema.safetensors, self-describing), and its step."""
-    _, meta = read_ema(ckpt.path / EMA_FILE)
-    return ModelConfig(**meta["model"]), DiffusionConfig(**meta["diffusion"]), ckpt.step
+def chosen_weights(ckpt: Checkpoint, which: str) -> LoadedUNet:
+    """``--weights which`` of a checkpoint (pipeline.checkpoint.weights: ema, raw or an EMA's name); EvaluationError
+    naming what there is otherwise."""
+    try:
+        return load_unet(ckpt, which)
+    except CheckpointError as exc:
+        raise EvaluationError(f"--weights {which}: not one of ema, raw nor an EMA of the checkpoint: {exc}") from None
 
 
 def open_verified(arg: str | Path, what: str = "CHECKPOINT") -> Checkpoint:
     """A step folder, or a run folder's newest checkpoint whose files match their sha256 (evaluate's rule)."""
-    from evaluation.evaluate import EVALUATED_FILES, checkpoint_of
 
     path, note = checkpoint_of(arg)
     if note:
@@ -110,6 +91,7 @@ def open_verified(arg: str | Path, what: str = "CHECKPOINT") -> Checkpoint:
 
 def _diffusers() -> Any:
     try:
+        # diffusers: an optional extra (interop), ~2 s of import
         import diffusers
     except ImportError:
         raise EvaluationError("diffusers is not installed: pip install -c constraints.txt -e '.[interop]' "
@@ -119,20 +101,17 @@ def _diffusers() -> Any:
 
 def _quiet_diffusers() -> None:
     """diffusers' info/warning logs (e.g. on a .to(dtype) cast) are not ours to show."""
+    # diffusers: an optional extra (interop), ~2 s of import
     from diffusers.utils import logging as dlogging
 
     dlogging.set_verbosity_error()
     dlogging.disable_progress_bar()
 
 
-def max_output_diff(ours: dict[str, torch.Tensor], model: ModelConfig, unet: Any, timesteps: int) -> tuple[float, float]:
-    """(max |ours - diffusers'|, max |ours|) on two seeded random inputs at t = 0 and T-1, float32 on the CPU;
-    InteropError when they differ by more than float32 rounding explains."""
-    from pipeline.unet import UNet
-
-    with torch.device("meta"):
-        net = UNet(model)
-    net.load_state_dict(ours, assign=True)
+def max_output_diff(net: UNet, model: ModelConfig, unet: Any, timesteps: int) -> tuple[float, float]:
+    """(max |ours - diffusers'|, max |ours|) of our U-Net ``net`` and diffusers' ``unet`` on two seeded random
+    inputs at t = 0 and T-1, float32 on the CPU; InteropError when they differ by more than float32 rounding
+    explains."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn((2, model.channels, model.image_size, model.image_size), generator=g)
     t = torch.tensor([0, timesteps - 1])
@@ -153,19 +132,19 @@ def export_diffusers(checkpoint: str | Path, out: str | Path, weights: str = "em
     """``checkpoint`` (a step folder or a run folder) -> a ``DDPMPipeline`` folder ``out``; returns its record."""
     diffusers = _diffusers()
     _quiet_diffusers()
-    from pipeline.diffusion import Diffusion
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise EvaluationError(f"--diffusers {out} exists and is not an empty folder; choose a new one")
     ckpt = open_verified(checkpoint)
-    model, diffusion_cfg, step = checkpoint_model(ckpt)
-    state = export_weights(ckpt, weights, model)
+    loaded = chosen_weights(ckpt, weights)
+    model, diffusion_cfg, step = loaded.model, loaded.diffusion, loaded.step
+    state = loaded.net.state_dict()
     theirs = interop.to_diffusers(state, model)
     with torch.device("meta"):
         unet = diffusers.UNet2DModel(**interop.diffusers_unet_config(model))
     unet.load_state_dict(theirs, strict=True, assign=True)
-    diff, scale = max_output_diff(state, model, unet, diffusion_cfg.timesteps)
+    diff, scale = max_output_diff(loaded.net, model, unet, diffusion_cfg.timesteps)
     scheduler = diffusers.DDPMScheduler(**interop.scheduler_config(diffusion_cfg))
     beta_rel = interop.check_betas(Diffusion(diffusion_cfg).betas, scheduler.betas)
     diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(str(out))
@@ -216,7 +195,6 @@ def _with_defaults(cls: type, config: dict[str, Any]) -> dict[str, Any]:
 
 def _read_unet_weights(unet_dir: Path) -> tuple[dict[str, torch.Tensor], Path]:
     """The UNet2DModel weights: safetensors, or a .bin through torch's weights-only unpickler."""
-    from safetensors.torch import load_file
 
     st, bin_ = unet_dir / "diffusion_pytorch_model.safetensors", unet_dir / "diffusion_pytorch_model.bin"
     try:
@@ -260,7 +238,6 @@ class _Part:
 def _record_config(model: ModelConfig, diffusion: DiffusionConfig, out_dir: Path, overrides: list[str]) -> Any:
     """The config.yaml of an import: its model and diffusion sections, the user's ``key=value`` on top (validated by
     load_config); data.shards stays required (``???``) unless given, so that evaluate asks for it."""
-    from omegaconf import MISSING
 
     name = out_dir.name if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", out_dir.name) else "imported"
     own = [f"model.{k}={json.dumps(v)}" for k, v in vars(model).items()]
@@ -280,8 +257,6 @@ def import_diffusers(src: str | Path, out: str | Path, overrides: list[str] = ()
     """A diffusers DDPM folder -> a complete checkpoint folder of ours; returns (its path, its import record)."""
     diffusers = _diffusers()
     _quiet_diffusers()
-    from pipeline.data.manifest import sha256_file
-    from pipeline.diffusion import Diffusion
 
     src, out = Path(src), Path(out)
     out_dir, step = (out.parent, int(STEP_RE.match(out.name).group(1))) if STEP_RE.match(out.name) else (out, 0)
@@ -302,7 +277,7 @@ def import_diffusers(src: str | Path, out: str | Path, overrides: list[str] = ()
         unet = diffusers.UNet2DModel(**{k: v for k, v in unet_config.items() if k in inspect.signature(
             diffusers.UNet2DModel.__init__).parameters})
     unet.load_state_dict(theirs, strict=True, assign=True)
-    diff, scale = max_output_diff(ours, model, unet, diffusion_cfg.timesteps)
+    diff, scale = max_output_diff(unet_with(ours, model), model, unet, diffusion_cfg.timesteps)
 
     cfg = _record_config(model, diffusion_cfg, out_dir, list(overrides))
     record = {"format": "diffusers", "source": str(src.resolve()), "unet_config": unet_config,
@@ -323,14 +298,12 @@ def import_diffusers(src: str | Path, out: str | Path, overrides: list[str] = ()
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m evaluation.export", description=__doc__.split("\n")[0],
-                                formatter_class=DefaultsHelpFormatter, epilog=__doc__)
+    p = cli.parser("python -m evaluation.export", __doc__)
     p.add_argument("args", nargs="*", metavar="CHECKPOINT | key=value",
                    help="export: the checkpoint (a step-NNNNNNNN folder, or a run folder: its newest); import: "
                         "key=value settings for the checkpoint's config.yaml (e.g. data.shards=DIR)")
     p.add_argument("--diffusers", metavar="OUT_DIR", help="export CHECKPOINT as a DDPMPipeline folder here (new)")
-    p.add_argument("--weights", default="ema", help=f"export which weights: {', '.join(sorted(WEIGHTS))}, or an "
-                   "EMA's name as evaluate's --ema takes it (decay<d>; sigma<s>, synthesized if not stored)")
+    p.add_argument("--weights", default="ema", help=f"export which weights: {WEIGHTS_HELP}")
     p.add_argument("--from-diffusers", metavar="DIR", help="import this DDPMPipeline (or UNet2DModel) folder")
     p.add_argument("--out", metavar="CHECKPOINT",
                    help="import into this run folder (as step-00000000) or this step-NNNNNNNN folder (new)")
@@ -343,32 +316,29 @@ def main(argv: list[str] | None = None) -> int:
         p.error("export takes one CHECKPOINT (a step-NNNNNNNN or run folder) and no key=value settings")
     if a.from_diffusers and (positional or not a.out):
         p.error("import takes --from-diffusers DIR --out CHECKPOINT and optional key=value settings, nothing else")
-    try:
-        if a.diffusers:
-            r = export_diffusers(positional[0], a.diffusers, a.weights)
-            print(f"exported {r['checkpoint']} ({a.weights} weights, step {r['step']}, {r['parameters']:,} "
-                  f"parameters) -> {a.diffusers} (DDPMPipeline: unet/, scheduler/)\n"
-                  f"  outputs agree with ours to {r['max_abs_output_diff']:.2g} (max abs, float32; output scale "
-                  f"{r['output_scale']:.3g}); β_t to {r['max_rel_beta_diff']:.2g} (relative)\n"
-                  f"  load it: DDPMPipeline.from_pretrained({str(a.diffusers)!r})")
-        else:
-            path, r = import_diffusers(a.from_diffusers, a.out, settings)
-            print(f"imported {r['source']} ({sum(v.numel() for v in read_ema(path / EMA_FILE)[0].values()):,} "
-                  f"parameters, {'/'.join(r['weights_dtype'])}) -> {path}\n"
-                  f"  model: {interop.describe(r['model'])}\n  diffusion: {interop.describe(r['diffusion'])}\n"
-                  f"  outputs agree with diffusers' to {r['max_abs_output_diff']:.2g} (max abs, float32; output "
-                  f"scale {r['output_scale']:.3g})")
-            for note in r["notes"]:
-                print(f"  note: {note}")
-            print(f"  evaluate it: python -m evaluation.evaluate --checkpoint {path} data.shards=DATA\n"
-                  f"  train from it: launch/train.py --config CONFIG train.init_from={path}")
-        return 0
-    except (EvaluationError, CheckpointError, ConfigError, interop.InteropError) as exc:
-        print(f"export: error: {exc}", file=sys.stderr)
-        return 2
-    except Exception:
-        traceback.print_exc()
-        return 1
+    return cli.run("export", lambda: _main(a, positional, settings))
+
+
+def _main(a: argparse.Namespace, positional: list[str], settings: list[str]) -> int:
+    if a.diffusers:
+        r = export_diffusers(positional[0], a.diffusers, a.weights)
+        print(f"exported {r['checkpoint']} ({a.weights} weights, step {r['step']}, {r['parameters']:,} "
+              f"parameters) -> {a.diffusers} (DDPMPipeline: unet/, scheduler/)\n"
+              f"  outputs agree with ours to {r['max_abs_output_diff']:.2g} (max abs, float32; output scale "
+              f"{r['output_scale']:.3g}); β_t to {r['max_rel_beta_diff']:.2g} (relative)\n"
+              f"  load it: DDPMPipeline.from_pretrained({str(a.diffusers)!r})")
+    else:
+        path, r = import_diffusers(a.from_diffusers, a.out, settings)
+        print(f"imported {r['source']} ({sum(v.numel() for v in read_ema(path / EMA_FILE)[0].values()):,} "
+              f"parameters, {'/'.join(r['weights_dtype'])}) -> {path}\n"
+              f"  model: {interop.describe(r['model'])}\n  diffusion: {interop.describe(r['diffusion'])}\n"
+              f"  outputs agree with diffusers' to {r['max_abs_output_diff']:.2g} (max abs, float32; output "
+              f"scale {r['output_scale']:.3g})")
+        for note in r["notes"]:
+            print(f"  note: {note}")
+        print(f"  evaluate it: python -m evaluation.evaluate --checkpoint {path} data.shards=DATA\n"
+              f"  train from it: launch/train.py --config CONFIG train.init_from={path}")
+    return 0
 
 
 if __name__ == "__main__":

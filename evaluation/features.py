@@ -25,6 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from evaluation import digits_net
+from pipeline.cli import InputError
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_NAME = "inception-v3-2015-12-05"
@@ -37,7 +38,7 @@ RESIZE_MODES = {
 }
 
 
-class InceptionWeightsUnavailable(RuntimeError):
+class InceptionWeightsUnavailable(RuntimeError, InputError):
     """clean-fid's InceptionV3 file could not be found or downloaded."""
 
 
@@ -197,6 +198,7 @@ def inception_extractor(
     if mode not in RESIZE_MODES:
         raise ValueError(f"eval.fid_mode={mode!r} is not a clean-fid mode; choose one of {sorted(RESIZE_MODES)}")
     if mode == "legacy_pytorch":
+        # clean-fid imports torchvision (~4 s): only the processes that compute FID pay it
         from cleanfid.features import feature_extractor
 
         try:

@@ -27,6 +27,7 @@ from cleanfid import fid as cleanfid_fid
 from cleanfid.features import get_reference_statistics
 
 from evaluation.features import INCEPTION_NAME, FeatureExtractor
+from pipeline.cli import InputError
 from pipeline.data.manifest import Manifest, is_url, read_manifest
 from pipeline.data.sequential import iter_split
 
@@ -34,7 +35,7 @@ CLEANFID_PREFIX = "clean-fid:"
 STATS_FORMAT = 1
 
 
-class ReferenceStatsError(ValueError):
+class ReferenceStatsError(ValueError, InputError):
     """Reference statistics that cannot be made or loaded (bad spec, missing split, offline download)."""
 
 
@@ -185,6 +186,7 @@ def reference_from_cleanfid(spec: str, extractor: FeatureExtractor) -> Reference
             "see clean-fid's README for the list"
         ) from exc
     except (urllib.error.URLError, OSError) as exc:
+        # clean-fid imports torchvision (~4 s): only the processes that compute FID pay it
         import cleanfid
 
         folder = os.path.join(os.path.dirname(cleanfid.__file__), "stats")

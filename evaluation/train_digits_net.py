@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from evaluation import digits_net
+from pipeline import cli
 from pipeline.data.prepare import prepare, resize_center_crop
+from pipeline.data.report import DataError
 from pipeline.data.sequential import iter_split
 
 
@@ -34,7 +36,7 @@ def load_split(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     images = np.stack([s.image for s in samples])
     labels = np.array([s.label for s in samples], dtype=np.int64)
     if (labels < 0).any():
-        raise ValueError(f"{data_dir} split {split!r} has unlabelled samples; the digits net needs labels")
+        raise DataError(f"{data_dir} split {split!r} has unlabelled samples; the digits net needs labels")
     return images, labels
 
 
@@ -95,12 +97,16 @@ def accuracy(net: digits_net.DigitsNet, images: np.ndarray, labels: np.ndarray) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m evaluation.train_digits_net", description=__doc__.split("\n")[0])
+    p = cli.parser("python -m evaluation.train_digits_net", __doc__)
     p.add_argument("--data", default="", help="prepared digits folder with train and test splits (default: prepare one)")
     p.add_argument("--out", default=str(digits_net.WEIGHTS_PATH), help="weights file (safetensors)")
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    return cli.run("train_digits_net", lambda: _main(a))
+
+
+def _main(a: argparse.Namespace) -> int:
     torch.set_num_threads(2)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

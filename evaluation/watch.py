@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from evaluation.errors import EvaluationError
-from pipeline.checkpoint import DONE, complete_checkpoints
+from pipeline.checkpoint.folder import DONE, complete_checkpoints
 
 LEDGER_FORMAT = 2  # the summary of done/; format 1 was the single-file ledger, imported on start
 LEGACY_LEDGER_FORMAT = 1

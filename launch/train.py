@@ -26,56 +26,60 @@ SLURM (multi-node, requeue on preemption):
 
 The config's train.* keys are the truth for batch size, accumulation and mixed precision (the
 launcher's --mixed_precision/--gradient_accumulation_steps are overridden; docs/training.md).
-Exit codes: 0 finished (or already finished), 75 preempted after writing a checkpoint (requeue: it resumes),
-1 error, 2 an input to fix: an invalid configuration, data that is missing, corrupt or of another geometry
-than the config sets, or a checkpoint that does not fit or fails verification (one line says which).
+Exit codes as every command's (pipeline/cli.py): 0 finished (or already finished), 75 preempted after writing
+a checkpoint (requeue: it resumes), 1 a failure (the traceback is printed), 2 an input to fix: an invalid
+configuration, data that is missing, corrupt or of another geometry than the config sets, or a checkpoint that
+does not fit or fails verification (one line, ``[rank R] error: ...``, says which).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import sys
-import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone without installing
 
-from pipeline.checkpoint import CheckpointError
-from pipeline.config import ConfigError, load_config
-from pipeline.data.report import DataError
+from pipeline import cli, dist
+from pipeline.config import load_config
+
+if TYPE_CHECKING:
+    from pipeline.train.hooks import LoopHooks
 
 
-def main(argv: list[str] | None = None) -> int:
-    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-        pass
+def main(argv: list[str] | None = None, hooks: LoopHooks | None = None) -> int:
+    """The command line (``argv``, default sys.argv[1:]) to an exit code; ``hooks``: handed to the loop (the tests'
+    tests/helpers/train_entry.py passes its fault injection; none here)."""
 
-    p = argparse.ArgumentParser(prog="launch/train.py", description=__doc__, formatter_class=Formatter)
+    p = cli.parser("launch/train.py", __doc__, full_description=True)
     p.add_argument("--config", required=True, help="experiment YAML (configs/*.yaml)")
     p.add_argument("overrides", nargs="*", default=[],
                    help="key=value overrides, e.g. train.total_steps=200 (every key: pipeline/config.py)")
     args = p.parse_args(argv)
     rank = os.environ.get("RANK", "0")
-    try:
-        cfg = load_config(args.config, args.overrides)
-        from pipeline.trainer import train
 
-        return train(cfg)
-    except (ConfigError, CheckpointError, DataError) as exc:
+    def body() -> int:
+        cfg = load_config(args.config, args.overrides)
+        # Imported here, not at the top: --help and an invalid config answer before torch, accelerate and
+        # DeepSpeed load (seconds on every rank).
+        from pipeline.train.loop import train
+
+        return train(cfg, hooks)
+
+    def on_input_error(exc: cli.InputError) -> str:
         # Decided: this rank ends with 2. Every rank finds the same error, but the launcher SIGTERMs the
         # slower ones once the first has exited; ignoring it keeps their status 2 instead of -15.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        print(f"[rank {rank}] error: {exc}", file=sys.stderr)
+        return f"[rank {rank}] error: {exc}"
+
+    code = cli.run("train", body, on_input_error=on_input_error)
+    if code == cli.EXIT_INPUT:  # only an InputError gives it (train() returns 0 or 75)
         # Every rank stops here alike: tear the process groups down while the interpreter is whole. Left to
         # interpreter exit, gloo's teardown sometimes aborts a rank (SIGABRT) and its status 2 is lost.
-        from pipeline import dist
-
         dist.shutdown()
-        return 2
-    except Exception:
-        traceback.print_exc()
-        return 1
+    return code
 
 
 if __name__ == "__main__":

@@ -24,8 +24,10 @@ from typing import Any
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pipeline.cli import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(ValueError, InputError):
     """An invalid configuration. The message names the key and says what is allowed."""
 
 
@@ -83,7 +85,7 @@ def default_attention(image_size: int, levels: int) -> list[int]:
 
 @dataclass
 class ModelConfig:
-    """The paper's U-Net (pipeline/unet.py). Widths default to the CIFAR-10 network (35.7M parameters at 32x32x3).
+    """The paper's U-Net (pipeline/model/unet.py). Widths default to the CIFAR-10 network (35.7M parameters at 32x32x3).
 
     The geometry (image_size, channels) is the data's: unset (null), the trainer takes it from the prepared
     data's manifest.json and refuses a config that sets a different one (pipeline/geometry.py).
@@ -152,7 +154,7 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
-    """The forward process and the reverse-process parameterisation (pipeline/diffusion.py)."""
+    """The forward process and the reverse-process parameterisation (pipeline/model/diffusion.py)."""
 
     timesteps: int = 1000  # T
     schedule: str = "linear"  # linear (the paper's) or cosine (improved DDPM)
@@ -176,7 +178,7 @@ class DiffusionConfig:
 
 @dataclass
 class TrainConfig:
-    """The training run (pipeline/trainer.py): batch, length, precision, determinism. Steps are optimizer steps."""
+    """The training run (pipeline/train/loop.py): batch, length, precision, determinism. Steps are optimizer steps."""
 
     out_dir: str = ""  # checkpoints and exported weights go under here; "" = runs/<name>
     batch_size: int = 128  # global batch: all ranks and accumulation steps together
@@ -213,7 +215,7 @@ class TrainConfig:
 
 @dataclass
 class OptimizerConfig:
-    """Adam and its learning-rate schedule (pipeline/trainer.py): the paper's linear warm-up, then constant."""
+    """Adam and its learning-rate schedule (pipeline/train/loop.py): the paper's linear warm-up, then constant."""
 
     lr: float = 2e-4  # Adam learning rate after warm-up
     warmup_steps: int = 5000  # linear learning-rate warm-up, in optimizer steps
@@ -250,7 +252,7 @@ SIGMA_REL_MAX = 12 ** -0.5  # a power-function EMA's sigma_rel at exponent 0 (ED
 
 @dataclass
 class PostHocConfig:
-    """Power-function EMAs and their snapshots for choosing the EMA after training (EDM2; pipeline/posthoc_ema.py)."""
+    """Power-function EMAs and their snapshots for choosing the EMA after training (EDM2; pipeline/checkpoint/posthoc.py)."""
 
     sigma_rels: list[float] = field(default_factory=list)  # [] = off; EDM2 keeps [0.05, 0.10]
     # snapshot every this many steps, in the checkpoint of that step (a checkpoint is written there if none is
@@ -271,7 +273,7 @@ class PostHocConfig:
 
 @dataclass
 class EMAConfig:
-    """The EMA of the weights (pipeline/ema.py): ema-pytorch's warm-up, fp32, masked on skipped steps."""
+    """The EMA of the weights (pipeline/train/ema.py): ema-pytorch's warm-up, fp32, masked on skipped steps."""
 
     decay: float = 0.9999  # EMA decay once warmed up
     warmup_steps: int = 0  # steps before the EMA starts tracking (it copies the weights until then)
@@ -298,7 +300,7 @@ class EMAConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Training-state checkpoints (pipeline/checkpoint.py): cadence, retention, where to resume from."""
+    """Training-state checkpoints (pipeline/checkpoint/): cadence, retention, where to resume from."""
 
     every_steps: int = 5000  # checkpoint cadence, in optimizer steps (and always at the end)
     keep: int = 3  # newest k complete checkpoints kept
@@ -313,7 +315,7 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    """What the trainer reports (pipeline/trainer.py): the metrics tick and the EMA sample grids."""
+    """What the trainer reports (pipeline/train/loop.py): the metrics tick and the EMA sample grids."""
 
     every_steps: int = 100  # metrics tick: the only place the host waits for the device
     sample_every_steps: int = 5000  # sample grid from the EMA into tracking (0 = off)
@@ -329,7 +331,7 @@ class LoggingConfig:
 
 @dataclass
 class PreemptionConfig:
-    """SIGTERM/SIGUSR1 handling (pipeline/trainer.py): checkpoint, then exit 75 so the job is requeued."""
+    """SIGTERM/SIGUSR1 handling (pipeline/train/loop.py): checkpoint, then exit 75 so the job is requeued."""
 
     # ranks act on a received signal at the first log tick whose step is a multiple of this: the flag rides on
     # the tick's all-reduce (no collective of its own), so within lcm(logging.every_steps, this) steps
@@ -350,7 +352,7 @@ class EvalConfig:
     seed: int = 0  # first per-image seed
     sampler: str = "ddim"  # ancestral (T steps, the paper's) or ddim
     steps: int = 50  # DDIM steps (ignored by the ancestral sampler)
-    # DDIM timesteps (pipeline/sampling.py): uniform (the DDIM code's range(0, T, T // steps)), leading, linspace,
+    # DDIM timesteps (pipeline/model/sampling.py): uniform (the DDIM code's range(0, T, T // steps)), leading, linspace,
     # trailing (diffusers' names) or quadratic
     spacing: str = "uniform"
     eta: float = 0.0  # DDIM η (0 = deterministic, 1 = ancestral-like)
@@ -408,7 +410,7 @@ class EvalConfig:
 
 @dataclass
 class TrackingConfig:
-    """MLflow tracking (pipeline/tracking.py, docs/tracking.md). Rank 0 only; an outage never stops training."""
+    """MLflow tracking (pipeline/tracking/sink.py, docs/tracking.md). Rank 0 only; an outage never stops training."""
 
     enabled: bool = True  # false = log nothing (a null sink)
     # "" = $MLFLOW_TRACKING_URI, else sqlite:///<parent of train.out_dir>/mlflow.db: one embedded store (no server)

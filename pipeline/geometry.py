@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from pipeline.config import Config, ConfigError
+from pipeline.data.shards import resolve_shards
 
 _KIND = {1: "grey", 3: "RGB"}
 
@@ -23,7 +24,6 @@ def describe(image_size: int, channels: int) -> str:
 
 def resolve_geometry(cfg: Config) -> Config:
     """``cfg`` with the model geometry taken from (and checked against) the data; raises ConfigError or DataError."""
-    from pipeline.data.shards import resolve_shards
 
     shardset = resolve_shards(cfg.data.shards, cfg.data.split, need_counts=False)
     data_size, data_channels = shardset.image_size, shardset.channels  # 0 = no manifest says

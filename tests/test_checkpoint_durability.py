@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline import checkpoint
+from pipeline.checkpoint import folder as checkpoint
+from pipeline.checkpoint import manager as ckpt_manager
 from pipeline.config import load_config
-from pipeline.ema import EMA
+from pipeline.train.ema import EMA
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -17,12 +18,12 @@ REPO = Path(__file__).resolve().parents[1]
 def test_complete_is_written_after_an_fsync_of_every_file(tmp_path, monkeypatch):
     from accelerate import Accelerator
 
-    from pipeline.trainer import Progress
+    from pipeline.train.loop import Progress
 
     cfg = load_config(REPO / "configs" / "digits.yaml", ["data.shards=unused", f"train.out_dir={tmp_path}"])
     acc = Accelerator(cpu=True)
     lin = acc.prepare(torch.nn.Linear(3, 2))
-    manager = checkpoint.CheckpointManager(tmp_path, cfg.checkpoint, accelerator=acc, record=cfg,
+    manager = ckpt_manager.CheckpointManager(tmp_path, cfg.checkpoint, accelerator=acc, record=cfg,
                                            parts={"meta": Progress(), "ema": EMA(lin, cfg.ema)})
     manager.start()
     synced: list[str] = []  # paths in the order they were fsynced

@@ -204,7 +204,7 @@ def test_a_missing_sqlite_store_is_refused_not_created(tmp_path, capsys):
     db = tmp_path / "nowhere" / "mlflow.db"
     assert main(["--experiment", "ddpm", "--tracking-uri", f"sqlite:///{db}", "--out", str(tmp_path / "p")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: no MLflow store at ") and str(db) in err[0]
+    assert len(err) == 1 and err[0].startswith("compare: error: no MLflow store at ") and str(db) in err[0]
     assert not db.exists() and not db.parent.exists()  # MLflow was never asked: it would have created it
 
 

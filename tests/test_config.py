@@ -96,7 +96,7 @@ def test_every_shipped_config_loads_and_builds_its_model(path):
 
     import torch
 
-    from pipeline.unet import PRESETS, UNet
+    from pipeline.model.unet import PRESETS, UNet
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a shipped config uses no old key and reaches every attention resolution
@@ -116,7 +116,7 @@ def test_every_shipped_config_loads_and_builds_its_model(path):
 
 def test_model_config_widths_are_the_cifar10_preset_and_attention_follows_the_size():
     from pipeline.config import default_attention
-    from pipeline.unet import PRESETS
+    from pipeline.model.unet import PRESETS
 
     assert ModelConfig(image_size=32, channels=3) == ModelConfig(**PRESETS["cifar10"])
     assert ModelConfig().image_size is None and not ModelConfig().resolved  # geometry from the data

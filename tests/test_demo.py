@@ -1,4 +1,4 @@
-"""`make demo` end to end (pipeline/demo.py), shortened by overrides: prepare, train, evaluate, log."""
+"""`make demo` end to end (launch/demo.py), shortened by overrides: prepare, train, evaluate, log."""
 
 import json
 import math
@@ -30,7 +30,7 @@ def test_demo_prepares_trains_evaluates_and_logs_into_the_run(tmp_path):
         "eval.kid_subsets=10", "eval.kid_subset_size=32",
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # the project's store, as a user's
-    proc = subprocess.run([sys.executable, "-m", "pipeline.demo", "--data", str(data), *overrides],
+    proc = subprocess.run([sys.executable, "-m", "launch.demo", "--data", str(data), *overrides],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     out = proc.stdout
     assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""pipeline/diffusion.py against closed forms, independent computations and an oracle denoiser."""
+"""pipeline/model/diffusion.py against closed forms, independent computations and an oracle denoiser."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from scipy.stats import norm
 
 from pipeline.config import DiffusionConfig
-from pipeline.diffusion import (
+from pipeline.model.diffusion import (
     DDPMLoss,
     Diffusion,
     beta_schedule,
@@ -19,7 +19,7 @@ from pipeline.diffusion import (
     discretized_gaussian_log_likelihood,
     normal_kl,
 )
-from pipeline.unet import UNet, model_config
+from pipeline.model.unet import UNet, model_config
 from tests.helpers.diffusion import GaussianData, OracleDenoiser, alphas_cumprod
 
 PAPER = DiffusionConfig()  # T = 1000, linear 1e-4 -> 0.02

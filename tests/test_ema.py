@@ -1,6 +1,6 @@
-"""The EMA (pipeline/ema.py): bit-for-bit the implementation it replaced, with no host sync; several EMAs in one
+"""The EMA (pipeline/train/ema.py): bit-for-bit the implementation it replaced, with no host sync; several EMAs in one
 bank (each classic one still ema-pytorch's to the bit, the plain schedule, EDM2's power-function profile); the ZeRO
-layout's partition <-> state_dict mapping (pipeline/ema_deepspeed.py). The 2-process runs are in
+layout's partition <-> state_dict mapping (pipeline/train/ema_deepspeed.py). The 2-process runs are in
 tests/test_ema_dist.py, post-hoc synthesis and snapshots in tests/test_posthoc_ema.py."""
 
 from __future__ import annotations
@@ -12,13 +12,14 @@ import torch
 from ema_pytorch import EMA as LucidrainsEMA
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from pipeline.checkpoint.posthoc import sigma_rel_to_gamma
 from pipeline.config import EMAConfig, PostHocConfig
-from pipeline.ema import EMA, EMASchedule, sigma_rel_to_gamma
-from pipeline.ema_deepspeed import ZeroLayout, _Group, _Param
+from pipeline.train.ema import EMA, EMASchedule
+from pipeline.train.ema_deepspeed import ZeroLayout, _Group, _Param
 
 
 class PreviousEMA(LucidrainsEMA):
-    """The EMA before the no-sync rewrite (commit 4e7a3f0, pipeline/ema.py's _MaskedEMA): ema-pytorch whose lerp weight is multiplied by a
+    """The EMA before the no-sync rewrite (commit 4e7a3f0, pipeline/train/ema.py's _MaskedEMA): ema-pytorch whose lerp weight is multiplied by a
     device tensor ``ok``; ema-pytorch then reads that weight with ``.item()``. The reference for bitwise equality."""
 
     _ok: torch.Tensor | None = None

@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.checkpoint import Checkpoint
+from pipeline.checkpoint.folder import Checkpoint
+from pipeline.checkpoint.posthoc import sigma_rel_to_gamma
 from pipeline.config import EMAConfig
-from pipeline.ema import sigma_rel_to_gamma
-from pipeline.unet import UNet
+from pipeline.model.unet import UNet
 from tests.helpers import trainer as h
 from tests.test_ema import _previous
 

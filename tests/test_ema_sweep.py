@@ -12,8 +12,8 @@ import subprocess
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import posthoc_ema as ph
-from pipeline.checkpoint import Checkpoint
+from pipeline.checkpoint import weights
+from pipeline.checkpoint.folder import Checkpoint
 from tests.helpers import trainer as h
 
 pytestmark = pytest.mark.slow
@@ -71,7 +71,7 @@ def test_the_sweep_logs_one_fid_per_ema_length_and_compare_names_the_best(traine
         assert mlrun.data.tags[f"ema_sweep.{name}.kind"] == kind
         assert [a.path for a in client.list_artifacts(rid, f"eval/step-{STEPS:08d}/ema-{name}")] == [
             f"eval/step-{STEPS:08d}/ema-{name}/{f}" for f in ("grid.png", "provenance.json", "real.png")]
-    primary = next(c for c in ph.stored_emas(ckpt) if c.kind == "primary")
+    primary = next(c for c in weights.stored_emas(ckpt) if c.kind == "primary")
     assert client.get_metric_history(rid, "eval/ema/decay0.9/sigma_rel")[0].value == pytest.approx(primary.sigma_rel)
     assert mlrun.data.tags["ema_sweep.fid_protocol.digits.num_samples"] == "48"
     assert "eval/fid_digits" not in mlrun.data.metrics  # the primary EMA's own curve is not touched by a sweep

@@ -16,7 +16,7 @@ from evaluation import digits_net
 from evaluation.evaluate import check_fits, data_facts, evaluate, main, read_checkpoint
 from pipeline.data.prepare import prepare
 from pipeline.data.sequential import iter_split
-from pipeline.images import image_grid
+from pipeline.tracking.images import image_grid
 from tests.helpers.data import indexed_images, make_shards
 from tests.helpers.evaluation import prepare_digits, tiny_config, training_run, write_checkpoint
 

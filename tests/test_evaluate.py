@@ -23,7 +23,7 @@ from evaluation.evaluate import (
 )
 from evaluation.features import digits_extractor
 from evaluation.fid import fid, load_reference
-from pipeline.diffusion import Diffusion
+from pipeline.model.diffusion import Diffusion
 from tests.helpers.data import free_port
 from tests.helpers.evaluation import prepare_digits, tiny_config, training_run, write_checkpoint
 
@@ -55,7 +55,7 @@ def test_held_out_batches_split_over_ranks_cover_the_split_once(digits):
 
 
 def test_bound_parts_that_overlap_are_refused():
-    from pipeline.diffusion import PerImageBound, summarize_bound
+    from pipeline.model.diffusion import PerImageBound, summarize_bound
 
     part = PerImageBound(index=torch.tensor([0, 1]), total=torch.ones(2, dtype=torch.float64),
                          prior=torch.zeros(2, dtype=torch.float64), decoder=torch.zeros(2, dtype=torch.float64),

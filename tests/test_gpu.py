@@ -85,7 +85,7 @@ def test_training_steps_do_not_sync_host_and_device(digits, tmp_path, precision)
 
 
 def test_unet_on_cuda_matches_cpu():
-    from pipeline.unet import UNet, model_config
+    from pipeline.model.unet import UNet, model_config
 
     torch.manual_seed(0)
     net = UNet(model_config("cifar10")).eval()
@@ -104,9 +104,9 @@ def test_unet_on_cuda_matches_cpu():
 
 def test_cuda_samples_do_not_depend_on_batch_size():
     from pipeline.config import DiffusionConfig
-    from pipeline.diffusion import Diffusion
-    from pipeline.sampling import sample
-    from pipeline.unet import UNet, model_config
+    from pipeline.model.diffusion import Diffusion
+    from pipeline.model.sampling import sample
+    from pipeline.model.unet import UNet, model_config
 
     torch.manual_seed(0)
     net = UNet(model_config("digits")).cuda().eval()
@@ -127,9 +127,9 @@ def test_cuda_sampling_never_waits_for_the_device_and_gives_the_cpus_images(samp
     """The noise is each image's CPU draw (prefetched into pinned memory, copied without blocking): inside the
     sampling loop nothing syncs (torch's sync debug mode raises on a sync), and the images are the CPU's."""
     from pipeline.config import DiffusionConfig
-    from pipeline.diffusion import Diffusion
-    from pipeline.sampling import sample, sample_batch
-    from pipeline.unet import UNet, model_config
+    from pipeline.model.diffusion import Diffusion
+    from pipeline.model.sampling import sample, sample_batch
+    from pipeline.model.unet import UNet, model_config
 
     torch.manual_seed(0)
     net = UNet(model_config("digits")).eval()

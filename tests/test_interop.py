@@ -1,4 +1,4 @@
-"""diffusers interop (pipeline/interop.py, evaluation/export.py): our U-Net and schedule <-> UNet2DModel and
+"""diffusers interop (pipeline/model/interop.py, evaluation/export.py): our U-Net and schedule <-> UNet2DModel and
 DDPMScheduler, both directions, with real diffusers classes, real checkpoints and a real training from an import."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.utils import logging as diffusers_logging
 
 from evaluation import export
-from pipeline import interop
-from pipeline.checkpoint import EMA_FILE, Checkpoint, read_ema
+from pipeline.checkpoint.folder import EMA_FILE, Checkpoint, read_ema
 from pipeline.config import DiffusionConfig
-from pipeline.diffusion import Diffusion
-from pipeline.unet import UNet, count_parameters, model_config, timestep_embedding
+from pipeline.model import interop
+from pipeline.model.diffusion import Diffusion
+from pipeline.model.unet import UNet, count_parameters, model_config, timestep_embedding
 from tests.helpers import trainer as h
 from tests.helpers.evaluation import prepare_digits, tiny_config, write_checkpoint
 
@@ -284,9 +284,9 @@ def _tiny_diffusers(folder: Path) -> Path:
 
 @pytest.mark.slow
 def test_a_training_starts_from_an_imported_checkpoint_and_never_resumes_one(digits, tmp_path):
-    from pipeline.checkpoint import CheckpointError
+    from pipeline.checkpoint.folder import CheckpointError
     from pipeline.config import load_config
-    from pipeline.trainer import init_from
+    from pipeline.train.loop import init_from
 
     imported = tmp_path / "imported"
     assert export.main(["--from-diffusers", str(_tiny_diffusers(tmp_path / "hf")), "--out", str(imported)]) == 0

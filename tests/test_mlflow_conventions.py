@@ -1,6 +1,6 @@
 """MLflow conventions of the tracking sink, against real sqlite stores and real trainings: one store per project
 (shared by concurrent processes), the experiment kind, MLflow's source tags, the data as a dataset input, and
-MLflow's system metrics (pipeline/tracking.py, pipeline/mlflow_sink.py, docs/tracking.md)."""
+MLflow's system metrics (pipeline/tracking/sink.py, pipeline/tracking/mlflow_sink.py, docs/tracking.md)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from pipeline.config import DataConfig, TrackingConfig
-from pipeline.mlflow_sink import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, _sqlite_locked, _transient
-from pipeline.tracking import describe_training_data, make_sink, source_tags
+from pipeline.tracking.factory import make_sink
+from pipeline.tracking.mlflow_sink import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, _sqlite_locked, _transient
+from pipeline.tracking.sink import describe_training_data, source_tags
 from tests.helpers import trainer as h
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,7 +94,7 @@ def test_a_resumed_run_gets_the_current_tags_and_its_experiment_the_kind(tmp_pat
     client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
     old = client.create_run(client.create_experiment("conv"), tags={"mlflow.source.git.commit": "aaa"})
     client.set_terminated(old.info.run_id, status="KILLED")
-    caplog.set_level(logging.WARNING, logger="pipeline.mlflow_sink")
+    caplog.set_level(logging.WARNING, logger="pipeline.tracking.mlflow_sink")
     sink = make_sink(_cfg(), out_dir=runs / "a", is_main_process=True, run_id=old.info.run_id,
                      tags={"mlflow.source.git.commit": "bbb", "mlflow.source.type": "LOCAL"})
     sink.finish()
@@ -196,7 +197,7 @@ def test_mlflow_raises_a_locked_sqlite_store_as_a_transient_error(tmp_path):
 CHILD = """
 import json, sys, time
 from pipeline.config import TrackingConfig
-from pipeline.tracking import make_sink
+from pipeline.tracking.factory import make_sink
 parent, name, n, start = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 cfg = TrackingConfig(experiment="shared", retries=1, retry_wait_s=0.05, start_timeout_s=120, flush_timeout_s=240)
 time.sleep(max(0.0, start - time.time()))  # all children open the (fresh) store at the same moment
@@ -281,10 +282,11 @@ def test_two_trainings_at_once_share_the_project_store_with_source_tags_data_and
     parent = tmp_path / "runs"
     base = [f"data.shards={digits}", "tracking.enabled=true", "tracking.experiment=t", "train.total_steps=4",
             "logging.every_steps=2", "checkpoint.every_steps=4"]
-    a = h.start(h.train_cmd([*base, "name=a", f"train.out_dir={parent}/a", "tracking.system_metrics=true"]),
+    a = h.start(h.train_cmd([*base, "name=a", f"train.out_dir={parent}/a", "tracking.system_metrics=true"],
+                            script=h.LAUNCH),  # the entry point whose mlflow.source.name is checked
                 h.env(MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="0.2", SLURM_JOB_ID=""), tmp_path / "a.log")
-    b = h.start(h.train_cmd([*base, "name=b", f"train.out_dir={parent}/b"]), h.env(SLURM_JOB_ID="4242"),
-                tmp_path / "b.log")
+    b = h.start(h.train_cmd([*base, "name=b", f"train.out_dir={parent}/b"], script=h.LAUNCH),
+                h.env(SLURM_JOB_ID="4242"), tmp_path / "b.log")
     assert a.wait(300) == 0, (tmp_path / "a.log").read_text()[-3000:]
     assert b.wait(300) == 0, (tmp_path / "b.log").read_text()[-3000:]
     assert not (parent / "a" / "mlflow.db").exists() and not (parent / "b" / "mlflow.db").exists()

@@ -1,4 +1,4 @@
-"""The EMA model as an MLflow model (evaluation/pyfunc_model.py): logged by a real training into a real sqlite
+"""The EMA model as an MLflow model (pipeline/tracking/mlflow_model.py, logged by pipeline/tracking/logged_model.py): logged by a real training into a real sqlite
 store, registered, loaded back, served by a real ``mlflow models serve`` on 127.0.0.1."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.checkpoint import EMA_FILE
+from pipeline.checkpoint.folder import EMA_FILE
 from pipeline.data.manifest import sha256_file
 from tests.helpers import trainer as h
 from tests.helpers.evaluation import prepare_digits
@@ -45,7 +45,7 @@ def trained(tmp_path_factory) -> SimpleNamespace:
 
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    from pipeline.tracking import read_run_file
+    from pipeline.tracking.sink import read_run_file
 
     # the run's id: in meta.json, or only in mlflow_run.json when the store was slow to create the run
     run_id = json.loads((run / "step-00000002" / "meta.json").read_text())["mlflow_run_id"]
@@ -84,7 +84,7 @@ def test_the_training_logs_its_ema_model_into_its_run_at_its_step_and_registers_
     assert location == str(trained.run_dir.parent / "mlartifacts")
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/1", dst_path=str(tmp_path)))
     assert sha256_file(local / "artifacts" / EMA_FILE) == sha256_file(trained.ckpt / EMA_FILE)  # the weights, as is
-    assert (local / "code" / "pipeline" / "unet.py").is_file()  # the code travels with the model
+    assert (local / "code" / "pipeline" / "model" / "unet.py").is_file()  # the code travels with the model
     assert not list(local.rglob("*.pkl")) and not list(local.rglob("*.bin"))  # nothing to unpickle at load
 
 
@@ -133,7 +133,7 @@ def test_the_command_logs_any_checkpoint_into_its_run_and_registers_a_new_versio
 
 
 def test_a_failure_to_log_the_model_is_a_warning_not_an_error(tmp_path, capsys):
-    from evaluation.pyfunc_model import log_training_model
+    from pipeline.tracking.logged_model import log_training_model
 
     log_training_model(tmp_path / "step-00000009", SimpleNamespace(registered_model_name=""), "0" * 32,
                        f"sqlite:///{tmp_path / 'mlflow.db'}")

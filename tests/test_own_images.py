@@ -76,7 +76,7 @@ def test_the_digits_config_trains_on_rgb_images_with_the_geometry_of_the_data(rg
     for path in pngs.values():
         local = client.download_artifacts(mlflow_run.info.run_id, path, str(tmp_path))
         assert Image.open(local).size == (2 * 16 * 8 + 3 * 2,) * 2  # 2x2 grid of 16 px images enlarged 8x
-    from pipeline.checkpoint import Checkpoint
+    from pipeline.checkpoint.folder import Checkpoint
 
     model = Checkpoint(out / "step-00000004").config().model
     # taken from the manifest; attention by the rule: the U-Net's levels are 16 and 8, so 16x16
@@ -171,7 +171,7 @@ def test_bf16_gradient_all_reduce_follows_the_fp32_loss_curve(tmp_path):
         curves[dtype] = _tick_losses(r.stdout)
     assert len(curves["fp32"]) == len(curves["bf16"]) == 6
     np.testing.assert_allclose(curves["bf16"], curves["fp32"], rtol=0.02)
-    from pipeline.checkpoint import Checkpoint
+    from pipeline.checkpoint.folder import Checkpoint
 
     w32, w16 = (Checkpoint(tmp_path / d / "step-00000012").ema_weights() for d in ("fp32", "bf16"))
     assert any(not torch.equal(w32[k], w16[k]) for k in w32)  # the hook was on: the reduction did round

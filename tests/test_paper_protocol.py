@@ -16,7 +16,7 @@ import torch
 from evaluation.errors import EvaluationError
 from evaluation.protocol import PAPER, apply_protocol, overridden, recorded_name
 from pipeline.config import ConfigError, load_config
-from pipeline.trainer import (
+from pipeline.train.step import (
     GroupClip,
     OptimizerStep,
     batch_split,
@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_cifar10_paper_config_is_the_authors_recipe():
-    from pipeline.ema import EMASchedule
+    from pipeline.train.ema import EMASchedule
 
     cfg = load_config(REPO / "configs" / "cifar10_paper.yaml")
     assert cfg.train.mixed_precision == "no" and cfg.train.batch_size == 128 and cfg.train.total_steps == 800_000
@@ -197,8 +197,8 @@ def _group_grads(cfg, shards: Path) -> list[list[torch.Tensor]]:
     """Each group's gradient at step 0 as the trainer draws it: the seeded U-Net, the micro-batch's seeded t, noise
     and dropout (micro_seed of its index in the global batch), a plain backward of its mean loss."""
     from pipeline.data.sequential import split_batches
-    from pipeline.diffusion import DDPMLoss, Diffusion
-    from pipeline.unet import UNet
+    from pipeline.model.diffusion import DDPMLoss, Diffusion
+    from pipeline.model.unet import UNet
 
     image = next(iter(split_batches(str(shards), "train", 1)))["image"]
     torch.manual_seed(cfg.train.seed)
@@ -231,7 +231,7 @@ def _average(groups: list[list[torch.Tensor]]) -> list[torch.Tensor]:
 
 def _weights_after(cfg, grad: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """The U-Net after the trainer's first Adam step with this gradient."""
-    from pipeline.unet import UNet
+    from pipeline.model.unet import UNet
 
     torch.manual_seed(cfg.train.seed)
     net = UNet(cfg.model)
@@ -385,7 +385,7 @@ def test_paper_protocol_name_is_recorded_in_provenance_tags_and_compare(digits, 
 
 
 def test_tanh_decoder_matches_the_authors_formula_and_the_exact_one_within_1e_3():
-    from pipeline.diffusion import (
+    from pipeline.model.diffusion import (
         discretized_gaussian_log_likelihood,
         discretized_gaussian_log_likelihood_tanh,
     )

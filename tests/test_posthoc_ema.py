@@ -1,4 +1,4 @@
-"""Post-hoc EMA (pipeline/posthoc_ema.py, EDM2): the algebra against ema-pytorch's solver and direct integration,
+"""Post-hoc EMA (pipeline/checkpoint/posthoc.py, EDM2): the algebra against ema-pytorch's solver and direct integration,
 the synthesis against an EMA that was really kept, the classic EMAs' sigma_rel against their schedule; then real
 trainings: snapshots written once and hard-linked into every later checkpoint (keep-k, sha256), a stored sigma_rel
 synthesized back, a kill -9 resume bitwise for every EMA and snapshot, an EMA added mid-run refused."""
@@ -18,10 +18,12 @@ from ema_pytorch.post_hoc_ema import sigma_rel_to_gamma as lucidrains_gamma
 from ema_pytorch.post_hoc_ema import solve_weights as lucidrains_solve
 from safetensors.torch import load_file
 
-from pipeline import posthoc_ema as ph
-from pipeline.checkpoint import Checkpoint, CheckpointError
+from pipeline.checkpoint import posthoc as ph
+from pipeline.checkpoint import weights
+from pipeline.checkpoint.folder import Checkpoint, CheckpointError
+from pipeline.checkpoint.posthoc import sigma_rel_to_gamma
 from pipeline.config import EMAConfig, PostHocConfig
-from pipeline.ema import EMA, sigma_rel_to_gamma
+from pipeline.train.ema import EMA
 from tests.helpers import trainer as h
 
 # ---- the algebra ---------------------------------------------------------------------------------------------
@@ -175,7 +177,7 @@ def test_snapshots_are_written_once_and_linked_into_every_later_checkpoint(run):
     applied = {2: 2, 4: 4, 6: 5, 8: 7, 10: 9}
     for s, by in snaps.items():
         for sig, rel in by.items():
-            meta = ph._metadata(last / rel)
+            meta = ph.file_metadata(last / rel)
             assert (meta["t"], meta["step"], meta["sigma_rel"], meta["dtype"]) == (applied[s], s, sig, "fp16")
             assert all(v.dtype == torch.float16 for v in load_file(str(last / rel)).values())
     # the snapshot of step 10 is the power EMA of step 10, rounded to fp16
@@ -200,11 +202,11 @@ def test_a_stored_sigma_rel_synthesized_back_is_the_stored_ema(run):
                                                                               out["sigma0.07"]))
     assert 0 < (mid - a).norm() < (b - a).norm() and 0 < (mid - b).norm() < (b - a).norm()
     # the one selection function gives the same weights for every kind of name
-    assert h.same(ph.ema_weights(ckpt, "sigma0.07"), out["sigma0.07"])
-    assert h.same(ph.ema_weights(ckpt, "decay0.8"), ckpt.ema_weights("decay0.8"))
-    assert h.same(ph.ema_weights(ckpt, "decay0.9"), ckpt.ema_weights()) and h.same(ph.ema_weights(ckpt), ckpt.ema_weights())
+    assert h.same(weights.ema_weights(ckpt, "sigma0.07"), out["sigma0.07"])
+    assert h.same(weights.ema_weights(ckpt, "decay0.8"), ckpt.ema_weights("decay0.8"))
+    assert h.same(weights.ema_weights(ckpt, "decay0.9"), ckpt.ema_weights()) and h.same(weights.ema_weights(ckpt), ckpt.ema_weights())
     with pytest.raises(CheckpointError, match="has no EMA 'decay0.5'; it has decay0.9, decay0.8, sigma0.05, sigma0.1"):
-        ph.ema_weights(ckpt, "decay0.5")
+        weights.ema_weights(ckpt, "decay0.5")
 
 
 @pytest.mark.slow
@@ -217,8 +219,8 @@ def test_a_damaged_snapshot_is_named_and_not_used(run, tmp_path):
     (copy / rel).write_bytes(bytes(data))
     assert any(rel in p for p in Checkpoint(copy).verify())
     with pytest.raises(CheckpointError, match=rel):
-        ph.ema_weights(Checkpoint(copy), "sigma0.07")
-    assert h.same(ph.ema_weights(Checkpoint(copy), "sigma0.1"), Checkpoint(copy).ema_weights("sigma0.1"))
+        weights.ema_weights(Checkpoint(copy), "sigma0.07")
+    assert h.same(weights.ema_weights(Checkpoint(copy), "sigma0.1"), Checkpoint(copy).ema_weights("sigma0.1"))
 
 
 @pytest.mark.slow
@@ -243,7 +245,7 @@ def test_kill_9_and_resume_gives_every_ema_and_snapshot_bitwise(run, shards, tmp
         assert emas == sorted(k for k in _sha(b) if k.startswith(("ema", "posthoc/")))
         for rel in emas:  # tensors and metadata (the files' bytes are not: safetensors orders its header freely)
             assert h.same(load_file(str(a / rel)), load_file(str(b / rel))), rel
-            assert ph._metadata(a / rel) == ph._metadata(b / rel), rel
+            assert ph.file_metadata(a / rel) == ph.file_metadata(b / rel), rel
         assert h.same(h.params(a), h.params(b))
     assert Checkpoint(out / "step-00000010").verify() == []
 
@@ -266,7 +268,7 @@ def test_a_synthesized_ema_exports_to_diffusers_with_its_own_weights(run, tmp_pa
     from diffusers import UNet2DModel
 
     from evaluation import export
-    from pipeline import interop
+    from pipeline.model import interop
 
     ckpt = Checkpoint(run / "step-00000010")
     for name in ("sigma0.07", "decay0.8"):
@@ -274,7 +276,7 @@ def test_a_synthesized_ema_exports_to_diffusers_with_its_own_weights(run, tmp_pa
         assert export.main([str(ckpt.path), "--diffusers", str(out), "--weights", name]) == 0, capsys.readouterr().err
         assert json.loads((out / export.EXPORT_RECORD).read_text())["weights"] == name
         theirs = UNet2DModel.from_pretrained(str(out / "unet")).state_dict()
-        assert h.same(interop.from_diffusers(theirs, export.checkpoint_model(ckpt)[0]), ph.ema_weights(ckpt, name))
+        assert h.same(interop.from_diffusers(theirs, weights.load_unet(ckpt, name).model), weights.ema_weights(ckpt, name))
     assert export.main([str(ckpt.path), "--diffusers", str(tmp_path / "x"), "--weights", "decay0.5"]) == 2
     err = capsys.readouterr().err
     assert "--weights decay0.5: not one of ema, raw nor an EMA" in err and "decay0.8, sigma0.05, sigma0.1" in err

@@ -1,4 +1,4 @@
-"""pipeline/sampling.py: per-seed determinism, DDIM(η=1, K=T) = ancestral, and the right distribution."""
+"""pipeline/model/sampling.py: per-seed determinism, DDIM(η=1, K=T) = ancestral, and the right distribution."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from pipeline.config import DiffusionConfig
-from pipeline.diffusion import Diffusion
-from pipeline.sampling import NoiseStream, ddim_steps, ddim_timesteps, sample, sample_batch
-from pipeline.unet import UNet, model_config
+from pipeline.model.diffusion import Diffusion
+from pipeline.model.sampling import NoiseStream, ddim_steps, ddim_timesteps, sample, sample_batch
+from pipeline.model.unet import UNet, model_config
 from tests.helpers.diffusion import GaussianData, OracleDenoiser
 
 SMALL = DiffusionConfig(timesteps=40, schedule="cosine")  # cheap chains with ᾱ_T ≈ 0

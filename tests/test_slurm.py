@@ -148,7 +148,7 @@ def submit_train_and_eval(slurm, shards: Path, tmp_path: Path, total: int, every
 
 def test_two_node_training_job_writes_checkpoints(slurm, digits_shards, tmp_path):
     # --cpus-per-task=2 (a whole test node): one CPU for the training process, one data worker beside it
-    pytest.importorskip("pipeline.trainer", exc_type=ModuleNotFoundError)
+    pytest.importorskip("pipeline.train.loop", exc_type=ModuleNotFoundError)
     out_dir, log = tmp_path / "run", tmp_path / "train.out"
     job = slurm.sbatch(train_args(digits_shards, out_dir, total_steps=20, checkpoint_every=10, workers=False),
                                options=["-N2", "--cpus-per-task=2", f"--output={log}"], env=job_env(tmp_path), cwd=REPO)
@@ -200,7 +200,7 @@ def test_two_node_deepspeed_zero2_job_trains_and_checkpoints(slurm, digits_shard
 
 def test_preemption_requeues_resumes_into_the_same_run_then_evaluation_follows(
         slurm, digits_shards, tmp_path):
-    pytest.importorskip("pipeline.trainer", exc_type=ModuleNotFoundError)
+    pytest.importorskip("pipeline.train.loop", exc_type=ModuleNotFoundError)
     pytest.importorskip("evaluation.evaluate", exc_type=ModuleNotFoundError)
     from mlflow.tracking import MlflowClient
 
@@ -302,7 +302,7 @@ def test_scripts_pass_shellcheck():
 def test_scancel_checkpoints_and_does_not_requeue(slurm, digits_shards, tmp_path):
     # `scancel JOB` sends SIGTERM to every process of the job: node_task.sh passes it to the training
     # processes (torchrun would kill them 30 s later), they write a checkpoint; a cancel is not requeued.
-    pytest.importorskip("pipeline.trainer", exc_type=ModuleNotFoundError)
+    pytest.importorskip("pipeline.train.loop", exc_type=ModuleNotFoundError)
     out_dir, log = tmp_path / "run", tmp_path / "train.out"
     job = slurm.sbatch(train_args(digits_shards, out_dir, total_steps=2000, checkpoint_every=1000),
                        options=["-N2", ONE_CPU, f"--output={log}"], env=job_env(tmp_path), cwd=REPO)

@@ -32,8 +32,7 @@ def test_a_step_makes_no_host_sync_and_no_collective_of_ours(digits, tmp_path, s
     over = [f"data.shards={digits}", f"train.out_dir={tmp_path}/run", f"train.total_steps={STEPS}",
             f"logging.every_steps={LOG_EVERY}", "checkpoint.every_steps=1000", "train.micro_batch_per_gpu=4",
             "preemption.check_every_steps=1"]
-    cmd = h.train_cmd(over, nproc=2, deepspeed_stage=stage)
-    cmd[cmd.index(str(h.REPO / "launch" / "train.py"))] = str(h.REPO / "tests" / "helpers" / "step_probe.py")
+    cmd = h.train_cmd(over, nproc=2, deepspeed_stage=stage, script=h.REPO / "tests" / "helpers" / "step_probe.py")
     probe = {"STEP_PROBE_DIR": str(tmp_path), "STEP_PROBE_INJECT_AT": str(INJECT_AT)}
     environ = h.launch_env(deepspeed=True, **probe) if stage else h.launch_env(multi=True, **probe)
     r = h.run(cmd, environ, timeout=600)

@@ -1,5 +1,5 @@
-"""The tracking interface and its MLflow transport (pipeline/tracking.py, pipeline/mlflow_sink.py) against
-real MLflow stores: the embedded sqlite store and a real `mlflow server`; the image helpers (pipeline/images.py).
+"""The tracking interface and its MLflow transport (pipeline/tracking/sink.py, pipeline/tracking/mlflow_sink.py) against
+real MLflow stores: the embedded sqlite store and a real `mlflow server`; the image helpers (pipeline/tracking/images.py).
 
 The outage tests stop a real server mid-run (and start it again) and time every training-side call.
 """
@@ -18,9 +18,10 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from pipeline.config import ConfigError, TrackingConfig
-from pipeline.images import image_grid, to_hwc_uint8
-from pipeline.mlflow_sink import MLflowSink
-from pipeline.tracking import NullSink, make_sink, resolve_tracking_uri
+from pipeline.tracking.factory import make_sink
+from pipeline.tracking.images import image_grid, to_hwc_uint8
+from pipeline.tracking.mlflow_sink import MLflowSink
+from pipeline.tracking.sink import NullSink, resolve_tracking_uri
 from tests.helpers.mlflow_server import free_port, mlflow_server
 
 CALL_BOUND_S = 0.5  # a training-side call returns within this whatever the store does (a network wait is >= 1 s)
@@ -55,7 +56,7 @@ def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, flo
 
 
 def test_embedded_sqlite_default_logs_params_metrics_and_config(tmp_path, caplog):
-    caplog.set_level(logging.WARNING, logger="pipeline.mlflow_sink")
+    caplog.set_level(logging.WARNING, logger="pipeline.tracking.mlflow_sink")
     out = tmp_path / "run"
     sink = make_sink(_cfg(), out_dir=out, is_main_process=True, run_name="demo")
     assert sink.tracking_uri == f"sqlite:///{tmp_path.resolve()}/mlflow.db"  # the parent's store
@@ -97,7 +98,7 @@ def test_resume_continues_run_and_keeps_changed_params_as_tags(tmp_path, caplog,
     client = MlflowClient(first.tracking_uri)
     assert client.get_run(first.run_id).info.status == "KILLED"
 
-    caplog.set_level(logging.WARNING, logger="pipeline.mlflow_sink")
+    caplog.set_level(logging.WARNING, logger="pipeline.tracking.mlflow_sink")
     second = make_sink(_cfg(), out_dir=out, is_main_process=True, run_id=first.run_id)
     assert second.run_id == first.run_id
     second.log_params({"optimizer.lr": 2e-4, "world_size": 4})  # same lr: skipped; world_size changed
@@ -137,7 +138,7 @@ def test_attach_logs_into_a_running_run_without_touching_its_status(tmp_path, em
 
 
 def test_resume_of_unknown_run_starts_a_new_one(tmp_path, caplog, empty_store):
-    caplog.set_level(logging.WARNING, logger="pipeline.mlflow_sink")
+    caplog.set_level(logging.WARNING, logger="pipeline.tracking.mlflow_sink")
     out = _out_dir_with_store(tmp_path, empty_store)
     sink = make_sink(_cfg(), out_dir=out, is_main_process=True, run_id="0" * 32)
     sink.log_metrics({"train/loss": 1.5}, step=7)
@@ -206,7 +207,7 @@ def _timed_calls(sink, n: int, start_step: int = 0) -> float:
 
 
 def test_unreachable_uri_at_start_never_raises_and_counts_drops(tmp_path, caplog):
-    caplog.set_level(logging.WARNING, logger="pipeline.mlflow_sink")
+    caplog.set_level(logging.WARNING, logger="pipeline.tracking.mlflow_sink")
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     t0 = time.perf_counter()
     sink = make_sink(_cfg(uri=uri, start_timeout_s=5.0, flush_timeout_s=3.0), out_dir=tmp_path,
@@ -226,7 +227,7 @@ def test_unreachable_uri_at_start_never_raises_and_counts_drops(tmp_path, caplog
 
 def test_hung_server_fills_the_queue_without_blocking(tmp_path, caplog):
     """A server that accepts connections but never answers: requests wait for the HTTP timeout."""
-    caplog.set_level(logging.WARNING, logger="pipeline.mlflow_sink")
+    caplog.set_level(logging.WARNING, logger="pipeline.tracking.mlflow_sink")
     with socket.socket() as hole:
         hole.bind(("127.0.0.1", 0))
         hole.listen(64)
@@ -292,7 +293,7 @@ def test_server_receives_params_metrics_image_and_resume(server, tmp_path):
 @pytest.mark.slow
 def test_server_stopped_mid_run_then_back(tmp_path, caplog):
     """Stop the server mid-logging: calls stay fast, drops are counted; restart it: logging resumes."""
-    caplog.set_level(logging.WARNING, logger="pipeline.mlflow_sink")
+    caplog.set_level(logging.WARNING, logger="pipeline.tracking.mlflow_sink")
     root = tmp_path / "server"
     with mlflow_server(root) as srv:
         cfg = _cfg(uri=srv.uri, flush_timeout_s=5.0, probe_interval_s=0.5)

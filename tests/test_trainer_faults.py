@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 
 from pipeline.config import flatten, load_config, to_yaml
-from pipeline.trainer import PREEMPTED_EXIT_CODE, lr_at
+from pipeline.train.preemption import PREEMPTED_EXIT_CODE
+from pipeline.train.step import lr_at
 from tests.helpers import trainer as h
 from tests.helpers.mlflow_server import mlflow_server
 
@@ -285,7 +286,7 @@ def test_deepspeed_config_that_disables_the_nonfinite_check_is_refused(digits, t
         "zero_optimization": {"stage": 2},
     }))
     script = h.train_cmd([f"data.shards={digits}", f"train.out_dir={tmp_path}/run", "train.mixed_precision=bf16",
-                          "train.total_steps=2"])[1:]  # launch/train.py and its arguments
+                          "train.total_steps=2"])[1:]  # the training script and its arguments
     cmd = [h.ACCELERATE, "launch", "--use_deepspeed", "--deepspeed_config_file", str(ds_config),
            "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(h.free_port()),
            "--mixed_precision", "bf16", "--dynamo_backend", "no", *script]

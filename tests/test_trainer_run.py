@@ -158,9 +158,9 @@ def test_tracking_sqlite_store_gets_params_metrics_samples_and_resume_continues_
     # out_dir tmp_path/run: the default store is its parent's, tmp_path/mlflow.db
     base = [f"data.shards={shards}", f"train.out_dir={tmp_path}/run", "tracking.enabled=true", "tracking.experiment=t",
             "logging.sample_every_steps=2", "logging.sample_grid_images=4", "logging.sample_ddim_steps=2"]
-    r = h.run(h.train_cmd([*base, "train.total_steps=4"]), h.env())
+    r = h.run(h.train_cmd([*base, "train.total_steps=4"], script=h.LAUNCH), h.env())  # its mlflow.source.name
     assert r.returncode == 0, r.stderr[-3000:]
-    r = h.run(h.train_cmd([*base, "train.total_steps=6"]), h.env())
+    r = h.run(h.train_cmd([*base, "train.total_steps=6"], script=h.LAUNCH), h.env())
     assert r.returncode == 0, r.stderr[-3000:]
     from mlflow.tracking import MlflowClient
 

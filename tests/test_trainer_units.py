@@ -8,10 +8,12 @@ import pytest
 import torch
 from ema_pytorch import EMA as LucidrainsEMA
 
-from pipeline import checkpoint, dist
+from pipeline import dist
+from pipeline.checkpoint import folder as checkpoint
+from pipeline.checkpoint import manager as ckpt_manager
 from pipeline.config import ConfigError, EMAConfig, load_config
-from pipeline.ema import EMA
-from pipeline.trainer import batch_split, classify_skip, lr_at, micro_seed
+from pipeline.train.ema import EMA
+from pipeline.train.step import batch_split, classify_skip, lr_at, micro_seed
 from tests.helpers.trainer import REPO
 
 
@@ -168,7 +170,7 @@ class _Counter:
 def test_checkpoint_manager_saves_and_restores_every_registered_part(tmp_path):
     from accelerate import Accelerator
 
-    from pipeline.trainer import Progress
+    from pipeline.train.loop import Progress
 
     cfg = load_config(REPO / "configs" / "digits.yaml", [f"train.out_dir={tmp_path}", "checkpoint.keep=2",
                                                          "checkpoint.every_steps=5"])
@@ -177,8 +179,8 @@ def test_checkpoint_manager_saves_and_restores_every_registered_part(tmp_path):
     ema = EMA(lin, cfg.ema)
     progress, counter, per_rank = Progress(), _Counter(41), _Counter(7)
     progress.step, progress.images_seen, progress.mlflow_run_id = 10, 640, "abc"
-    manager = checkpoint.CheckpointManager(tmp_path, cfg.checkpoint, accelerator=acc, record=cfg, parts={
-        "meta": progress, "ema": ema, "counter": counter, "data": checkpoint.PerRank(per_rank)})
+    manager = ckpt_manager.CheckpointManager(tmp_path, cfg.checkpoint, accelerator=acc, record=cfg, parts={
+        "meta": progress, "ema": ema, "counter": counter, "data": ckpt_manager.PerRank(per_rank)})
     manager.start()
     assert [manager.due(s, final=False) for s in (4, 5, 10)] == [False, True, True] and manager.due(3, final=True)
     for step in (5, 10, 15):
@@ -190,9 +192,9 @@ def test_checkpoint_manager_saves_and_restores_every_registered_part(tmp_path):
 
     fresh_progress, fresh_counter, fresh_per_rank = Progress(), _Counter(), _Counter()
     fresh_ema = EMA(torch.nn.Linear(3, 2), cfg.ema)
-    again = checkpoint.CheckpointManager(tmp_path, cfg.checkpoint, accelerator=acc, record=cfg, parts={
+    again = ckpt_manager.CheckpointManager(tmp_path, cfg.checkpoint, accelerator=acc, record=cfg, parts={
         "meta": fresh_progress, "ema": fresh_ema, "counter": fresh_counter,
-        "data": checkpoint.PerRank(fresh_per_rank)})
+        "data": ckpt_manager.PerRank(fresh_per_rank)})
     assert again.resume() == path
     assert (fresh_counter.n, fresh_per_rank.n, fresh_progress.step, fresh_progress.mlflow_run_id) == (41, 7, 15, "abc")
     assert all(torch.equal(fresh_ema.weights()[k], v) for k, v in ema.weights().items())
@@ -210,7 +212,7 @@ def test_checkpoint_manager_saves_and_restores_every_registered_part(tmp_path):
 def test_a_step_is_applied_only_if_the_update_it_applies_is_finite(grad_clip, lr, applied):
     from accelerate import Accelerator
 
-    from pipeline.trainer import OptimizerStep
+    from pipeline.train.step import OptimizerStep
 
     acc = Accelerator(cpu=True)
     torch.manual_seed(0)
@@ -239,7 +241,7 @@ class _FakeEngine:
 def test_deepspeed_step_keeps_the_norm_on_the_device_and_copies_nothing_to_it():
     from types import SimpleNamespace
 
-    from pipeline.trainer import OptimizerStep
+    from pipeline.train.step import OptimizerStep
 
     engine = _FakeEngine()
     adam = torch.optim.Adam(torch.nn.Linear(2, 2).parameters())
@@ -254,7 +256,7 @@ def test_deepspeed_step_keeps_the_norm_on_the_device_and_copies_nothing_to_it():
 
 
 def test_seed_generators_gives_the_random_streams_of_manual_seed():
-    from pipeline.trainer import seed_generators
+    from pipeline.train.step import seed_generators
 
     def draws():
         return torch.randn(5), torch.randint(0, 1000, (5,)), torch.nn.functional.dropout(torch.ones(16), 0.5)
@@ -275,7 +277,8 @@ class _OneProcessAccelerator:
 def test_preemption_flag_rides_on_the_tick_and_is_acted_on_at_its_cadence():
     import signal
 
-    from pipeline.trainer import Preemption, TickStats
+    from pipeline.train.preemption import Preemption
+    from pipeline.train.ticks import TickStats
 
     tick = TickStats(torch.device("cpu"), 100, loss_scaling=False)
     for flag in (True, False):
@@ -297,14 +300,14 @@ def test_preemption_flag_rides_on_the_tick_and_is_acted_on_at_its_cadence():
 def test_checkpoints_record_sha256_and_resume_falls_back_past_a_damaged_one(tmp_path, capsys):
     from accelerate import Accelerator
 
-    from pipeline.trainer import Progress
+    from pipeline.train.loop import Progress
 
     cfg = load_config(REPO / "configs" / "digits.yaml", [f"train.out_dir={tmp_path}", "checkpoint.keep=5"])
     acc = Accelerator(cpu=True)
     lin = acc.prepare(torch.nn.Linear(3, 2))
     ema, progress = EMA(lin, cfg.ema), Progress()
     finite = [True]
-    manager = checkpoint.CheckpointManager(tmp_path, cfg.checkpoint, accelerator=acc, record=cfg,
+    manager = ckpt_manager.CheckpointManager(tmp_path, cfg.checkpoint, accelerator=acc, record=cfg,
                                            parts={"meta": progress, "ema": ema},
                                            weights_finite=lambda: finite[0])
     manager.start()

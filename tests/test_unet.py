@@ -1,4 +1,4 @@
-"""pipeline/unet.py: the paper's parameter counts, shapes, the time embedding, attention and the config checks."""
+"""pipeline/model/unet.py: the paper's parameter counts, shapes, the time embedding, attention and the config checks."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, ModelConfig
-from pipeline.unet import PRESETS, AttnBlock, UNet, count_parameters, model_config, timestep_embedding
+from pipeline.model.unet import PRESETS, AttnBlock, UNet, count_parameters, model_config, timestep_embedding
 
 
 def _meta_unet(cfg: ModelConfig) -> UNet:

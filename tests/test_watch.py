@@ -12,8 +12,9 @@ from collections import Counter
 import pytest
 
 from evaluation.errors import EvaluationError
-from evaluation.evaluate import WATCH_GAVE_UP_EXIT_CODE, evaluate, main
+from evaluation.evaluate import evaluate, main
 from evaluation.watch import Claims, Ledger, StopReason, default_ledger, read_ledger, watch
+from pipeline.cli import EXIT_PARTIAL
 from tests.helpers.evaluation import mark_done, prepare_digits, tiny_config, training_run, write_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -116,7 +117,7 @@ def test_watch_gives_up_after_max_wait_without_training_done(digits, tmp_path, c
     assert state["checkpoints"] == {}
     # the command says so in its exit status; with TRAINING_DONE there the same call succeeds
     args = ["--watch", str(tmp_path / "run"), "--poll-s", "0.05", "--max-wait-s", "0.2", *FAST]
-    assert main(args) == WATCH_GAVE_UP_EXIT_CODE == 3
+    assert main(args) == EXIT_PARTIAL == 3
     assert "the watcher stopped before" in capsys.readouterr().err
     (tmp_path / "run" / "TRAINING_DONE").write_text("")
     assert main(args) == 0
@@ -170,7 +171,7 @@ def test_a_checkpoint_claimed_by_a_live_watcher_is_waited_for_not_evaluated(digi
         assert calls == Counter({"step-00000100": 1})
         assert "1 are still claimed by other watchers (step-00000200)" in capsys.readouterr().err
         args = ["--watch", str(tmp_path / "run"), "--poll-s", "0.05", "--max-wait-s", "0.3", "--claim-stale-s", "0.5"]
-        assert main(args) == WATCH_GAVE_UP_EXIT_CODE
+        assert main(args) == EXIT_PARTIAL
         assert "while other watchers still held step-00000200" in capsys.readouterr().err
 
         # the other watcher records it while this one waits: done, without evaluating it here

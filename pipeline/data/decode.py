@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+from PIL import Image
 
 IMAGE_EXTS = ("png", "u8", "jpg", "jpeg", "webp", "ppm")
 _SCALE = np.float32(1.0 / 127.5)
@@ -31,7 +32,6 @@ def decode_image(parts: dict[str, bytes], size: int, channels: int, encoding: st
         if len(data) != size * size * channels:
             raise ValueError(f"{len(data)} bytes, expected {size}x{size}x{channels}")
         return np.frombuffer(data, np.uint8).reshape(size, size, channels)
-    from PIL import Image
 
     with Image.open(io.BytesIO(data), formats=None if ext != "png" else ("PNG",)) as im:
         want = {1: "L", 3: "RGB"}.get(channels)

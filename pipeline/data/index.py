@@ -20,6 +20,8 @@ import tarfile
 from dataclasses import dataclass
 
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load, save
 
 from pipeline.data.manifest import ManifestError
 
@@ -70,7 +72,6 @@ def first_offsets(path: str) -> list[int]:
 
 def encode(indexes: dict[str, ShardIndex]) -> bytes:
     """The index file of a split (byte-identical for the same shards: safetensors orders its header)."""
-    from safetensors.numpy import save
 
     tensors = {}
     for name, ix in indexes.items():
@@ -82,8 +83,6 @@ def encode(indexes: dict[str, ShardIndex]) -> bytes:
 def decode(data: bytes, counts: dict[str, int], where: str) -> dict[str, ShardIndex]:
     """The shards' indexes from an index file's bytes (already checked against the manifest's sha256),
     each validated against the manifest's sample count; anything else is a ManifestError naming `where`."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load
 
     try:
         tensors = load(data)

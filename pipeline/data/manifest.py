@@ -23,7 +23,10 @@ import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
+from pipeline.data import remote
 from pipeline.data.report import DataError
 
 MANIFEST_NAME = "manifest.json"
@@ -77,8 +80,6 @@ def shard_name(url: str) -> str:
 def local_path(url: str) -> str | None:
     """The file a local shard names (a path or file:// URL); None for pipe: and remote URLs."""
     if url.startswith("file:"):
-        from urllib.parse import urlparse
-        from urllib.request import url2pathname
 
         return url2pathname(urlparse(url).path)
     return None if is_url(url) else url
@@ -92,7 +93,6 @@ def read_file(path: str) -> bytes:
     """A small file (manifest, index) from a local path or any fsspec URL (object storage: retried, and a
     missing bucket, wrong endpoint or missing credentials raise remote.RemoteError with one line)."""
     if is_url(path) and local_path(path) is None:
-        from pipeline.data import remote
 
         return remote.read_bytes(path)
     with open(local_path(path) or path, "rb") as f:

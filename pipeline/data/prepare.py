@@ -30,8 +30,10 @@ from multiprocessing import get_context
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
+from pipeline import cli
 from pipeline.data import remote
 from pipeline.data.index import ShardIndex, index_name, shard_index
 from pipeline.data.index import encode as encode_index
@@ -44,13 +46,12 @@ INDEX_RE = re.compile(r"^(train|test)-index\.safetensors$")
 PNG_COMPRESS_LEVEL = 6  # fixed, so shards are byte-identical across runs
 
 
-class PrepareError(RuntimeError):
+class PrepareError(RuntimeError, cli.InputError):
     """prepare cannot continue; the message says why and what to do."""
 
 
 def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
     """Resize so the shorter side is `size` (Lanczos, antialiased), then crop the centre square."""
-    from PIL import Image
 
     h, w = image.shape[:2]
     if (h, w) == (size, size):
@@ -65,7 +66,6 @@ def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
 
 def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
     if channels == 1 and image.ndim == 3:
-        from PIL import Image
 
         return np.asarray(Image.fromarray(image).convert("L"))  # ITU-R 601-2 luma
     if channels == 3 and image.ndim == 2:
@@ -76,7 +76,6 @@ def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
 def encode(image: np.ndarray, encoding: str) -> bytes:
     if encoding == "u8":
         return np.ascontiguousarray(image).tobytes()
-    from PIL import Image
 
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
@@ -333,22 +332,18 @@ def _prepare(src: Source, source: str, out: str, resolution: int | None, channel
 def _image_size(data: bytes, encoding: str, channels: int) -> int:
     if encoding == "u8":
         return int(round((len(data) / channels) ** 0.5))
-    from PIL import Image
 
     with Image.open(io.BytesIO(data)) as im:
         return im.size[0]
 
 
-SKIPPED_EXIT_CODE = 3  # shards and manifest written, but some inputs could not be read (listed in the manifest)
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m pipeline.data.prepare",
-        description="Write WebDataset shards and manifest.json from images (see docs/data.md). Exit status: 0 "
-                    f"written; 2 an error (nothing usable written); {SKIPPED_EXIT_CODE} written, but unreadable "
-                    "inputs were skipped (the last line names them).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = cli.parser(
+        "python -m pipeline.data.prepare",
+        "Write WebDataset shards and manifest.json from images (see docs/data.md). Exit codes as every "
+        f"command's (pipeline/cli.py); here {cli.EXIT_INPUT}: nothing usable written, {cli.EXIT_PARTIAL}: written, "
+        "but unreadable inputs were skipped (the last line names them).",
+        full_description=True,
     )
     p.add_argument("source", help="image folder | CIFAR-10/100 python-version folder | file.npz/.npy | digits")
     p.add_argument("--out", required=True, help="output folder, or object-storage URL (s3://bucket/prefix; the "
@@ -365,15 +360,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=0, help="processes for decode/resize/encode (0 = all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
-    try:
-        m = prepare(
-            a.source, a.out, resolution=a.resolution, channels=a.channels, samples_per_shard=a.samples_per_shard,
-            test_fraction=a.test_fraction, seed=a.seed, encoding=a.encoding, overwrite=a.overwrite,
-            strict=a.strict, workers=a.workers or None, progress=not a.quiet,
-        )
-    except (PrepareError, DataError) as exc:
-        print(f"prepare: error: {exc}", file=sys.stderr)
-        return 2
+    return cli.run("prepare", lambda: _main(a))
+
+
+def _main(a: argparse.Namespace) -> int:
+    m = prepare(
+        a.source, a.out, resolution=a.resolution, channels=a.channels, samples_per_shard=a.samples_per_shard,
+        test_fraction=a.test_fraction, seed=a.seed, encoding=a.encoding, overwrite=a.overwrite,
+        strict=a.strict, workers=a.workers or None, progress=not a.quiet,
+    )
     counts = ", ".join(f"{k}: {v['num_samples']} samples in {len(v['shards'])} shards" for k, v in m["splits"].items())
     print(f"wrote {a.out}: {counts}; {m['image_size']}x{m['image_size']}x{m['channels']}, {m['num_classes']} classes")
     print(f"next: stream it with data.shards={a.out}")
@@ -381,10 +376,10 @@ def main(argv: list[str] | None = None) -> int:
         first = m["unreadable"][0]
         print(f"prepare: SKIPPED {len(m['unreadable'])} unreadable inputs (listed under 'unreadable' in "
               f"{a.out}/manifest.json; first: {first['input']}: {first['error']}); the shards hold the rest. "
-              f"Exit status {SKIPPED_EXIT_CODE}: fix or remove them and re-run with --overwrite, or accept the "
+              f"Exit status {cli.EXIT_PARTIAL}: fix or remove them and re-run with --overwrite, or accept the "
               "skips", file=sys.stderr)
-        return SKIPPED_EXIT_CODE
-    return 0
+        return cli.EXIT_PARTIAL
+    return cli.EXIT_OK
 
 
 if __name__ == "__main__":

@@ -26,6 +26,9 @@ import logging
 import os
 from typing import Any
 
+import fsspec
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+
 from pipeline.data.report import DataError
 
 log = logging.getLogger("pipeline.data.remote")
@@ -56,8 +59,6 @@ def _env_key() -> str:
 def filesystem(url: str) -> tuple[Any, str]:
     """(fsspec filesystem, path within it) of a remote URL: one filesystem per process, protocol and AWS
     environment (a forked DataLoader worker builds its own; a changed endpoint or key gets a new one)."""
-    import fsspec
-
     proto = protocol(url)
     key = (os.getpid(), proto, _env_key())
     fs = _FILESYSTEMS.get(key)
@@ -138,13 +139,6 @@ def is_transient(exc: BaseException) -> bool:
 
 def _retrying(what: str, url: str, fn: Any) -> Any:
     """fn() with RETRY_ATTEMPTS attempts on transient errors; a failure retrying cannot fix raises RemoteError."""
-    from tenacity import (
-        RetryCallState,
-        Retrying,
-        retry_if_exception,
-        stop_after_attempt,
-        wait_exponential_jitter,
-    )
 
     def before_sleep(state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None

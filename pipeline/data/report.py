@@ -15,14 +15,12 @@ launch/train.py exits 2 on it.
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING
+from typing import Any
 
-if TYPE_CHECKING:
-    from pipeline.data.manifest import Shard
-    from pipeline.data.samples import Raw
+from pipeline.cli import InputError
 
 
-class DataError(ValueError):
+class DataError(ValueError, InputError):
     """The data input is wrong: fix the path, the split or the shards (one line; training exits 2)."""
 
 
@@ -46,21 +44,22 @@ class Report:
         self.skipped_samples = 0
         self.skipped_shards = 0
 
-    def shard_failed(self, shard: Shard, problem: str, lost: str, exc: BaseException | None = None) -> str:
-        """The message for a failed shard read; raises when strict (at read time, as early as possible)."""
+    def shard_failed(self, shard: Any, problem: str, lost: str, exc: BaseException | None = None) -> str:
+        """The message for a failed shard read (``shard``: a manifest.Shard; this module sits below the readers, so
+        it takes them by duck type); raises when strict (at read time, as early as possible)."""
         msg = f"shard {shard.url}: {problem}"
         if self.strict:
             raise CorruptDataError(f"{msg}; re-run prepare for it, or set data.strict=false to skip it") from exc
         return f"{msg}; skipping {lost} (data.strict=true raises instead)"
 
-    def emitted(self, raw: Raw) -> None:
+    def emitted(self, raw: Any) -> None:
         if raw.failure:
             self.skipped_shards += 1
             warnings.warn(raw.failure, CorruptDataWarning, stacklevel=2)
         if raw.parts is None and raw.lost:
             self.skipped_samples += 1
 
-    def sample_failed(self, raw: Raw, why: str) -> None:
+    def sample_failed(self, raw: Any, why: str) -> None:
         msg = f"shard {raw.shard}, key {raw.key}: {why}"
         if self.strict:
             raise CorruptDataError(f"{msg}; re-run prepare, or set data.strict=false to skip it")

@@ -18,6 +18,9 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import fsspec
+from webdataset.shardlists import expand_urls
+
 from pipeline.data.index import ShardIndex, decode
 from pipeline.data.manifest import (
     MANIFEST_NAME,
@@ -96,8 +99,6 @@ def _no_manifest(folder: str) -> DataError:
 def resolve_shards(spec: str, split: str, *, need_counts: bool, manifest: str = "") -> ShardSet:
     """data.shards -> shard list: a prepared folder, a manifest path, a brace pattern or URLs ('::'-joined);
     `manifest` (data.manifest) names the manifest of a pattern or URL list, wherever it lies."""
-    from webdataset.shardlists import expand_urls
-
     spec, manifest = spec.strip(), manifest.strip()
     if not spec:
         raise DataError("data.shards is empty; set it to a prepared folder "
@@ -184,8 +185,6 @@ def check_shards(shards: list[Shard], spec: str) -> None:
                         if "://" in s.url and not s.url.startswith(("pipe:", "file:"))})
     for proto in protocols:
         try:
-            import fsspec
-
             fsspec.get_filesystem_class(proto)
         except (ImportError, ValueError) as exc:
             raise DataError(

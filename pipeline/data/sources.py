@@ -12,11 +12,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from PIL import Image
+
+from pipeline.cli import InputError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
-class SourceError(ValueError):
+class SourceError(ValueError, InputError):
     """A source that cannot be used at all (wrong path, wrong format)."""
 
 
@@ -41,7 +44,6 @@ def load_item(kind: str, item: Any) -> np.ndarray:
     """uint8 (H, W) or (H, W, C) for one item of a source of this kind."""
     if kind != "folder":
         return item  # array sources carry the pixels already
-    from PIL import Image
 
     with Image.open(item) as im:
         im.load()  # decode now so a truncated file raises here, inside the worker
@@ -149,6 +151,7 @@ def _array(path: str) -> Source:
 
 
 def _digits() -> Source:
+    # scikit-learn: ~3.5 s of import, only for the digits source
     from sklearn.datasets import load_digits
 
     d = load_digits()

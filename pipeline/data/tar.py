@@ -28,6 +28,9 @@ import os
 from collections.abc import Iterator
 from typing import IO, Any
 
+from webdataset.gopen import gopen
+
+from pipeline.data import remote
 from pipeline.data.manifest import local_path
 
 ZERO_BLOCK = bytes(512)
@@ -110,8 +113,6 @@ class _Remote(io.RawIOBase):
         return True
 
     def readinto(self, buf: Any) -> int:
-        from pipeline.data import remote
-
         if self.eof or not len(buf):
             return 0
         data = remote.read_range(self.url, self.pos, self.pos + len(buf))
@@ -151,8 +152,6 @@ def _open(url: str, digest: Any = None) -> tuple[IO[bytes], int | None]:
     size = None
     buffer = _BUFFER
     if url.startswith("pipe:"):
-        from webdataset.gopen import gopen
-
         raw: Any = _Counted(gopen(url, "rb", bufsize=_BUFFER))
     elif (path := local_path(url)) is not None:
         f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by the caller, through the reader
@@ -353,8 +352,6 @@ class Span:
         self._fd: int | None = None
         self._pipe: Any = None
         if url.startswith("pipe:"):
-            from webdataset.gopen import gopen
-
             self._pipe = gopen(url, "rb", bufsize=_BUFFER)
             at = 0
             while at < start:
@@ -373,7 +370,6 @@ class Span:
             return os.fstat(self._fd).st_size
         if self._pipe is not None:
             return self.pos
-        from pipeline.data import remote
 
         try:
             return remote.size(self.url)
@@ -392,7 +388,6 @@ class Span:
         elif self._fd is not None:
             data = os.pread(self._fd, n, self.pos)
         else:
-            from pipeline.data import remote
 
             data = remote.read_range(self.url, self.pos, self.pos + n)
         READ.add(len(data))

@@ -6,7 +6,7 @@ jointly Gaussian and, per dimension,
     E[x_0 | x_t] = μ + a s² (x_t − a μ) / (a² s² + σ²),      Var[x_0 | x_t] = s² σ² / (a² s² + σ²),
     E[ε | x_t]   = σ (x_t − a μ) / (a² s² + σ²),              E[(ε − E[ε|x_t])²] = a² s² / (a² s² + σ²).
 
-ᾱ_t is recomputed here from β with numpy, independently of pipeline.diffusion.
+ᾱ_t is recomputed here from β with numpy, independently of pipeline.model.diffusion.
 """
 
 from __future__ import annotations

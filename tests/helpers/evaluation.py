@@ -1,6 +1,6 @@
 """Assets for the evaluation tests: prepared digits shards, tiny checkpoints in the trainer's format, a run.
 
-Checkpoints are written with the real pieces the trainer uses (pipeline.checkpoint.export_ema, the
+Checkpoints are written with the real pieces the trainer uses (pipeline.checkpoint.folder.export_ema, the
 resolved config as YAML, meta.json, the COMPLETE marker and the .tmp- rename) around a tiny U-Net, so the
 evaluation stage is tested before (and independently of) a trained model.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.checkpoint import COMPLETE, DONE, export_ema, model_config_hash, step_dir_name
+from pipeline.checkpoint.folder import COMPLETE, DONE, export_ema, model_config_hash, step_dir_name
 from pipeline.config import Config, load_config, to_yaml
 from pipeline.data.prepare import prepare
 
@@ -42,7 +42,7 @@ def tiny_config(shards: str, out_dir: str | Path, overrides: list[str] = ()) -> 
 
 def tiny_weights(cfg: Config, seed: int) -> dict[str, torch.Tensor]:
     """A U-Net state dict with every parameter perturbed (seeded), so the output layer is not ~0."""
-    from pipeline.unet import UNet
+    from pipeline.model.unet import UNet
 
     torch.manual_seed(seed)
     net = UNet(cfg.model)
@@ -85,7 +85,7 @@ def training_run(tracking_uri: str, experiment: str = "eval-test", name: str = "
 
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
-    from pipeline.tracking import sqlite_artifact_location
+    from pipeline.tracking.sink import sqlite_artifact_location
 
     # artifacts beside the .db, as the sink does (MLflow's default would be ./mlruns in the cwd)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment, sqlite_artifact_location(tracking_uri))

@@ -7,7 +7,7 @@ What is recorded:
   TorchDispatchMode that stays on for the whole run;
 - a collective: a call of a ``torch.distributed`` collective or point-to-point function (wrapped here, before
   anything else imports them). DDP's gradient buckets are reduced by its C++ reducer, not through these.
-Each is placed in the loop: "step" (between FaultHooks.step_window(True) and (False): data, forward, backward,
+Each is placed in the loop: "step" (between the loop hooks' step_begin and step_end: data, forward, backward,
 optimizer step, EMA), "between" (after a step: log tick, sample grid, preemption, checkpoint, with the
 sub-context "tick" / "grid" / "checkpoint" when inside those), "setup" or "end"; and attributed: "deepspeed"
 when it comes from inside the DeepSpeed engine's forward, backward or step (its own collectives and overflow
@@ -118,32 +118,34 @@ def _in_context(cls: Any, method: str, context: str) -> None:
     setattr(cls, method, wrapper)
 
 
-def install(inject_at: int | None) -> None:
+def install(inject_at: int | None) -> Any:
+    """Wrap the collectives and the loop's parts; returns the loop hooks that move the probe through the steps."""
     for name in COLLECTIVES:
         _wrap_collective(name)
-    from pipeline import checkpoint, ema, trainer
+    from pipeline.checkpoint import manager
+    from pipeline.train import ema, loop, preemption, ticks
+    from pipeline.train.hooks import LoopHooks
 
-    window = trainer.FaultHooks.step_window
+    class ProbeHooks(LoopHooks):
+        """"step" from step_begin to step_end (data, forward, backward, optimizer step, EMA), then "between"."""
 
-    def step_window(self, enter: bool, step: int, first_step: int) -> None:
-        window(self, enter, step, first_step)
-        PROBE.state, PROBE.step = ("step", step) if enter else ("between", step + 1)
+        def step_begin(self, step: int, first_step: int) -> None:
+            PROBE.state, PROBE.step = "step", step
 
-    close = trainer.FaultHooks.close
+        def step_end(self, steps_done: int, first_step: int, ema: Any) -> None:
+            PROBE.state, PROBE.step = "between", steps_done
 
-    def end(self, *args, **kwargs):
-        PROBE.state = "end"
-        return close(self, *args, **kwargs)
+        def close(self, ema: Any) -> None:
+            PROBE.state = "end"
 
-    trainer.FaultHooks.step_window, trainer.FaultHooks.close = step_window, end
-    _in_context(trainer.TickStats, "flush", "tick")
-    _in_context(checkpoint.CheckpointManager, "save", "checkpoint")
+    _in_context(ticks.TickStats, "flush", "tick")
+    _in_context(manager.CheckpointManager, "save", "checkpoint")
     for cls in (ema.EMA, ema.PartitionedEMA):
         _in_context(cls, "gathered_model", "grid")
-    _in_context(trainer, "log_sample_grid", "grid")
+    _in_context(loop, "log_sample_grid", "grid")  # a function: the name the loop calls, in its module
 
     if inject_at is not None:
-        add, agreed = trainer.TickStats.add, trainer.Preemption.agreed
+        add, agreed = ticks.TickStats.add, preemption.Preemption.agreed
 
         def add_with_sync(self, loss_q, count_q, applied, grad_norm, data_wait_s):
             if PROBE.step == inject_at:
@@ -157,20 +159,20 @@ def install(inject_at: int | None) -> None:
                 dist.any_true(False)  # the injected collective
             return agreed(self, step, final, any_rank)
 
-        trainer.TickStats.add, trainer.Preemption.agreed = add_with_sync, agreed_with_collective
+        ticks.TickStats.add, preemption.Preemption.agreed = add_with_sync, agreed_with_collective
+    return ProbeHooks()
 
 
 def main() -> int:
     out = Path(os.environ["STEP_PROBE_DIR"])
     inject = os.environ.get("STEP_PROBE_INJECT_AT")
-    install(int(inject) if inject else None)
-    sys.path.insert(0, str(REPO / "launch"))
-    from train import main as train_main
+    hooks = install(int(inject) if inject else None)
+    from launch.train import main as train_main
 
     mode = SyncCounter()
     mode.__enter__()
     try:
-        code = train_main()
+        code = train_main(hooks=hooks)
     finally:
         mode.__exit__(None, None, None)
         rank = os.environ.get("RANK", "0")

@@ -19,6 +19,9 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+LAUNCH = REPO / "launch" / "train.py"  # the entry point itself
+# launch/train.py with the DDPM_FAULT_* / DDPM_TRACE_BATCHES_DIR / DDPM_CUDA_SYNC_CHECK hooks (tests/helpers/faults.py)
+ENTRY = REPO / "tests" / "helpers" / "train_entry.py"
 
 # A tiny U-Net on 8x8 grey images: seconds per test on 2 shared cores.
 TINY = [
@@ -71,8 +74,12 @@ def env(**extra: str) -> dict[str, str]:
 
 
 def train_cmd(overrides: list[str], nproc: int = 1, *, deepspeed_stage: int = 0, machines: int = 1,
-              machine_rank: int = 0, port: int | None = None, mixed_precision: str = "no") -> list[str]:
-    script = [str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "digits.yaml"), *TINY, *overrides]
+              machine_rank: int = 0, port: int | None = None, mixed_precision: str = "no",
+              script: Path = ENTRY) -> list[str]:
+    """A training launch (python, or accelerate launch for several processes or DeepSpeed) of ``script``: by
+    default ENTRY, launch/train.py with the fault hooks (inert unless a DDPM_* variable is set); LAUNCH for a
+    test of the entry point itself."""
+    script = [str(script), "--config", str(REPO / "configs" / "digits.yaml"), *TINY, *overrides]
     if nproc == 1 and machines == 1 and not deepspeed_stage:
         return [PY, *script]
     port = port or free_port()
@@ -119,7 +126,7 @@ def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
 
 
 def complete_steps(out_dir: Path) -> list[int]:
-    from pipeline.checkpoint import complete_checkpoints
+    from pipeline.checkpoint.folder import complete_checkpoints
 
     return [int(p.name.split("-")[1]) for p in complete_checkpoints(out_dir)]
 
@@ -177,7 +184,8 @@ def workers(launcher: subprocess.Popen) -> dict[int, int]:
                 with contextlib.suppress(OSError):
                     environ = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0")
                                    if "=" in kv)
-                    if "RANK" in environ and "train.py" in Path(f"/proc/{pid}/cmdline").read_text():
+                    cmdline = Path(f"/proc/{pid}/cmdline").read_text()
+                    if "RANK" in environ and any(name in cmdline for name in ("train.py", ENTRY.name)):
                         out[int(environ["RANK"])] = pid
     return out
 

@@ -3,7 +3,7 @@ Training Dynamics of Diffusion Models", Section 3 and Appendix C.2) on our check
 
 A power-function EMA with exponent gamma averages the weights of steps ``tau <= t`` with the profile
 ``p_t(tau) = (gamma + 1) tau^gamma / t^(gamma + 1)`` (EDM2 eq. 3); its width relative to ``t``,
-``sigma_rel = ((gamma + 1) / ((gamma + 2)^2 (gamma + 3)))^(1/2)`` (eq. 4), names it. ``pipeline.ema`` keeps such
+``sigma_rel = ((gamma + 1) / ((gamma + 2)^2 (gamma + 3)))^(1/2)`` (eq. 4), names it. ``pipeline.train.ema`` keeps such
 EMAs with ``beta_t = (1 - 1/t)^(gamma + 1)``, which makes the EMA at step t exactly the profile integrated over
 each step (``(tau^(gamma+1) - (tau-1)^(gamma+1)) / t^(gamma+1)`` for the weights of step tau), and stores
 snapshots of them in the checkpoints. The EMA of any other profile at time ``t_r`` is then a linear
@@ -18,9 +18,8 @@ A classic EMA (constant decay, ema-pytorch's warm-up) has a sigma_rel too: the s
 averaging profile, computed from its schedule at that checkpoint (``classic_sigma_rel``), divided by the
 step count; for a constant decay beta after many steps it is ``sqrt(beta) / (1 - beta) / t``.
 
-Callers get the weights of any EMA by name with ``ema_weights(checkpoint, name)``: ``""`` or the primary's
-name (``decay0.9999``), a stored classic (``decay0.999``) or power (``sigma0.05``) EMA, or ``sigma<x>`` for one
-synthesized from the snapshots.
+Which EMA a name means, and the weights of any of them, is ``pipeline.checkpoint.weights``; this module is the
+algebra, the snapshot files and the synthesis.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,22 +37,24 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from pipeline.checkpoint import Checkpoint, CheckpointError, save_weights_file
+from pipeline.checkpoint.folder import Checkpoint, CheckpointError, ema_file, ema_name, save_weights_file
 from pipeline.config import SIGMA_REL_MAX, EMAConfig
 from pipeline.data.manifest import sha256_file
-from pipeline.ema import PRIMARY, ema_name, sigma_rel_to_gamma
 
 POSTHOC_DIR = "posthoc"
 SNAPSHOT_FORMAT = "ddpm-posthoc-snapshot-1"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-_NAME = re.compile(r"^(decay|sigma)([0-9.eE+-]+)$")
 
-__all__ = ["EMAChoice", "classic_sigma_rel", "ema_weights", "gamma_to_sigma_rel", "parse_sigma_rels",
-           "power_function_correlation", "sigma_rel_to_gamma", "solve_posthoc_coefficients", "stored_emas",
-           "synthesize"]
 
 
 # --------------------------------------------------------------------------------------- EDM2's algebra
+
+
+def sigma_rel_to_gamma(sigma_rel: float) -> float:
+    """EDM2's exponent for a relative width (``std_to_exp``: the largest real root of eq. 4 solved for gamma)."""
+
+    t = float(sigma_rel) ** -2
+    return float(np.roots([1.0, 7.0, 16.0 - t, 12.0 - t]).real.max())
 
 
 def gamma_to_sigma_rel(gamma: float) -> float:
@@ -175,22 +175,12 @@ def link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def _metadata(path: Path) -> dict[str, Any]:
+def file_metadata(path: Path) -> dict[str, Any]:
     with safe_open(str(path), "pt") as f:
         return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
 
 
 # -------------------------------------------------------------------------------- what a checkpoint holds
-
-
-@dataclass(frozen=True)
-class EMAChoice:
-    """One EMA of a checkpoint: stored (primary, classic, power) or synthesized (posthoc)."""
-
-    name: str  # decay0.9999 | sigma0.05 | ...: the name on the command line and in MLflow
-    kind: str  # primary | classic | power | posthoc
-    sigma_rel: float  # its relative width at this checkpoint (a classic EMA: that of its profile)
-    source: str  # what the weights come from, for a line of output
 
 
 @dataclass(frozen=True)
@@ -200,34 +190,14 @@ class _Profile:
     t: int
 
 
-def _stored_file(name: str) -> str:
-    return "ema.safetensors" if name == PRIMARY else f"ema-{name}.safetensors"
-
-
-def stored_emas(ckpt: Checkpoint) -> list[EMAChoice]:
-    """The EMAs a checkpoint stores, primary first, each with its sigma_rel at this checkpoint."""
-    cfg = ckpt.config().ema
-    out = []
-    for name in ckpt.ema_names():
-        meta = _metadata(ckpt.path / _stored_file(name))
-        if "sigma_rel" in meta:
-            out.append(EMAChoice(name, "power", float(meta["sigma_rel"]), _stored_file(name)))
-            continue
-        decay = float(meta.get("decay", cfg.decay))
-        n = int(meta.get("num_updates", 0))
-        kind = "primary" if name == PRIMARY else "classic"
-        out.append(EMAChoice(ema_name("decay", decay), kind, classic_sigma_rel(cfg, decay, n), _stored_file(name)))
-    return out
-
-
-def _profiles(ckpt: Checkpoint) -> tuple[list[_Profile], int]:
+def stored_profiles(ckpt: Checkpoint) -> tuple[list[_Profile], int]:
     """The power-function profiles a checkpoint holds (its power EMAs, then its snapshots, without repeats) and
     the target time t (steps applied at the checkpoint)."""
     live = []
     for name in ckpt.ema_names():
-        meta = _metadata(ckpt.path / _stored_file(name))
+        meta = file_metadata(ckpt.path / ema_file(name))
         if "gamma" in meta:
-            live.append(_Profile(_stored_file(name), float(meta["gamma"]), int(meta["t"])))
+            live.append(_Profile(ema_file(name), float(meta["gamma"]), int(meta["t"])))
     if not live:
         raise CheckpointError(f"{ckpt.path} holds no power-function EMAs to synthesize from; train with "
                               "ema.posthoc.sigma_rels=[0.05,0.10] (EDM2's) to keep them")
@@ -235,7 +205,7 @@ def _profiles(ckpt: Checkpoint) -> tuple[list[_Profile], int]:
     snaps = []
     folder = ckpt.path / POSTHOC_DIR
     for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
-        meta = _metadata(path)
+        meta = file_metadata(path)
         key = (float(meta["gamma"]), int(meta["t"]))
         if key not in seen and key[1] > 0:
             seen.add(key)
@@ -249,7 +219,7 @@ def _profiles(ckpt: Checkpoint) -> tuple[list[_Profile], int]:
 _VERIFIED: set[tuple[str, int, int]] = set()  # (path, size, mtime_ns) of files whose sha256 matched, this process
 
 
-def _verify(ckpt: Checkpoint, files: list[str]) -> None:
+def verify_files(ckpt: Checkpoint, files: list[str]) -> None:
     """The files' sha256 against meta.json's record, each file once per process (CheckpointError if one differs)."""
     todo = []
     for rel in files:
@@ -267,15 +237,15 @@ def _verify(ckpt: Checkpoint, files: list[str]) -> None:
 def synthesize(ckpt: Checkpoint, sigma_rels: list[float]) -> dict[str, dict[str, torch.Tensor]]:
     """Post-hoc EMAs of the given sigma_rels at the checkpoint's time, {``sigma<x>``: U-Net state_dict (fp32)}:
     one pass over the stored profiles, each file read once."""
-    profiles, t = _profiles(ckpt)
-    _verify(ckpt, [p.file for p in profiles])
+    found, t = stored_profiles(ckpt)
+    verify_files(ckpt, [p.file for p in found])
     gammas = [sigma_rel_to_gamma(s) for s in sigma_rels]
-    x = solve_posthoc_coefficients([p.t for p in profiles], [p.gamma for p in profiles], [t] * len(gammas), gammas)
+    x = solve_posthoc_coefficients([p.t for p in found], [p.gamma for p in found], [t] * len(gammas), gammas)
     if not np.isfinite(x).all():
         raise CheckpointError(f"{ckpt.path}: the post-hoc EMA coefficients are not finite (the stored profiles are "
                               "linearly dependent); check the posthoc/ snapshots")
     acc: list[dict[str, torch.Tensor]] = []
-    for i, p in enumerate(profiles):
+    for i, p in enumerate(found):
         weights = load_file(str(ckpt.path / p.file))
         if not acc:
             acc = [{k: torch.zeros(v.shape, dtype=torch.float32) if v.is_floating_point() else v.clone()
@@ -285,86 +255,3 @@ def synthesize(ckpt: Checkpoint, sigma_rels: list[float]) -> dict[str, dict[str,
                 if v.is_floating_point():
                     out[key].add_(v.float(), alpha=float(x[i, k]))
     return {ema_name("sigma", s): w for s, w in zip(sigma_rels, acc)}
-
-
-def _parse_name(name: str) -> tuple[str, float] | None:
-    m = _NAME.match(name)
-    if not m:
-        return None
-    try:
-        return m.group(1), float(m.group(2))
-    except ValueError:
-        return None
-
-
-def find_stored(ckpt: Checkpoint, name: str, stored: list[EMAChoice] | None = None) -> str | None:
-    """The stored EMA a name means ("" for the primary, else its file name part), None if it is not stored.
-    ``decay0.9999`` and ``decay0.99990`` are the same name; ``primary`` / ``ema`` / "" mean the primary."""
-    if name in ("", "primary", "ema"):
-        return PRIMARY
-    parsed = _parse_name(name)
-    if parsed is None:
-        return None
-    for choice in stored if stored is not None else stored_emas(ckpt):
-        p = _parse_name(choice.name)
-        if p is not None and p[0] == parsed[0] and math.isclose(p[1], parsed[1], rel_tol=1e-9):
-            if choice.kind == "primary":
-                return PRIMARY
-            return choice.name
-    return None
-
-
-def ema_weights(ckpt: Checkpoint | str | Path, name: str = PRIMARY) -> dict[str, torch.Tensor]:
-    """The U-Net state_dict (fp32) of the EMA called ``name`` in a checkpoint: stored (the primary for "",
-    ``primary`` or its ``decay<d>`` name; ``decay<d>``; ``sigma<s>``) or, for a ``sigma<x>`` not stored,
-    synthesized from the snapshots. The files read are checked against their recorded sha256 first.
-    CheckpointError (with the names there are) otherwise. This is the one function to select EMA weights."""
-    ckpt = ckpt if isinstance(ckpt, Checkpoint) else Checkpoint(ckpt)
-    stored = stored_emas(ckpt)
-    found = find_stored(ckpt, name, stored)
-    if found is not None:
-        _verify(ckpt, [_stored_file(found)])
-        return ckpt.ema_weights(found)
-    parsed = _parse_name(name)
-    if parsed is not None and parsed[0] == "sigma" and 0 < parsed[1] < SIGMA_REL_MAX:
-        return synthesize(ckpt, [parsed[1]])[ema_name("sigma", parsed[1])]
-    names = ", ".join(c.name for c in stored)
-    how = "" if any(c.kind == "power" for c in stored) else " (no power EMAs here: sigma<x> cannot be synthesized)"
-    raise CheckpointError(f"{ckpt.path} has no EMA {name!r}; it has {names}, and sigma<x> for any 0 < x < "
-                          f"{SIGMA_REL_MAX:.4f} is synthesized from its snapshots{how}")
-
-
-def choices(ckpt: Checkpoint, ema: str = "", sigma_rels: list[float] = ()) -> list[EMAChoice]:
-    """What ``--ema all|NAME[,NAME]`` and ``--posthoc-sigma-rels`` ask for, in that order, without repeats;
-    CheckpointError for a name that is not there."""
-    stored = stored_emas(ckpt)
-    out: list[EMAChoice] = []
-    if ema == "all":
-        out += stored
-    elif ema:
-        for name in [n.strip() for n in ema.split(",") if n.strip()]:
-            found = find_stored(ckpt, name, stored)
-            if found is None:
-                parsed = _parse_name(name)
-                if parsed is None or parsed[0] != "sigma":
-                    raise CheckpointError(f"--ema {name!r}: {ckpt.path} has {', '.join(c.name for c in stored)} "
-                                          "(or all); a sigma<x> not stored is synthesized")
-                sigma_rels = [*sigma_rels, parsed[1]]
-                continue
-            out += [c for c in stored if (c.kind == "primary" if found == PRIMARY else c.name == found)]
-    if sigma_rels:
-        if not any(c.kind == "power" for c in stored):
-            raise CheckpointError(f"--posthoc-sigma-rels: {ckpt.path} holds no power-function EMAs; train with "
-                                  "ema.posthoc.sigma_rels=[0.05,0.10] to choose the EMA after training")
-        profiles, _ = _profiles(ckpt)
-        for s in sigma_rels:
-            same = [c for c in stored if c.kind == "power" and math.isclose(c.sigma_rel, s, rel_tol=1e-9)]
-            # a stored power EMA is what the synthesis of its own sigma_rel gives (in fp32): it is used instead
-            out += same or [EMAChoice(ema_name("sigma", s), "posthoc", s, f"synthesized from {len(profiles)} "
-                                      "profiles")]
-    seen, unique = set(), []
-    for c in out:
-        if c.name not in seen:
-            seen.add(c.name)
-            unique.append(c)
-    return unique

@@ -25,8 +25,9 @@ from fractions import Fraction
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
-from pipeline.diffusion import Diffusion, _call_net
+from pipeline.model.diffusion import Diffusion, _call_net
 
 SPACINGS = ("uniform", "leading", "linspace", "trailing", "quadratic")
 
@@ -266,7 +267,6 @@ def sample(
         net.eval()
     bar = None
     if progress:
-        from tqdm import tqdm
 
         bar = tqdm(total=len(seeds), unit="img", desc=f"sampling ({sampler})")
     chunks = []

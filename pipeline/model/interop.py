@@ -25,7 +25,9 @@ from typing import Any
 
 import torch
 
+from pipeline.cli import InputError
 from pipeline.config import ConfigError, DiffusionConfig, ModelConfig
+from pipeline.model.unet import UNet
 
 # How diffusers names the parts of a residual block and of an attention block (ours -> theirs).
 _RES_PARTS = {"norm1": "norm1", "conv1": "conv1", "temb_proj": "time_emb_proj", "norm2": "norm2", "conv2": "conv2"}
@@ -57,7 +59,7 @@ _PREDICTIONS = {"eps": "epsilon", "x0": "sample"}
 IMPORTED = "imported_from"  # meta.json key of a checkpoint imported from diffusers (weights only: never resumed)
 
 
-class InteropError(ValueError):
+class InteropError(ValueError, InputError):
     """A model or schedule the other side cannot represent exactly; the message says what differs and what to do."""
 
 
@@ -194,7 +196,7 @@ def _heads(widths: list[int], down: list[str], head_dim: Any) -> int:
 def key_map(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
     """Our state-dict key -> diffusers' key(s), in our module order; three keys (q, k, v) for a fused ``qkv``.
 
-    Walks the levels as pipeline.unet.UNet builds them, tracking the widths, so that a residual block has a
+    Walks the levels as pipeline.model.unet.UNet builds them, tracking the widths, so that a residual block has a
     shortcut exactly where ours does.
     """
     res, attends = _levels(cfg)
@@ -254,7 +256,6 @@ def key_map(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
 
 def our_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
     """The shape of every tensor of our U-Net for ``cfg`` (built on the meta device: no memory, no init cost)."""
-    from pipeline.unet import UNet
 
     with torch.device("meta"):
         return {k: v.shape for k, v in UNet(cfg).state_dict().items()}

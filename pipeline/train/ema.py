@@ -8,7 +8,7 @@ The EMAs of a run (``pipeline.config.EMAConfig``):
 - **power-function** EMAs, ``ema.posthoc.sigma_rels`` (``ema-sigma<s>.safetensors``; Karras et al. 2024, EDM2):
   ``beta_t = (1 - 1/t)^(gamma + 1)``, ``t`` = optimizer steps applied so far, gamma from sigma_rel (EDM2 eq. 4),
   with snapshots every ``ema.posthoc.snapshot_every_steps`` written into the checkpoint of that step, from
-  which ``pipeline.posthoc_ema`` synthesizes the EMA of any other sigma_rel after training.
+  which ``pipeline.checkpoint.posthoc`` synthesizes the EMA of any other sigma_rel after training.
 
 The classic schedule is ema-pytorch's (0.8), kept to the bit: after n updates the decay is
 ``min(decay, 1 - (1 + n - warmup_steps - 1)^-power)`` (0 before that), the first update and every update
@@ -34,7 +34,7 @@ Two layouts:
   order); the live U-Net's are copied into one flat buffer per update (one kernel) and the rows lerp towards it.
   The primary EMA network's tensors are views of row 0.
 - ``PartitionedEMA`` (DeepSpeed ZeRO-1/2/3): each rank keeps R rows per fp32 master partition its ZeRO optimizer
-  owns (``pipeline.ema_deepspeed.ZeroLayout``), one ``lerp_`` per parameter group and no collective; no rank
+  owns (``pipeline.train.ema_deepspeed.ZeroLayout``), one ``lerp_`` per parameter group and no collective; no rank
   holds a full copy. An EMA is gathered (one collective per group) only for checkpoints (its snapshots
   included), sample grids and the end, and only global rank 0 materialises it.
 
@@ -55,27 +55,10 @@ import torch
 from torch import nn
 
 from pipeline import dist
+from pipeline.checkpoint.folder import PRIMARY, ema_name, part_name
+from pipeline.checkpoint.posthoc import link_or_copy, sigma_rel_to_gamma, snapshot_file, write_snapshot
 from pipeline.config import EMAConfig
-
-PRIMARY = ""  # the name of the primary EMA (ema.safetensors)
-
-
-def ema_name(kind: str, value: float) -> str:
-    """``decay0.9999`` / ``sigma0.05``: how an EMA is named in files, on the command line and in MLflow."""
-    return f"{kind}{float(value)!r}"
-
-
-def part_name(name: str) -> str:
-    """The checkpoint part (and file stem) of an EMA: ``ema`` for the primary, ``ema-<name>`` otherwise."""
-    return "ema" if name == PRIMARY else f"ema-{name}"
-
-
-def sigma_rel_to_gamma(sigma_rel: float) -> float:
-    """EDM2's exponent for a relative width (``std_to_exp``: the largest real root of eq. 4 solved for gamma)."""
-    import numpy as np
-
-    t = float(sigma_rel) ** -2
-    return float(np.roots([1.0, 7.0, 16.0 - t, 12.0 - t]).real.max())
+from pipeline.train.ema_deepspeed import ZeroLayout
 
 
 class EMASchedule:
@@ -304,7 +287,6 @@ class _PowerPart(_ClassicPart):
     def write_files(self, folder: Path, step: int) -> dict[str, str]:
         """Rank 0, in a checkpoint being written at ``step``: link the snapshots so far into ``folder`` and write
         this step's when one is due; returns {relative path: sha256} of every snapshot file there."""
-        from pipeline.posthoc_ema import link_or_copy, snapshot_file, write_snapshot
 
         state, self._last = self._last, None
         out = {}
@@ -459,8 +441,6 @@ class PartitionedEMA(_Bank):
 
     def __init__(self, engine: Any, net: nn.Module, cfg: EMAConfig, build: Callable[[], nn.Module],
                  device: torch.device | str | None = None, snapshot_every: int | None = None):
-        from pipeline.ema_deepspeed import ZeroLayout
-
         self.layout = ZeroLayout(engine, net)
         self.build, self.device = build, device
         masters = self.layout.masters

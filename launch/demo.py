@@ -1,6 +1,6 @@
 """The one-command demo on the embedded default (``make demo``): real data, CPU, local MLflow.
 
-    python -m pipeline.demo [--data data/digits] [key=value ...]
+    python -m launch.demo [--data data/digits] [key=value ...]
 
 1. prepares scikit-learn's bundled handwritten digits into WebDataset shards (train + held-out test),
 2. trains ``configs/digits.yaml`` with ``launch/train.py`` (one process; resumes if interrupted),
@@ -12,7 +12,7 @@
 Everything is logged into the project's local SQLite MLflow store beside the run's out_dir. ``key=value``
 overrides go to the training config (e.g. ``train.total_steps=500`` for a quick look).
 
-    python -m pipeline.demo --ema-sweep      # make demo-ema: choose the EMA after training
+    python -m launch.demo --ema-sweep      # make demo-ema: choose the EMA after training
 
 trains the same model as ``runs/digits-ema`` keeping two more classic EMAs and EDM2's two power-function EMAs
 with snapshots (``EMA_SWEEP_TRAIN``), then evaluates every stored EMA and 8 post-hoc EMA lengths of its final
@@ -28,6 +28,20 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from evaluation import compare, digits_net
+from evaluation import evaluate as evaluate_cli
+from evaluation.evaluate import evaluate, format_result, read_checkpoint
+from evaluation.features import build_extractor
+from evaluation.fid import fid, kid, load_reference, load_split_images
+from pipeline import cli
+from pipeline.checkpoint.folder import complete_checkpoints
+from pipeline.config import load_config
+from pipeline.data.manifest import read_manifest
+from pipeline.data.prepare import prepare
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "digits.yaml"
 EMA_SWEEP_TRAIN = ["name=digits-ema", "ema.decays=[0.99,0.995]", "ema.posthoc.sigma_rels=[0.05,0.1]"]
@@ -39,9 +53,6 @@ def _banner(text: str) -> None:
 
 
 def _prepare(data_dir: Path) -> None:
-    from pipeline.data.manifest import read_manifest
-    from pipeline.data.prepare import prepare
-
     if (data_dir / "manifest.json").is_file():
         splits = read_manifest(data_dir).splits
         counts = {k: sum(shard.num_samples for shard in v) for k, v in splits.items()}  # split -> its shards
@@ -54,15 +65,13 @@ def _prepare(data_dir: Path) -> None:
 
 
 def _train(data_dir: Path, overrides: list[str]) -> Path:
-    from pipeline.config import load_config
-
     overrides = [f"data.shards={data_dir}", *overrides]
     cfg = load_config(CONFIG, overrides)  # fail here, before a subprocess, on a bad override
     cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(CONFIG), *overrides]
     print(" ".join(cmd), flush=True)
     t0 = time.monotonic()
     rc = subprocess.call(cmd, cwd=ROOT)
-    if rc == 75:
+    if rc == cli.EXIT_PREEMPTED:
         raise SystemExit("training was preempted after writing a checkpoint; run `make demo` again to resume")
     if rc != 0:
         raise SystemExit(f"training failed (exit code {rc}); see the messages above")
@@ -76,14 +85,6 @@ def _figures(data_dir: Path, e, samples_npz: Path) -> tuple[dict, dict]:
     FID is biased upwards at small counts, so the generated set is also scored on its first n images,
     n = the size of the test split: that pair of numbers is the fair comparison.
     """
-    import numpy as np
-    import torch
-
-    from evaluation import digits_net
-    from evaluation.features import build_extractor
-    from evaluation.fid import fid, kid, load_reference, load_split_images
-    from pipeline.data.manifest import read_manifest
-
     real = load_split_images(read_manifest(data_dir), "test")
     gen = np.load(samples_npz)["images"]
     extractor = build_extractor(e, torch.device("cpu"))
@@ -101,14 +102,13 @@ def _figures(data_dir: Path, e, samples_npz: Path) -> tuple[dict, dict]:
 
 def _ema_sweep(data_dir: Path, overrides: list[str], t0: float) -> int:
     """``--ema-sweep``: train with power-function EMAs, then FID against the EMA length on the last checkpoint."""
-    from evaluation import compare, evaluate
 
     _banner("1/3 prepare: scikit-learn digits -> WebDataset shards")
     _prepare(data_dir)
     _banner("2/3 train: configs/digits.yaml keeping 3 classic EMAs and 2 power-function EMAs (EDM2)")
     out_dir = _train(data_dir, [*EMA_SWEEP_TRAIN, *overrides])
     _banner("3/3 evaluate every stored EMA and 8 post-hoc EMA lengths of the last checkpoint")
-    code = evaluate.main(["--checkpoint", str(out_dir), *EMA_SWEEP_EVAL, f"data.shards={data_dir}"])
+    code = evaluate_cli.main(["--checkpoint", str(out_dir), *EMA_SWEEP_EVAL, f"data.shards={data_dir}"])
     if code:
         raise SystemExit(f"the EMA sweep failed (exit code {code}); see the messages above")
     _banner("the curve in MLflow (evaluation.compare)")
@@ -119,12 +119,16 @@ def _ema_sweep(data_dir: Path, overrides: list[str], t0: float) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.parser("python -m launch.demo", __doc__)
     p.add_argument("--data", default=str(ROOT / "data" / "digits"), help="where the digits shards go")
     p.add_argument("--ema-sweep", action="store_true",
                    help="train runs/digits-ema with post-hoc EMAs and sweep the EMA length on its final checkpoint")
     p.add_argument("overrides", nargs="*", help="key=value overrides for configs/digits.yaml")
     args = p.parse_args(argv)
+    return cli.run("demo", lambda: _main(args))
+
+
+def _main(args: argparse.Namespace) -> int:
     os.chdir(ROOT)
     t0 = time.monotonic()
     if args.ema_sweep:
@@ -138,8 +142,6 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = _train(data_dir, args.overrides)
 
     _banner("3/3 evaluate the newest checkpoint (EMA weights)")
-    from evaluation.evaluate import evaluate, format_result, read_checkpoint
-    from pipeline.checkpoint import complete_checkpoints
 
     ckpts = complete_checkpoints(out_dir)
     if not ckpts:

@@ -1,11 +1,13 @@
-"""The tracking interface: ``NullSink`` (the methods every sink has), ``make_sink`` and where runs are stored.
+"""The tracking interface: ``NullSink`` (the methods every sink has), where runs are stored (the store URI, the
+run file beside the checkpoints), the run's tags and its dataset input. ``make_sink`` (pipeline.tracking.factory)
+gives a process its sink.
 
     sink = make_sink(cfg.tracking, out_dir=cfg.train.out_dir, is_main_process=acc.is_main_process,
                      run_id=meta.get("mlflow_run_id"), run_name=cfg.name)
     sink.log_metrics({"train/loss": 0.03}, step=100)
     sink.finish("FINISHED")
 
-The main process gets the MLflow transport (pipeline/mlflow_sink.py: a bounded queue and a sender thread, so
+The main process gets the MLflow transport (pipeline/tracking/mlflow_sink.py: a bounded queue and a sender thread, so
 that no call waits on the network or raises); every other process, and ``tracking.enabled=false``, gets a
 ``NullSink``. By default every training of a project shares one store, ``<parent of train.out_dir>/mlflow.db``,
 so that ``evaluation.compare`` sees them side by side. Names of metrics, params, tags, the dataset input and
@@ -24,9 +26,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from pipeline.config import ConfigError, DataConfig, TrackingConfig
+import fsspec
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from pipeline.config import ConfigError, DataConfig, TrackingConfig
+from pipeline.data.manifest import MANIFEST_NAME, is_url, join, read_manifest
+from pipeline.data.shards import resolve_shards
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 STATUSES = ("FINISHED", "KILLED", "FAILED")
 RUN_FILE = "mlflow_run.json"  # beside the checkpoints: the training's run, written as soon as it exists
@@ -90,6 +96,7 @@ def source_tags(git_commit: str = "", entry_point: str | None = None) -> dict[st
     ``git_commit`` is known (a git checkout). The keys are MLflow's constants, imported here: only a process
     that logs calls this.
     """
+    # mlflow: ~1.5-3 s of import, paid only by a process that talks to MLflow
     from mlflow.entities import SourceType
     from mlflow.utils.mlflow_tags import (
         MLFLOW_GIT_COMMIT,
@@ -150,8 +157,6 @@ def describe_training_data(data: DataConfig) -> DatasetInfo:
     Reads the manifest (a small JSON file) and nothing else: shards without a manifest are not opened, their
     sample count is -1 (unknown). Raises DataError/ManifestError/OSError like the loader would.
     """
-    from pipeline.data.manifest import MANIFEST_NAME, is_url, join, read_manifest
-    from pipeline.data.shards import resolve_shards
 
     spec = data.shards.strip()
     shardset = resolve_shards(spec, data.split, need_counts=False)
@@ -182,11 +187,7 @@ def _folder_of(url: str) -> str:
 
 
 def _read_bytes(path: str) -> bytes:
-    from pipeline.data.manifest import is_url
-
     if is_url(path):
-        import fsspec
-
         with fsspec.open(path, "rb") as f:
             return f.read()
     return Path(path).read_bytes()
@@ -214,7 +215,7 @@ class NullSink:
         """Scalar metrics at an optimizer step; values are converted with float() now."""
 
     def log_image(self, image: Any, key: str, step: int) -> None:
-        """A uint8 HWC or CHW image (e.g. ``pipeline.images.image_grid(samples)``) as a step-indexed image."""
+        """A uint8 HWC or CHW image (e.g. ``pipeline.tracking.images.image_grid(samples)``) as a step-indexed image."""
 
     def log_artifact(self, path: str | os.PathLike | None = None, *, text: str | None = None,
                      name: str | None = None, artifact_path: str | None = None) -> None:
@@ -242,41 +243,3 @@ def sweep_tags() -> dict[str, str]:
     DDPM_SWEEP_ID and DDPM_SWEEP_ELEMENT), so ``evaluation.compare --tag sweep=ID`` selects the sweep's runs."""
     tags = {"sweep": os.environ.get(SWEEP_ID_ENV, ""), "sweep.element": os.environ.get(SWEEP_ELEMENT_ENV, "")}
     return {k: v for k, v in tags.items() if v} if tags["sweep"] else {}
-
-
-def make_sink(cfg: TrackingConfig, *, out_dir: str | os.PathLike, is_main_process: bool,
-              run_id: str | None = None, run_name: str | None = None, attach: bool = False,
-              tags: dict[str, Any] | None = None, supersedes: str | None = None) -> NullSink:
-    """The sink for this process: MLflow on the main process when enabled, else a NullSink.
-
-    ``run_id``: continue that run (resume; from the checkpoint) instead of creating one. ``attach``:
-    log into ``run_id`` without changing its status (the evaluation job). A training sink (not ``attach``)
-    records its run in ``out_dir/mlflow_run.json`` as soon as the run exists, so that a checkpoint saved
-    before that moment can still be matched to it; ``supersedes``: a run of the same out_dir that a dead job
-    left RUNNING and that this one does not continue: it is marked KILLED. Waits at most
-    ``cfg.start_timeout_s`` for the run to exist, so that ``sink.run_id`` is usually set on return.
-    Raises ConfigError only for a URI that can never work (a file store MLflow refuses).
-    """
-    if not cfg.enabled or not is_main_process:
-        return NullSink()
-    if attach and not run_id:
-        raise ValueError("make_sink(attach=True) needs the run_id of the run to log into")
-    uri = resolve_tracking_uri(cfg, out_dir)
-    db = sqlite_path(uri)
-    if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
-    # here, not at the top: mlflow is imported only by a process that logs
-    from pipeline.mlflow_sink import MLflowSink
-
-    run_tags = {"out_dir": str(Path(out_dir).resolve())}
-    if not attach:
-        run_tags.update(sweep_tags())
-    run_tags.update({str(k): str(v) for k, v in (tags or {}).items()})
-    sink = MLflowSink(
-        cfg, tracking_uri=uri, run_id=run_id, run_name=run_name or cfg.run_name or Path(out_dir).name,
-        experiment=cfg.experiment, tags=run_tags, attach=attach, artifact_location=sqlite_artifact_location(uri),
-        run_file_dir=None if attach else Path(out_dir), supersedes=supersedes,
-    )
-    if cfg.start_timeout_s > 0:
-        sink.wait_ready(cfg.start_timeout_s)
-    return sink

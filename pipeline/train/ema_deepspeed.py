@@ -54,6 +54,7 @@ class ZeroLayout:
     """The fp32 master partitions of a DeepSpeed engine and the map from them to U-Net parameter names."""
 
     def __init__(self, engine: Any, net: nn.Module):
+        # deepspeed: optional at run time (only under --use_deepspeed), ~3 s of import
         from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
         from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
         from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer

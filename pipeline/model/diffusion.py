@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from pipeline.config import DiffusionConfig
 
@@ -407,7 +408,6 @@ def bound_per_image(
         net.eval()
     bar = None
     if progress:
-        from tqdm import tqdm
 
         bar = tqdm(total=max_images, unit="img", desc=f"bits/dim ({'exact' if not timesteps_k else f'K={timesteps_k}'})")
     try:

@@ -1,6 +1,6 @@
 """The MLflow transport of the tracking interface: one run, a bounded queue, one sender thread, retries, outages.
 
-Built by ``pipeline.tracking.make_sink`` on the main process. The training loop must never wait on the
+Built by ``pipeline.tracking.factory.make_sink`` on the main process. The training loop must never wait on the
 network and never see an exception from tracking. So every call only puts an item on a bounded queue;
 one background thread sends the items with MLflow's client, retries a failing call a few times
 (tenacity), and after that treats the store as down: it drops calls (counted in ``sink.dropped``) and
@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
@@ -39,15 +40,14 @@ from mlflow.utils.validation import (
     MAX_DATASET_DIGEST_SIZE,
     MAX_METRICS_PER_BATCH,
     MAX_PARAM_VAL_LENGTH,
-    MAX_PARAMS_TAGS_PER_BATCH,
     MAX_TAG_VAL_LENGTH,
     _validate_metric_name,
 )
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from pipeline.config import TrackingConfig
-from pipeline.images import to_hwc_uint8
-from pipeline.tracking import RUN_FILE, STATUSES, DatasetInfo, NullSink, sqlite_path, write_run_file
+from pipeline.tracking.images import to_hwc_uint8
+from pipeline.tracking.sink import RUN_FILE, STATUSES, DatasetInfo, NullSink, sqlite_path, write_run_file
 
 log = logging.getLogger(__name__)
 
@@ -424,6 +424,7 @@ class MLflowSink(NullSink):
         db = sqlite_path(self.tracking_uri)
         if db is None or os.name == "nt":
             return self._patient(lambda: MlflowClient(tracking_uri=self.tracking_uri))
+        # mlflow: ~1.5-3 s of import, paid only by a process that talks to MLflow
         from mlflow.utils.file_utils import ExclusiveFileLock
 
         with ExclusiveFileLock(f"{db}.lock"):
@@ -504,24 +505,20 @@ class MLflowSink(NullSink):
         self._client.log_batch(self._run_id, metrics=metrics, synchronous=True)
 
     def _send_params(self, params: dict[str, str]) -> None:
-        # Params are immutable: skip those already there (resume), keep a changed value as a tag.
+        # Params are immutable: skip those already there (resume), keep a changed value as a tag. MLflow's
+        # log_batch splits the lists into requests of at most 100 params and tags itself.
         existing = self._client.get_run(self._run_id).data.params
         new = [Param(k, v) for k, v in params.items() if k not in existing]
         changed = {k: v for k, v in params.items() if k in existing and existing[k] != v}
-        for i in range(0, len(new), MAX_PARAMS_TAGS_PER_BATCH):
-            self._client.log_batch(self._run_id, params=new[i : i + MAX_PARAMS_TAGS_PER_BATCH], synchronous=True)
+        tags = [RunTag(f"param_changed.{k}", v[:MAX_TAG_VAL_LENGTH]) for k, v in changed.items()]
+        self._client.log_batch(self._run_id, params=new, tags=tags, synchronous=True)
         if changed:
             self._warn_limited("param_changed", "params changed since this run was started: " + ", ".join(
                 f"{k}: {existing[k]!r} -> {v!r}" for k, v in sorted(changed.items())
             ) + " (MLflow params are immutable; new values kept as tags param_changed.<key>)")
-            tags = [RunTag(f"param_changed.{k}", v[:MAX_TAG_VAL_LENGTH]) for k, v in changed.items()]
-            for i in range(0, len(tags), MAX_PARAMS_TAGS_PER_BATCH):
-                self._client.log_batch(self._run_id, tags=tags[i : i + MAX_PARAMS_TAGS_PER_BATCH], synchronous=True)
 
     def _send_tags(self, tags: dict[str, str]) -> None:
-        items = [RunTag(k, v) for k, v in tags.items()]
-        for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
-            self._client.log_batch(self._run_id, tags=items[i : i + MAX_PARAMS_TAGS_PER_BATCH], synchronous=True)
+        self._client.log_batch(self._run_id, tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True)
 
     def _send_image(self, payload: tuple) -> None:
         arr, key, step = payload
@@ -554,6 +551,7 @@ class MLflowSink(NullSink):
                 or self._run_id is None or self._awaiting_status or self._closed):
             return
         try:
+            # mlflow: ~1.5-3 s of import, paid only by a process that talks to MLflow
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
             monitor = SystemMetricsMonitor(self._run_id, resume_logging=True, tracking_uri=self.tracking_uri)
@@ -576,7 +574,7 @@ class MLflowSink(NullSink):
 def _dataset_input(info: DatasetInfo, context: str) -> Any:
     """``DatasetInfo`` as MLflow's DatasetInput: what ``mlflow.log_input`` would send, built without a
     pandas/numpy Dataset object (the shards are not loaded for this)."""
-    import numpy as np
+    # mlflow: ~1.5-3 s of import, paid only by a process that talks to MLflow
     from mlflow.data.schema import TensorDatasetSchema
     from mlflow.entities import Dataset, DatasetInput, InputTag
     from mlflow.types.schema import Schema, TensorSpec

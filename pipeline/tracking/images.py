@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import numpy as np
+import torch
 
 
 def upscale_factor(count: int, width: int, nrow: int, padding: int, min_width: int) -> int:
@@ -27,7 +28,7 @@ def image_grid(images: Any, nrow: int | None = None, padding: int = 2, pad_value
     first enlarged by the smallest integer factor (nearest neighbour: every pixel becomes a k x k block, no
     new values) that makes the grid at least that many pixels wide; the padding stays ``padding`` px.
     """
-    import torch
+    # torchvision: ~4 s of import, only when a grid is drawn
     from torchvision.utils import make_grid
 
     t = torch.as_tensor(images).cpu()

@@ -1,0 +1,1 @@
+"""Entry points: the training command (train.py, run by accelerate launch) and the demo."""

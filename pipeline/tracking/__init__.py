@@ -1,0 +1,1 @@
+"""Tracking: the sink interface, the MLflow transport, image grids, and the EMA weights as an MLflow model."""

@@ -231,6 +231,11 @@ class NullSink:
         """Wait at most ``timeout_s`` until every call made so far has been sent or dropped."""
         return True
 
+    def settled_run_id(self, timeout_s: float) -> str | None:
+        """The run id for a checkpoint: while the run is still being created (a slow store, not a failed one),
+        wait at most ``timeout_s`` for it; None when tracking is off, the store failed, or it took longer."""
+        return self.run_id
+
     def finish(self, status: str = "FINISHED") -> None:
         """Flush within the time bound and close the run with one of ``STATUSES``."""
 

@@ -426,7 +426,9 @@ def train(cfg: Config, hooks: LoopHooks | None = None) -> int:
         # Preemption (decided from the tick's all-reduce) and checkpoint: every rank takes part in both.
         preempted = preemption.agreed(step, done, signalled)
         if checkpoints.due(step, final=done or preempted) or ema.snapshot_due(step):  # snapshots: in a checkpoint
-            progress.finished, progress.mlflow_run_id = done, sink.run_id
+            # the run's id, once it exists: a checkpoint saved while a slow store is still creating it waits
+            progress.finished = done
+            progress.mlflow_run_id = sink.settled_run_id(cfg.tracking.flush_timeout_s)
             accelerator.print(f"checkpoint {checkpoints.save(step)}")
         hooks.after_checkpoint(step, done)
         if preempted and not done:

@@ -168,6 +168,101 @@ def load_network(ckpt: str | Path, cfg: Config, use_ema: bool, device: torch.dev
         raise EvaluationError(f"{exc}" + ("" if use_ema or ema else " (eval.use_ema=false)")) from None
 
 
+# ------------------------------------------------------------------------------------------- the plan
+
+
+def samples_needed(e, classifier_fits: bool, saving: bool) -> int:
+    """How many images to sample: eval.num_samples where they are used (FID/KID, the digits classifier's
+    figures, ``--save-samples``), else only the grid's (eval.feature_extractor=none on data the digits
+    classifier does not fit: nothing but the grid looks at them)."""
+    if e.feature_extractor != "none" or classifier_fits or saving:
+        return e.num_samples
+    return min(e.grid_images, e.num_samples)
+
+
+def _offline_alternative(digits_data: bool) -> str:
+    """What the offline InceptionV3 error offers instead, for this checkpoint's data."""
+    if digits_data:
+        return ("Without it, for these digits: eval.feature_extractor=digits (a digits-feature FID, not "
+                "Inception FID).")
+    return ("Without it: eval.feature_extractor=none (no FID: the sample grid and bits/dim only; "
+            "eval.feature_extractor=digits fits only scikit-learn's 8x8 grey digits).")
+
+
+def _bpd_images(cfg: Config) -> int | None:
+    """Held-out images bits/dim will use (all ranks together), or None when it is skipped or the split is
+    missing (said later, as a counted skip)."""
+    e = cfg.eval
+    if not e.bpd_split:
+        return None
+    splits = read_manifest(cfg.data.shards).splits
+    if e.bpd_split not in splits:
+        return None
+    return min(e.bpd_max_images, sum(s.num_samples for s in splits[e.bpd_split]))
+
+
+def sampling_calls_per_image(cfg: Config, diffusion: Diffusion) -> int:
+    """Network evaluations per sampled image: every t for ancestral sampling, eval.steps for DDIM."""
+    return diffusion.num_timesteps if cfg.eval.sampler == "ancestral" else cfg.eval.steps
+
+
+def bpd_calls_per_image(cfg: Config, diffusion: Diffusion) -> int:
+    """Network evaluations per held-out image for bits/dim: T for the exact sum, K + 1 for the K-term estimate."""
+    k = cfg.eval.bpd_timesteps
+    return k + 1 if k else diffusion.num_timesteps
+
+
+def seconds_per_image_call(net, cfg: Config, device: torch.device, repeats: int = 2) -> float:
+    """Seconds of one network evaluation of one image on this device, timed on one sampling batch (the best
+    of ``repeats`` after a warm-up) at the sampling precision: the unit of the time estimate."""
+    e = cfg.eval
+    batch = max(1, min(e.batch_size, 64))
+    x = torch.zeros(batch, net.in_channels, net.image_size, net.image_size, device=device)
+    t = torch.full((batch,), 500, device=device, dtype=torch.long)
+    best = math.inf
+    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=e.precision == "bf16"):
+        for i in range(repeats + 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            net(x, t)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i:  # the first call warms up (allocations, kernels)
+                best = min(best, time.perf_counter() - t0)
+    return best / batch
+
+
+def plan(cfg: Config, diffusion: Diffusion, bpd_images: int | None, sec_per_call: float) -> str:
+    """What evaluate is about to do and how long it should take (network evaluations only, split over the
+    processes; feature extraction and reference statistics come on top)."""
+    e = cfg.eval
+    world = dist.world_size()
+    per_sample = sampling_calls_per_image(cfg, diffusion)
+    sampler = f"ancestral, {per_sample} steps" if e.sampler == "ancestral" else f"DDIM, {per_sample} steps"
+    why = ("" if e.num_samples > e.grid_images or e.feature_extractor != "none"
+           else " (only the grid's: eval.feature_extractor=none)")
+    calls = e.num_samples * per_sample
+    parts = [f"evaluate: {e.num_samples} samples{why} ({sampler}: {calls:,} network evaluations)"]
+    if bpd_images:
+        per_bpd = bpd_calls_per_image(cfg, diffusion)
+        how = f"K={e.bpd_timesteps} timesteps" if e.bpd_timesteps else f"exact, all {diffusion.num_timesteps} terms"
+        parts.append(f"bits/dim on {bpd_images} held-out images ({how}: {bpd_images * per_bpd:,} network "
+                     "evaluations)")
+        calls += bpd_images * per_bpd
+    seconds = calls * sec_per_call / world
+    where = f"{world} processes" if world > 1 else "this process"
+    return "; ".join(parts) + f"; about {_duration(seconds)} on {where} (timed from one batch)"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 # ------------------------------------------------------------------------------------------ sampling
 
 
@@ -369,6 +464,9 @@ def evaluate(ckpt: str | Path, overrides: list[str] | tuple[str, ...] = (), *, s
     e = cfg.eval
     step = int(meta["step"])
     classifier_fits = check_fits(cfg)  # every rank, before any work: a refusal costs nothing
+    n = samples_needed(e, classifier_fits, bool(save_samples_to))
+    if n != e.num_samples:  # only the grid is made: the provenance and the sampling say how many were drawn
+        cfg.eval = e = dataclasses.replace(e, num_samples=n)
     device = _device(e.device)
     diffusion = Diffusion(cfg.diffusion)
     # Weights are read into memory first, so keep-k deleting the folder later does not matter.
@@ -376,13 +474,17 @@ def evaluate(ckpt: str | Path, overrides: list[str] | tuple[str, ...] = (), *, s
     # Every rank: its block of samples and their features, then its share of the held-out batches for
     # bits/dim; rank 0 gathers both. Only then does rank 0 alone load (or compute) the reference
     # statistics, so no rank waits at a collective meanwhile.
-    extractor = build_extractor(e, device) if e.feature_extractor != "none" else None
+    extractor = build_extractor(e, device, instead=_offline_alternative(classifier_fits)) \
+        if e.feature_extractor != "none" else None
+    bpd_images = _bpd_images(cfg)
+    if dist.is_main():
+        print(plan(cfg, diffusion, bpd_images, seconds_per_image_call(net, cfg, device)), flush=True)
     # every image to rank 0 only where all are used (saved, or scored by the digits classifier); else the grid's
     keep = None if save_samples_to or classifier_fits else e.grid_images
     images, images_per_s, feats = draw_samples(net, diffusion, cfg, device, features=extractor, keep_images=keep)
     bpd_skip = ""
     est = None
-    if e.bpd_split and e.bpd_split not in read_manifest(cfg.data.shards).splits:
+    if e.bpd_split and bpd_images is None:
         bpd_skip = (f"{cfg.data.shards} has no split {e.bpd_split!r} (prepare with --test-fraction 0.1, or set "
                     "eval.bpd_split=train or '')")
     elif e.bpd_split:

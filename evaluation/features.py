@@ -126,18 +126,25 @@ def digits_extractor(device: torch.device, *, batch_size: int = 512, weights: st
     )
 
 
-def _offline_message(url: str, looked_in: str, reason: Any) -> str:
+# What the offline error offers instead when the data are not known here; evaluate names the one that fits.
+OFFLINE_ALTERNATIVES = ("Without it: eval.feature_extractor=none (no FID: the sample grid and bits/dim only), or, "
+                        "for scikit-learn's digits, eval.feature_extractor=digits (a digits-feature FID, not "
+                        "Inception FID).")
+
+
+def _offline_message(url: str, looked_in: str, reason: Any, instead: str) -> str:
     return (
         f"clean-fid's InceptionV3 weights {INCEPTION_FILE} are not in {looked_in} and could not be downloaded "
         f"from {url} ({reason}). On a machine with network access download that URL, then either put the file "
         f"at {os.path.join(looked_in, INCEPTION_FILE)} (where clean-fid looks) or pass "
-        f"eval.inception_weights=/path/to/{INCEPTION_FILE}. For the offline CPU demo use "
-        "eval.feature_extractor=digits (a digits-feature FID, not Inception FID)."
+        f"eval.inception_weights=/path/to/{INCEPTION_FILE}. {instead}"
     )
 
 
-def inception_weights_file(weights: str = "", *, download_dir: str = "", url: str = "") -> Path:
-    """The InceptionV3 TorchScript file: the user's path, else clean-fid's cache (downloaded if missing)."""
+def inception_weights_file(weights: str = "", *, download_dir: str = "", url: str = "",
+                           instead: str = OFFLINE_ALTERNATIVES) -> Path:
+    """The InceptionV3 TorchScript file: the user's path, else clean-fid's cache (downloaded if missing);
+    ``instead``: the offline error's last sentence, what to use without the file."""
     if weights:
         path = Path(weights).expanduser()
         if not path.is_file():
@@ -159,7 +166,8 @@ def inception_weights_file(weights: str = "", *, download_dir: str = "", url: st
     except (urllib.error.URLError, OSError, ValueError) as exc:
         if path.is_file() and path.stat().st_size == 0:
             path.unlink()  # clean-fid opens the file only once the connection is up; never leave an empty one
-        raise InceptionWeightsUnavailable(_offline_message(url, looked_in, getattr(exc, "reason", exc))) from exc
+        raise InceptionWeightsUnavailable(_offline_message(url, looked_in, getattr(exc, "reason", exc),
+                                                           instead)) from exc
     finally:
         downloads_helper.inception_url = saved
 
@@ -189,8 +197,10 @@ def inception_extractor(
     num_workers: int = 0,
     download_dir: str = "",
     url: str = "",
+    instead: str = OFFLINE_ALTERNATIVES,
 ) -> FeatureExtractor:
-    """clean-fid's InceptionV3 feature extractor for a clean-fid mode (clean, legacy_tensorflow, legacy_pytorch).
+    """clean-fid's InceptionV3 feature extractor for a clean-fid mode (clean, legacy_tensorflow, legacy_pytorch);
+    ``instead``: what the offline error offers in place of the weights.
 
     legacy_pytorch uses clean-fid's pytorch-fid port, whose weights come from torchvision/pytorch-fid
     downloads; clean and legacy_tensorflow use the TorchScript file ``inception-2015-12-05.pt``.
@@ -206,14 +216,15 @@ def inception_extractor(
         except (urllib.error.URLError, OSError) as exc:
             raise InceptionWeightsUnavailable(
                 f"clean-fid's legacy_pytorch Inception (pytorch-fid weights pt_inception-2015-12-05) could not be "
-                f"downloaded ({exc}); use eval.fid_mode=clean or legacy_tensorflow with eval.inception_weights"
+                f"downloaded ({exc}); use eval.fid_mode=clean or legacy_tensorflow with eval.inception_weights. "
+                f"{instead}"
             ) from exc
         return FeatureExtractor(
             # torch hub names the file by its hash prefix; clean-fid does not check it, so we say so
             "inception-v3-pytorch-fid", "unverified:pt_inception-2015-12-05-6726825d", RESIZE_MODES[mode],
             _Callable(fn), mode, device, batch_size, num_workers,
         )  # fmt: skip
-    path = inception_weights_file(weights, download_dir=download_dir, url=url)
+    path = inception_weights_file(weights, download_dir=download_dir, url=url, instead=instead)
     model = _InceptionFromFile(path, resize_inside=(mode == "legacy_tensorflow")).to(device)
     return FeatureExtractor(
         INCEPTION_NAME, digits_net.file_sha256(path), RESIZE_MODES[mode], model, mode, device, batch_size, num_workers
@@ -229,8 +240,10 @@ class _Callable(nn.Module):
         return self.fn(x)
 
 
-def build_extractor(eval_cfg, device: torch.device | None = None) -> FeatureExtractor:
-    """The extractor named by ``eval.feature_extractor`` (config: pipeline.config.EvalConfig)."""
+def build_extractor(eval_cfg, device: torch.device | None = None, *,
+                    instead: str = OFFLINE_ALTERNATIVES) -> FeatureExtractor:
+    """The extractor named by ``eval.feature_extractor`` (config: pipeline.config.EvalConfig); ``instead``: what
+    an unavailable InceptionV3 error offers in its place (the caller knows the data)."""
     device = device or default_device(eval_cfg.device)
     if eval_cfg.feature_extractor == "digits":
         return digits_extractor(device, batch_size=eval_cfg.feature_batch_size)
@@ -240,4 +253,5 @@ def build_extractor(eval_cfg, device: torch.device | None = None) -> FeatureExtr
         weights=eval_cfg.inception_weights,
         batch_size=eval_cfg.feature_batch_size,
         num_workers=eval_cfg.num_workers,
+        instead=instead,
     )

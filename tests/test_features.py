@@ -11,6 +11,7 @@ from cleanfid.utils import ResizeDataset
 from PIL import Image
 
 from evaluation import digits_net
+from evaluation.evaluate import _offline_alternative
 from evaluation.features import (
     INCEPTION_FILE,
     InceptionWeightsUnavailable,
@@ -116,6 +117,17 @@ def test_offline_inception_error_names_file_url_and_fix(tmp_path):
     assert str(tmp_path / INCEPTION_FILE) in msg and "eval.inception_weights=" in msg
     assert "eval.feature_extractor=digits" in msg
     assert not (tmp_path / INCEPTION_FILE).exists()  # no empty file left to fail later
+
+
+@pytest.mark.parametrize("digits_data, offered, not_offered", [
+    (False, "eval.feature_extractor=none", "eval.feature_extractor=digits (a digits-feature FID"),
+    (True, "eval.feature_extractor=digits (a digits-feature FID", "eval.feature_extractor=none"),
+])
+def test_offline_inception_error_offers_what_fits_the_data(tmp_path, digits_data, offered, not_offered):
+    url = f"http://127.0.0.1:{_closed_port()}/{INCEPTION_FILE}"
+    with pytest.raises(InceptionWeightsUnavailable) as err:
+        inception_weights_file(download_dir=str(tmp_path), url=url, instead=_offline_alternative(digits_data))
+    assert offered in str(err.value) and not_offered not in str(err.value)
 
 
 def test_missing_user_inception_file_is_a_clear_error(tmp_path):

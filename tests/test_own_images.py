@@ -183,7 +183,8 @@ WALK_FAST = {  # appended to the README's commands: the same walk in seconds ins
     "launch/train.py": ["train.total_steps=4", "train.batch_size=8", "logging.every_steps=2",
                         "checkpoint.every_steps=2", "logging.sample_every_steps=4", "logging.sample_grid_images=4",
                         "logging.sample_ddim_steps=2", "data.num_workers=0"],
-    "evaluation.evaluate": ["eval.feature_extractor=none", "eval.num_samples=8", "eval.steps=3", "eval.batch_size=8",
+    # eval.num_samples stays the preset's 1000: with no feature extractor only the grid's 8 are sampled
+    "evaluation.evaluate": ["eval.feature_extractor=none", "eval.steps=3", "eval.batch_size=8",
                             "eval.bpd_max_images=4", "eval.bpd_timesteps=2", "eval.grid_images=8", "eval.device=cpu"],
 }  # fmt: skip
 
@@ -232,6 +233,12 @@ def test_the_readme_walk_on_a_folder_of_rgb_images(tmp_path):
         figures = project / "runs" / name / "eval" / "step-00000004"
         assert (figures / "grid.png").is_file() and (figures / "real.png").is_file()
         assert "eval/bpd" in out
+        # what was asked: the grid's 8 images, not eval.num_samples=1000, said before it starts
+        provenance = json.loads((figures / "provenance.json").read_text())
+        assert (provenance["num_samples"], provenance["seeds"]) == (8, "0..7")
+        assert re.search(r"evaluate: 8 samples \(only the grid's: eval.feature_extractor=none\) \(DDIM, 3 steps: "
+                         r"24 network evaluations\); bits/dim on 4 held-out images \(K=2 timesteps: 12 network "
+                         r"evaluations\); about \d+ s on this process", out), out[-2000:]
     # one store for the project: both trainings, with their evaluations, are in runs/mlflow.db
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'runs' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("ddpm").experiment_id])

@@ -37,6 +37,7 @@ from sqlalchemy.engine import make_url
 
 from evaluation.errors import EvaluationError
 from pipeline import cli
+from pipeline.tracking.sink import ui_hint
 
 LOSS_KEY = "train/loss"
 IMAGES_PER_S_KEY = "train/images_per_s"
@@ -63,6 +64,8 @@ class RunSummary:
     histories: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # key -> [(step, value)]
     latest: dict[str, float] = field(default_factory=dict)  # MLflow's latest value per metric key
     client: Any = field(default=None, repr=False)  # the MlflowClient of the store the run is in
+    experiment_id: str = ""  # the run's experiment in its store
+    tracking_uri: str = ""  # the store
 
     def protocol(self, extractor: str) -> dict[str, str]:
         prefix = f"{PROTOCOL_PREFIX}{extractor}."
@@ -131,7 +134,7 @@ def load_runs(tracking_uri: str, experiment: str, max_runs: int,
         summary = RunSummary(
             run_id=run.info.run_id, name=run.info.run_name or run.info.run_id[:8], status=run.info.status,
             start_time=run.info.start_time or 0, params=dict(run.data.params), tags=dict(run.data.tags),
-            latest=dict(run.data.metrics), client=client,
+            latest=dict(run.data.metrics), client=client, experiment_id=exp.experiment_id, tracking_uri=tracking_uri,
         )
         out.append(summary)
     return out
@@ -484,6 +487,9 @@ def _main(args: argparse.Namespace) -> int:
         print(f"note: {text}", file=sys.stderr)
     for path in result.plots:
         print(f"wrote {path}")
+    # the experiment's training runs in the UI, once per store that had some
+    for uri, exp_id in dict.fromkeys((r.tracking_uri, r.experiment_id) for r in runs):
+        print(ui_hint(uri, exp_id))
     return 0
 
 

@@ -87,7 +87,7 @@ from pipeline.model.diffusion import Diffusion, bound_per_image, summarize_bound
 from pipeline.model.sampling import sample
 from pipeline.tracking.factory import make_sink
 from pipeline.tracking.images import image_grid
-from pipeline.tracking.sink import read_run_file
+from pipeline.tracking.sink import read_run_file, ui_hint
 
 log = logging.getLogger("evaluation")
 EMA_METRIC_PREFIX = "eval/ema/"  # --ema / --posthoc-sigma-rels: eval/ema/<name>/fid_<ext>, .../sigma_rel, ...
@@ -103,6 +103,7 @@ class EvalResult:
     classifier: dict[str, Any] = field(default_factory=dict)  # digits: confident share + class histogram
     grids: dict[str, str] = field(default_factory=dict)  # "samples" / "real" -> PNG path (figures folder)
     real_grid_note: str = ""  # which real images real.png shows, or why it was not written
+    mlflow_ui: str = ""  # where the run is in the MLflow UI (pipeline.tracking.sink.ui_hint), when logged
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -604,6 +605,8 @@ def _log(cfg: Config, meta: dict, ckpt: Path, result: EvalResult) -> str | None:
         print(f"warning: {sink.stats['dropped_ops']} tracking calls to {uri} were dropped (see warnings above); "
               f"the figures are also in {result.out_dir}", file=sys.stderr)
         return None
+    if sink.experiment_id is not None:
+        result.mlflow_ui = ui_hint(uri, sink.experiment_id, run_id)
     return run_id
 
 
@@ -631,6 +634,8 @@ def format_result(r: EvalResult) -> str:
         real = f"{REAL_GRID}: {r.real_grid_note}" if "real" in r.grids else f"no {REAL_GRID} ({r.real_grid_note})"
         lines.append(f"  grids: {SAMPLES_GRID}: samples; {real}")
     lines.append(f"  logged to MLflow run {r.logged_to_run}" if r.logged_to_run else "  not logged to MLflow")
+    if r.mlflow_ui:
+        lines.append("  " + r.mlflow_ui.replace("\n", "\n  "))
     lines.append(f"  files: {r.out_dir}")
     return "\n".join(lines)
 

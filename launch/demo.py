@@ -172,9 +172,8 @@ def _main(args: argparse.Namespace) -> int:
               f"{result.metrics['eval/bpd']:.3f} ± {result.metrics['eval/bpd_se']:.3f}")
     grid = Path(result.out_dir) / "grid.png"
     print(f"\nsample grid:  {grid}  (beside it, as many real digits: {grid.with_name('real.png')})")
-    db = out_dir.parent / "mlflow.db"  # the project's store (docs/tracking.md)
-    print(f"MLflow UI:    {ROOT / '.venv/bin/mlflow'} ui --backend-store-uri sqlite:///{db} --host 127.0.0.1 "
-          f"--port 5000   (then open http://127.0.0.1:5000)")
+    if result.mlflow_ui:  # the training run's page: its metrics, the evaluation's figures, the grids
+        print(result.mlflow_ui)
     print(f"demo took {time.monotonic() - t0:.0f} s")
     return 0
 

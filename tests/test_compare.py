@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -161,9 +162,15 @@ def test_cli_merges_two_stores_and_rejects_an_unknown_experiment(store, tmp_path
            "--tracking-uri", uri2, "--out", str(tmp_path / "p")]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    rows = [line.split()[0] for line in res.stdout.splitlines()[2:] if not line.startswith("wrote")]
+    table = res.stdout.split("\nwrote ", 1)[0]
+    rows = [line.split()[0] for line in table.splitlines()[2:]]
     assert rows == ["a", "b", "z"]  # oldest first, across both stores
     assert "0.0003" in res.stdout
+    # the UI's training-runs view of the experiment, once per store, with its id in that store
+    ui = re.findall(r"MLflow UI: .* ui --backend-store-uri (\S+) --host 127\.0\.0\.1 --port 5000\n\s+then open "
+                    r"http://127\.0\.0\.1:5000/#/experiments/(\d+)/runs\n", res.stdout)
+    assert ui == [(store["uri"], MlflowClient(store["uri"]).get_experiment_by_name("cmp").experiment_id),
+                  (uri2, exp)], res.stdout
 
     res = subprocess.run([sys.executable, "-m", "evaluation.compare", "--experiment", "nope", "--tracking-uri",
                           uri2], cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -329,8 +329,10 @@ class MLflowSink(NullSink):
             return
         if self._run_id is None:
             self._call(self._create_run, what="create run", attempts=self.cfg.retries)
-        elif self._run_file_dir is not None:
-            self._record_run()
+        else:
+            self._call(self._read_experiment_id, what="read the run", attempts=self.cfg.retries)
+            if self._run_file_dir is not None:
+                self._record_run()
         if self._supersedes and self._supersedes != self._run_id:
             self._call(self._mark_superseded, what="mark the previous run", attempts=self.cfg.retries)
         self._ready.set()
@@ -480,8 +482,18 @@ class MLflowSink(NullSink):
             exp_id = exp.experiment_id
             self._ensure_experiment_kind(exp)
         run = client.create_run(exp_id, tags=self._tags, run_name=self._run_name)
+        self.experiment_id = run.info.experiment_id
         self._run_id = run.info.run_id
         self._record_run()
+
+    def _read_experiment_id(self) -> None:
+        """The experiment of a run this sink continues or attaches to (for the UI's URL); a run that does not
+        exist is left to the status call (a resume starts a new run) or to the calls that follow."""
+        try:
+            self.experiment_id = self._client.get_run(self._run_id).info.experiment_id
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
 
     def _ensure_experiment_kind(self, exp: Any) -> None:
         """The classic runs view for an experiment without a kind; a kind someone chose is left alone."""

@@ -20,6 +20,7 @@ import getpass
 import hashlib
 import json
 import os
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,27 @@ def resolve_tracking_uri(cfg: TrackingConfig, out_dir: str | os.PathLike) -> str
             "MLFLOW_ALLOW_FILE_STORE=true; use sqlite:///ABS/PATH/mlflow.db (or set that variable)"
         )
     return uri
+
+
+UI_PORT = 5000  # where the printed `mlflow ui` command serves a sqlite store
+
+
+def ui_hint(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """Where to look in the MLflow UI: the run's page (``run_id``) or the experiment's training runs, with the
+    experiment id filled in, and, for a sqlite store, the ``mlflow ui`` command that serves it on 127.0.0.1.
+
+    Never the experiment's home page: MLflow 3.17 opens it on its GenAI overview (traces, latency, tokens),
+    empty for training runs, whatever the experiment's kind tag (the UI keeps that switch in the browser's
+    localStorage); ``#/experiments/<id>/runs`` and a run's page show runs, metrics, datasets and sources."""
+    page = f"#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"MLflow UI: {tracking_uri.rstrip('/')}/{page}"
+    if sqlite_path(tracking_uri) is None:
+        return f"MLflow UI: {page} of the UI serving {tracking_uri}"
+    mlflow_cli = Path(sys.executable).parent / "mlflow"
+    serve = (f"{shlex.quote(str(mlflow_cli))} ui --backend-store-uri {shlex.quote(tracking_uri)} "
+             f"--host 127.0.0.1 --port {UI_PORT}")
+    return f"MLflow UI: {serve}\n           then open http://127.0.0.1:{UI_PORT}/{page}"
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -198,6 +220,7 @@ class NullSink:
 
     run_id: str | None = None
     tracking_uri: str | None = None
+    experiment_id: str | None = None  # the run's experiment, once the store has answered
 
     @property
     def dropped(self) -> int:

@@ -81,28 +81,36 @@ def mlflow_server(root: str | os.PathLike, *, port: int | None = None,
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
-    log_path = root / "mlflow-server.log"
     cmd = [
         sys.executable, "-m", "mlflow", "server",
         "--backend-store-uri", f"sqlite:///{(root / 'server.db').resolve()}",
         "--artifacts-destination", str((root / "server-artifacts").resolve()),
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]
+    with serving(cmd, port, root / "mlflow-server.log", start_timeout_s=start_timeout_s) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def serving(cmd: list[str], port: int, log_path: Path, *, start_timeout_s: float = 90.0) -> Iterator[MlflowServer]:
+    """Run ``cmd`` (``mlflow server`` or ``mlflow ui`` on 127.0.0.1:``port``) in its own process group until it
+    answers /health; always stop it on exit."""
     # No job runner: it would add ~7 huey consumer processes and a /dev/shm folder nobody removes.
     env = dict(os.environ, PYTHONUNBUFFERED="1", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     env.pop("MLFLOW_TRACKING_URI", None)
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                cwd=root)
+                                cwd=log_path.parent)
     server = MlflowServer(uri=f"http://127.0.0.1:{port}", port=port, proc=proc, log_path=log_path)
     try:
         deadline = time.monotonic() + start_timeout_s
         while not server.alive():
             if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+                raise RuntimeError(f"{' '.join(cmd[:4])} exited with {proc.returncode}:\n"
+                                   f"{log_path.read_text()[-3000:]}")
             if time.monotonic() > deadline:
                 raise TimeoutError(
-                    f"mlflow server on port {port} did not answer /health within {start_timeout_s} s:\n"
+                    f"{' '.join(cmd[:4])} on port {port} did not answer /health within {start_timeout_s} s:\n"
                     f"{log_path.read_text()[-3000:]}"
                 )
             time.sleep(0.25)

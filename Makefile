@@ -20,10 +20,9 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 
-# TEST_WORKERS=2 runs two pytest workers, each test file whole on one worker (pytest-xdist): ~32 min instead of
-# ~41 on a 2-core host, but under that load two tests failed once (a 2-process checkpoint and two trainings
-# sharing one store), so CI stays on one process (0) until those are understood.
-TEST_WORKERS ?= 0
+# Two pytest workers (pytest-xdist), each test file whole on one worker; TEST_WORKERS=0 runs them in this process.
+# The suite's durations, one worker against two: benchmarks/suite_durations.md.
+TEST_WORKERS ?= 2
 
 test: lint
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15

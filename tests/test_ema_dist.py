@@ -4,7 +4,9 @@ PreviousEMA: ema-pytorch, masked) of the fp32 weights the optimizer produced, st
 (non-finite) step included; so does a second classic EMA (ema.decays), and the two power-function EMAs
 (ema.posthoc.sigma_rels) follow EDM2's beta_t = (1 - 1/t)^(gamma + 1) over the applied steps, their fp16
 snapshots hard-linked into every later checkpoint. Under ZeRO they are kept partitioned like DeepSpeed's master
-weights and gathered for each checkpoint and for the sample grid, so this is also the test of that gather."""
+weights and gathered for each checkpoint and for the sample grid, so this is also the test of that gather. Under
+ZeRO-2, which partitions the gradients, the skipped step also leaves Adam's moments and step count alone on both
+ranks (the same launches serve both checks)."""
 
 from __future__ import annotations
 
@@ -65,6 +67,14 @@ def test_ema_equals_the_previous_implementation_of_the_optimizer_weights(digits,
     assert h.same(master[NAN_AT], master[NAN_AT - 1]) and not h.same(master[NAN_AT + 1], master[NAN_AT])
     if precision == "bf16" and stage:  # the EMA must average the fp32 master weights, not their bf16 rounding
         assert any(not torch.equal(v, v.bfloat16().float()) for v in master[STEPS].values())
+    if stage == 2:
+        # ZeRO-2 partitions the gradients, so rank 0's NaN must be caught across ranks: the skipped step leaves the
+        # Adam moments and step count alone on both ranks, the next one trains again (the EMAs: below).
+        adam = {s: h.deepspeed_adam_state(steps[s]) for s in (NAN_AT - 1, NAN_AT, NAN_AT + 1)}
+        assert h.same(adam[NAN_AT - 1], adam[NAN_AT]) and not h.same(adam[NAN_AT], adam[NAN_AT + 1])
+        for rank in (0, 1):
+            assert [adam[s][f"rank{rank}.0.step"].item() for s in adam] == [NAN_AT - 1, NAN_AT - 1, NAN_AT]
+        assert all(torch.isfinite(v).all() for sd in (master[STEPS], adam[NAN_AT + 1]) for v in sd.values())
 
     live = UNet(Checkpoint(steps[1]).config().model)
     refs = {"ema.safetensors": _previous(live, EMA_CFG),

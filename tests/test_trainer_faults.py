@@ -16,7 +16,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from pipeline.config import flatten, load_config, to_yaml
@@ -249,31 +248,8 @@ def test_mlflow_server_gets_params_metrics_images_and_its_death_mid_run_costs_on
 
 
 # ---- a non-finite step under DeepSpeed ZeRO-2 -------------------------------------------------------
-
-
-@pytest.mark.parametrize("precision", ["no", "bf16"])
-def test_deepspeed_zero2_nonfinite_step_is_skipped_in_weights_optimizer_and_ema(digits, tmp_path, precision):
-    """DDPM_FAULT_NAN_AT_STEP=3 makes rank 0's loss NaN at step 3; ZeRO-2 partitions the gradients, so the
-    NaN must be caught across ranks: step 3 changes nothing (fp32 master weights, Adam moments and step
-    count, EMA), step 4 trains again."""
-    # "no" is the default; the override train.mixed_precision=no would be read by YAML as the boolean false.
-    precision_override = [f"train.mixed_precision={precision}"] if precision != "no" else []
-    r = h.run(h.train_cmd([f"data.shards={digits}", f"train.out_dir={tmp_path}", "train.total_steps=4",
-                           *precision_override, "train.micro_batch_per_gpu=4",
-                           "checkpoint.every_steps=1", "checkpoint.keep=10", "logging.every_steps=4"],
-                          nproc=2, deepspeed_stage=2, mixed_precision=precision),
-              h.launch_env(deepspeed=True, DDPM_FAULT_NAN_AT_STEP="3"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "step 4/4" in r.stdout and "non-finite 1" in r.stdout
-    ckpt = {s: tmp_path / f"step-{s:08d}" for s in (2, 3, 4)}
-    master = {s: h.deepspeed_fp32(p) for s, p in ckpt.items()}
-    ema = {s: h.ema(p) for s, p in ckpt.items()}
-    adam = {s: h.deepspeed_adam_state(p) for s, p in ckpt.items()}
-    assert h.same(master[2], master[3]) and h.same(ema[2], ema[3]) and h.same(adam[2], adam[3])  # step 3 skipped
-    assert [adam[s]["rank0.0.step"].item() for s in (2, 3, 4)] == [2, 2, 3] == [adam[s]["rank1.0.step"].item() for s in (2, 3, 4)]
-    assert not h.same(master[3], master[4]) and not h.same(ema[3], ema[4]) and not h.same(adam[3], adam[4])
-    for sd in (master[4], ema[4], adam[4]):
-        assert all(torch.isfinite(v).all() for v in sd.values())
+# The skipped step itself (fp32 master weights, Adam moments and step count, every EMA, fp32 and bf16) is checked
+# on the ZeRO-2 launches of tests/test_ema_dist.py, which inject the same NaN; here: the check cannot be turned off.
 
 
 def test_deepspeed_config_that_disables_the_nonfinite_check_is_refused(digits, tmp_path):

@@ -7,7 +7,7 @@ Both loaders run in this process (num_workers=0: one core) and in one DataLoader
 local PNG shards written by prepare, batched by 128, interleaved (the order rotates every repeat) so
 load from other processes on the host hits all alike; the tables report the median of the repeats. The
 baseline is `wds.WebDataset(urls, shardshuffle=False).decode("torchrgb").to_tuple("png", "cls").batched(128)`;
-ours additionally shuffles (block of 1000) and flips, so the comparison is conservative. Ours runs with
+ours additionally shuffles (the global order: windows of 1000) and flips, so the comparison is conservative. Ours runs with
 each data.verify: stream (the default: every shard hashed as it is read), start (hashed when the loader
 is constructed: that time is reported apart, the rates count from the first batch on) and off.
 
@@ -150,7 +150,7 @@ def main() -> None:
         "pipeline runs in the measuring process (one core: what one worker does); `num_workers=1`: one DataLoader "
         "worker process, including the shared-memory transfer of each batch to the training process.",
         "Baseline: `wds.WebDataset(urls, shardshuffle=False).decode(\"torchrgb\").to_tuple(\"png\", \"cls\").batched(128)`. "
-        "Ours: `StreamingLoader` in exact mode with shuffle block 1000 and random flips (more work than the "
+        "Ours: `StreamingLoader` in exact mode with the global order (shuffle windows of 1000) and random flips (more work than the "
         "baseline), by `data.verify`: `stream` (the default) hashes every shard as it reads it; `off` "
         "hashes nothing; `start` hashes every shard in the loader's constructor (that time is the last "
         "column; the rates start at the first batch).",

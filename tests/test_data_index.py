@@ -40,22 +40,22 @@ def big(tmp_path_factory):
     return folder
 
 
-def epoch_read(shards: str, ranks: int = RANKS, workers: int = WORKERS) -> tuple[int, int, list[int]]:
+def epoch_read(shards: str, ranks: int = RANKS, workers: int = WORKERS,
+               shuffle_buffer: int = 1000) -> tuple[int, int, list[int]]:
     """(bytes the reader read, bytes of the shards, positions delivered) for epoch 0 of every stream of a
     ranks x workers layout: the loader's own plan and reader, in this process."""
     from pipeline.data.tar import READ
 
-    loader = StreamingLoader(DataConfig(shards=shards, num_workers=workers, shuffle_buffer=0), batch_size=MICRO_BATCH,
-                             rank=0, world_size=ranks)
-    shardset = loader.shardset
-    plan = Plan([s.num_samples for s in shardset.shards], MICRO_BATCH, ranks, max(1, workers), 0)
+    loader = StreamingLoader(DataConfig(shards=shards, num_workers=workers, shuffle_buffer=shuffle_buffer),
+                             batch_size=MICRO_BATCH, rank=0, world_size=ranks)
+    shardset, plan = loader.shardset, loader.plan
     report = Report(strict=True)
     delivered: list[int] = []
     READ.reset()
     for stream in range(plan.T):
-        start, length = plan.slice(0, stream)
-        for i, base, lo, hi in plan.pieces(0, start, start + length):
-            delivered += [raw.index for raw in read_piece(shardset.shards[i], base, lo, hi, report, shardset)]
+        for g in plan.epoch_groups(stream, 0):
+            for i, base, lo, hi in g.runs:
+                delivered += [raw.index for raw in read_piece(shardset.shards[i], base, lo, hi, report, shardset)]
     size = sum(shardset.index[s.url].size if s.url in shardset.index else os.path.getsize(s.url)
                for s in shardset.shards)  # the index records each shard's size (a local one: as on disk)
     return READ.bytes, size, delivered
@@ -131,8 +131,8 @@ def test_a_changed_byte_inside_a_piece_is_caught_by_the_stream_that_reads_it(tmp
     # the whole file by the stream at the shard's end, would not see this piece's bytes.
     folder, _ = make_shards(str(tmp_path), 48, per_shard=16, name="intact")
     world, B = 8, 2
-    plan = Plan([16] * 3, B, world, 1, 0)
-    inner = [(s, i, lo, hi) for s in range(world) for i, _, lo, hi in plan.pieces(0, *_span(plan, s))
+    plan = Plan([16] * 3, B, world, 1, 0, window=0)
+    inner = [(s, i, lo, hi) for s in range(world) for i, _, lo, hi in _reads(plan, s)
              if lo > 0 and hi < 16 and hi - lo >= 2]
     assert inner, "the layout splits no shard into a middle piece"
     stream, shard, lo, hi = inner[0]
@@ -151,7 +151,7 @@ def test_a_changed_byte_inside_a_piece_is_caught_by_the_stream_that_reads_it(tmp
         report = Report(strict=False)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            for i, base, plo, phi in plan.pieces(0, *_span(plan, s)):
+            for i, base, plo, phi in _reads(plan, s):
                 for raw in read_piece(shardset.shards[i], base, plo, phi, report, shardset):
                     if (sample := decode_sample(raw, shardset, report)) is not None:
                         got[raw.index] = (int(raw.key), sample[1])
@@ -175,9 +175,9 @@ def test_a_changed_byte_inside_a_piece_is_caught_by_the_stream_that_reads_it(tmp
     assert labels[key] == (key + 1) % 10
 
 
-def _span(plan: Plan, stream: int) -> tuple[int, int]:
-    start, length = plan.slice(0, stream)
-    return start, start + length
+def _reads(plan: Plan, stream: int) -> list[tuple[int, int, int, int]]:
+    """The reads (shard, base, lo, hi) of a stream's epoch 0."""
+    return [run for g in plan.epoch_groups(stream, 0) for run in g.runs]
 
 
 def test_a_tampered_or_missing_index_is_refused_at_start(tmp_path):

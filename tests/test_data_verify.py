@@ -14,7 +14,6 @@ import pytest
 
 from pipeline.config import DataConfig
 from pipeline.data.loader import StreamingLoader
-from pipeline.data.plan import Plan
 from pipeline.data.report import CorruptDataError, CorruptDataWarning, Report
 from pipeline.data.sequential import iter_split, split_batches
 from tests.helpers.corrupt import (
@@ -22,6 +21,7 @@ from tests.helpers.corrupt import (
     drain,
     members,
     read_bytes,
+    stream_runs,
     write_bytes,
     write_members,
 )
@@ -80,19 +80,10 @@ def test_a_changed_label_is_trained_on_unverified_and_never_verified(shards, tmp
 
 
 def changed_pieces_passed(loader, shard: int, changed: set[int]) -> int:
-    """Pieces of `shard` holding one of its `changed` samples that a loader's streams have passed: each
-    counts on its last slot. Needs shuffle_buffer=0 (slots then come in read order)."""
-    counts = [s.num_samples for s in loader.shardset.shards]
-    plan = Plan(counts, loader.batch_size, loader.world_size, loader.K, loader.cfg.seed)
-    n = 0
-    for worker, (epoch, slot) in enumerate(loader.state_dict()["cursors"]):
-        for e in range(epoch + 1):
-            start, length = plan.slice(e, worker * loader.world_size + loader.rank)
-            done = 0
-            for i, _, lo, hi in plan.pieces(e, start, start + length):
-                done += hi - lo
-                n += i == shard and any(lo <= j < hi for j in changed) and (e < epoch or done <= slot)
-    return n
+    """Reads of `shard` holding one of its `changed` samples that a loader's streams have passed: each counts on
+    its last slot."""
+    return sum(i == shard and any(lo <= j < hi for j in changed) and passed
+               for i, lo, hi, passed in stream_runs(loader))
 
 
 @pytest.mark.parametrize(("world", "workers"), [(1, 0), (2, 0), (3, 0), (1, 2), (2, 2)])

@@ -19,6 +19,7 @@ from pipeline.config import ConfigError, load_config
 from pipeline.train.step import (
     GroupClip,
     OptimizerStep,
+    StepNoise,
     batch_split,
     check_group_clip,
     lr_at,
@@ -204,12 +205,15 @@ def _group_grads(cfg, shards: Path) -> list[list[torch.Tensor]]:
     torch.manual_seed(cfg.train.seed)
     with warnings.catch_warnings():  # the tiny runs' T = 100 leaves signal in x_T: irrelevant to one step
         warnings.simplefilter("ignore", UserWarning)
-        loss_fn = DDPMLoss(UNet(cfg.model), Diffusion(cfg.diffusion)).train()
+        diffusion = Diffusion(cfg.diffusion)
+        loss_fn = DDPMLoss(UNet(cfg.model), diffusion).train()
+    noise = StepNoise(cfg.train.seed, diffusion.num_timesteps, torch.device("cpu"))
     out = []
-    for m in range(cfg.train.batch_size // GROUP):
+    for m in range(cfg.train.batch_size // GROUP):  # group m: the m-th micro-batch of the step's global batch
         seed_generators(micro_seed(cfg.train.seed, 0, m), torch.device("cpu"))
+        t, eps = noise.draw(0, m * GROUP, (GROUP, *image.shape[1:]))
         loss_fn.zero_grad(set_to_none=True)
-        loss_ps, _ = loss_fn(image.expand(GROUP, -1, -1, -1).contiguous())
+        loss_ps, _ = loss_fn(image.expand(GROUP, -1, -1, -1).contiguous(), t, eps)
         loss_ps.float().mean().backward()
         out.append([p.grad.clone() for p in loss_fn.net.parameters()])
     return out

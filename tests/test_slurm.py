@@ -168,7 +168,8 @@ def test_two_node_training_job_writes_checkpoints(slurm, digits_shards, tmp_path
     assert (out_dir / "TRAINING_DONE").exists()
     final = meta(out_dir, 20)
     assert (final["world_size"], final["step"], final["images_seen"]) == (2, 20, 20 * BATCH)
-    assert sorted(p.name for p in (out_dir / "step-00000020" / "data").iterdir()) == ["rank-0.json", "rank-1.json"]
+    position = json.loads((out_dir / "step-00000020" / "data.json").read_text())  # one record of both ranks' streams
+    assert (position["scope"], position["world_size"], len(position["skipped"])) == ("global", 2, 2)
 
 
 def test_two_node_deepspeed_zero2_job_trains_and_checkpoints(slurm, digits_shards, tmp_path):
@@ -250,6 +251,50 @@ def test_preemption_requeues_resumes_into_the_same_run_then_evaluation_follows(
     assert fid_keys, sorted(run.data.metrics)
     assert [m.step for m in client.get_metric_history(run.info.run_id, fid_keys[0])] == [total]
     assert run.data.metrics[fid_keys[0]] > 0
+
+
+def test_preempted_two_node_job_requeued_onto_one_node_finishes_the_epoch_with_each_sample_once(
+        slurm, digits_shards, tmp_path):
+    """A requeued job comes back on a smaller allocation: the 2-node job is preempted (USR1) mid-epoch, its
+    pending requeue is shrunk to 1 node, and the 1-process job continues the epoch where the 2-process one
+    stopped. The tests' entry point (TRAIN_SCRIPT) traces the sample indices of every step on every rank."""
+    pytest.importorskip("pipeline.train.loop", exc_type=ModuleNotFoundError)
+    total, every, n = 60, 10, 1617  # digits' training split: 1,617 samples, 51 steps of 32 an epoch
+    out_dir, log, idx = tmp_path / "run", tmp_path / "train.out", tmp_path / "idx"
+    idx.mkdir()
+    env = job_env(tmp_path) | {"TRAIN_SCRIPT": "tests/helpers/train_entry.py", "DDPM_TRACE_INDICES_DIR": str(idx),
+                               "DDPM_FAULT_STEP_SLEEP_S": "0.3"}  # slow steps: the signal lands mid-epoch
+    job = slurm.sbatch(train_args(digits_shards, out_dir, total, every),
+                       options=["-N2", ONE_CPU, f"--output={log}"], env=env, cwd=REPO)
+    wait_for(lambda: complete_steps(out_dir), 150, "the first checkpoint")
+    slurm.cmd("scancel", "--signal=USR1", "--batch", str(job))
+    slurm.wait_job(job, lambda i: i.get("JobState") == "PENDING" and int(i.get("Restarts", 0)) >= 1, 120)
+    # Held while it is changed (an update of a pending job may let it start at once), then 1 node, released.
+    # (What a user does with `scontrol update` for a job that cannot get its nodes back; or submit with
+    # --nodes=1-2 and let SLURM choose.)
+    slurm.cmd("scontrol", "hold", str(job))
+    slurm.cmd("scontrol", "update", f"JobId={job}", "NumNodes=1", "NumTasks=1")  # one task a node (train.sbatch)
+    assert "node=1," in slurm.job(job).get("TRES", "") + ","  # what it will ask for (NumNodes shows it later)
+    slurm.cmd("scontrol", "release", str(job))
+    slurm.cmd("scontrol", "update", f"JobId={job}", "StartTime=now")
+    info = slurm.wait_done(job, timeout_s=240)
+    text = log.read_text()
+    assert (info["JobState"], info["ExitCode"], info["NodeList"]) == ("COMPLETED", "0:0", "node1"), text[-3000:]
+    resumed = re.search(rf"^0: training: world 1, micro batch 32, .* from step (\d+) to {total}\b", text, re.M)
+    assert resumed, text[-3000:]
+    stop = int(resumed.group(1))
+    assert stop in complete_steps(out_dir) and 0 < stop * BATCH < n, text[-3000:]  # preempted inside epoch 0
+    assert "was written by 2 processes, this job has 1: resuming at the same global data position" in text
+    steps: dict[int, list[int]] = {}
+    for rank_file in sorted(idx.glob("rank-*.idx")):  # rank 1: the first job; rank 0: both, in order
+        for line in rank_file.read_text().splitlines():
+            step, _, indices = line.split()
+            steps.setdefault(int(step), []).append([int(i) for i in indices.split(",")])
+    assert sorted(steps) == list(range(total))
+    assert all(len(steps[s]) == (2 if s < stop else 1) for s in steps)  # two ranks before, one after
+    sequence = [i for s in range(total) for part in steps[s] for i in part]
+    assert sorted(sequence[:n]) == list(range(n))  # epoch 0 across both jobs: every sample exactly once
+    assert sorted(sequence[n:2 * n]) == sorted(set(sequence[n:2 * n]))  # epoch 1 has begun, nothing twice
 
 
 def test_watcher_job_evaluates_each_checkpoint_once_while_training_runs(slurm, digits_shards, tmp_path):

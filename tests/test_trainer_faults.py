@@ -119,9 +119,10 @@ def test_signal_to_workers_checkpoints_once_exits_75_and_resume_is_bitwise(digit
     meta = json.loads((ckpt / "meta.json").read_text())
     assert meta["step"] == step and meta["world_size"] == 2 and meta["finished"] is False
     assert meta["images_seen"] == 8 * step
+    position = json.loads((ckpt / "data.json").read_text())  # the loader's position: both ranks' streams
+    assert position["world_size"] == 2 and len(position["streams"]) == 2 * position["num_workers"]
     for rank in (0, 1):
         assert _trace_steps(tmp_path / "trace", rank) == list(range(step))  # no rank ran a step past it
-        assert json.loads((ckpt / "data" / f"rank-{rank}.json").read_text())  # a loader position per rank
         assert (ckpt / "accelerate" / f"random_states_{rank}.pkl").is_file()
 
     # resume=auto continues from it and ends bitwise where the uninterrupted run ended.

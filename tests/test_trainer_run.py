@@ -37,7 +37,7 @@ def test_uninterrupted_run_writes_layout(baseline):
     last = run / "step-00000008"
     meta = json.loads((last / "meta.json").read_text())
     assert meta["step"] == 8 and meta["images_seen"] == 64 and meta["finished"] is True and meta["world_size"] == 1
-    assert (last / "data" / "rank-0.json").is_file() and (last / "config.yaml").is_file()
+    assert (last / "data.json").is_file() and (last / "config.yaml").is_file()
     p, e = h.params(last), h.ema(last)
     assert set(e) == {k.removeprefix("net.") for k in p}  # the EMA is the U-Net's state_dict
     assert all(torch.isfinite(v).all() for v in p.values())
@@ -64,7 +64,7 @@ def test_resume_after_sigkill_is_bitwise(baseline, shards, tmp_path):
     assert h.same(h.params(a), h.params(b))
     assert h.same(h.ema(a), h.ema(b))
     assert h.trace(baseline / "trace") == h.trace(tmp_path / "trace")  # same batches, same order
-    assert json.loads((a / "data" / "rank-0.json").read_text()) == json.loads((b / "data" / "rank-0.json").read_text())
+    assert json.loads((a / "data.json").read_text()) == json.loads((b / "data.json").read_text())
 
 
 @pytest.mark.slow

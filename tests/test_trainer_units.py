@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -200,6 +201,61 @@ def test_checkpoint_manager_saves_and_restores_every_registered_part(tmp_path):
     assert all(torch.equal(fresh_ema.weights()[k], v) for k, v in ema.weights().items())
     ckpt = checkpoint.Checkpoint(path)
     assert ckpt.step == 15 and ckpt.config().checkpoint.keep == 2 and set(ckpt.ema_weights()) == {"weight", "bias"}
+
+
+def test_the_loader_position_is_one_record_and_per_rank_records_of_earlier_versions_still_resume(tmp_path):
+    """LoaderPosition writes data.json (every stream's cursor); a checkpoint whose loader position is
+    data/rank-<r>.json (as written before) resumes through the same part: a record of the old sample order
+    continues at the next epoch boundary, with a warning."""
+    from accelerate import Accelerator
+
+    from pipeline.config import DataConfig
+    from pipeline.data.loader import StreamingLoader
+    from pipeline.train.loop import LoaderPosition, Progress
+    from tests.helpers.data import make_shards
+
+    folder, _ = make_shards(str(tmp_path), 20, per_shard=8)
+    cfg = load_config(REPO / "configs" / "digits.yaml", [f"train.out_dir={tmp_path}/run"])
+    acc = Accelerator(cpu=True)
+
+    def loader():
+        return StreamingLoader(DataConfig(shards=folder, num_workers=0, shuffle_buffer=8), batch_size=4)
+
+    def manager(part):
+        progress = Progress()
+        progress.step = 3
+        return ckpt_manager.CheckpointManager(tmp_path / "run", cfg.checkpoint, accelerator=acc, record=cfg,
+                                              parts={"meta": progress, "data": part})
+
+    first = loader()
+    it = iter(first)
+    for _ in range(3):
+        next(it)
+    saver = manager(LoaderPosition(first))
+    saver.start()
+    path = saver.save(3)
+    record = json.loads((path / "data.json").read_text())
+    assert (record["scope"], record["streams"], record["batches"]) == ("global", [[12]], 3)
+    again = loader()
+    assert manager(LoaderPosition(again)).resume() == path
+    assert next(iter(again))["index"].tolist() == next(it)["index"].tolist()  # continues where it stopped
+    it.close()
+
+    class Version1:  # the per-rank record of an earlier version: another sample order, (epoch, slot) cursors
+        def state_dict(self):
+            return {"version": 1, "mode": "exact", "seed": 0, "num_samples": 20, "batch_size": 4, "world_size": 1,
+                    "num_workers": 1, "shuffle_buffer": 8, "batches": 3, "cursors": [[0, 12]], "skipped": [0, 0]}
+
+    shutil.rmtree(tmp_path / "run")
+    old = manager(ckpt_manager.PerRank(Version1()))
+    old.start()
+    path = old.save(3)
+    assert (path / "data" / "rank-0.json").is_file() and not (path / "data.json").exists()
+    resumed = loader()
+    with pytest.warns(UserWarning, match=r"earlier version .* continuing at the start of epoch 1"):
+        assert manager(LoaderPosition(resumed)).resume() == path
+    batch = next(iter(resumed))
+    assert resumed.epoch == 1 and len(batch["index"]) == 4
 
 
 @pytest.mark.parametrize(("grad_clip", "lr", "applied"), [

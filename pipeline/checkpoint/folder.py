@@ -27,7 +27,7 @@ on every rank). Layout (docs/architecture.md):
       ema.safetensors       EMA U-Net weights (fp32) + the model/diffusion config in the metadata
       config.yaml           the resolved config
       meta.json             step, images_seen, mlflow ids, finished + world_size, model_config_hash
-      data/rank-<r>.json    loader position of each rank
+      data.json             the loader position: every stream of every rank (data/rank-<r>.json before)
 
 Readers (evaluation, the watcher, resume) open a folder as a ``Checkpoint``, which refuses one that is
 not complete: the only place that check is made. The learning rate is a function of the step
@@ -38,11 +38,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import re
 import shutil
 import sys
-import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -278,7 +278,8 @@ class Checkpoint:
         return json.loads((self.path / f"{name}.json").read_text())
 
     def check_compatible(self, cfg: Any, world_size: int) -> None:
-        """Refuse a checkpoint of another model/diffusion config; warn on another world size."""
+        """Refuse a checkpoint of another model/diffusion config, another global batch size, or ZeRO states of
+        another world size; say so on another world size (DDP resumes it at the same global data position)."""
         if self.meta.get("model_config_hash") != model_config_hash(cfg):
             saved = model_identity(self.config())
             now = model_identity(cfg)
@@ -288,14 +289,28 @@ class Checkpoint:
                 + "\n  ".join(diffs)
                 + "\nSet those keys back, or start fresh with checkpoint.resume=none (or another train.out_dir)"
             )
-        if self.meta.get("world_size") != world_size:
-            # The weights and optimizer are whole on every rank (DDP); the loader re-maps positions and
-            # restarts at the next epoch boundary (it warns). Not bitwise, but nothing is lost.
-            warnings.warn(
-                f"checkpoint {self.path} was written by {self.meta.get('world_size')} processes, this job has "
-                f"{world_size}: resuming, but not bitwise (the data order restarts at the next epoch boundary)",
-                stacklevel=2,
+        saved_batch = self.config().train.batch_size
+        if saved_batch != cfg.train.batch_size:
+            raise CheckpointError(
+                f"checkpoint {self.path} was trained with train.batch_size={saved_batch}, this job asks for "
+                f"{cfg.train.batch_size}: an optimizer step of another size is another step (the schedule and the "
+                f"data position count steps of {saved_batch}); resume with train.batch_size={saved_batch}, or "
+                "start a new run from its weights (train.init_from)"
             )
+        saved_world = self.meta.get("world_size")
+        if saved_world != world_size:
+            if any((self.path / "accelerate").rglob("zero_pp_rank_*")):
+                raise CheckpointError(
+                    f"checkpoint {self.path} holds DeepSpeed ZeRO states partitioned over {saved_world} processes; "
+                    f"this job has {world_size}. Resume it on {saved_world} processes, or start a new run from its "
+                    "weights (train.init_from)"
+                )
+            # DDP: weights and optimizer are whole on every rank; the loader continues the interrupted epoch with
+            # exactly the samples not yet delivered (data.json, one record of all ranks)
+            if os.environ.get("RANK", "0") == "0":  # once, not once per process
+                print(f"checkpoint {self.path} was written by {saved_world} processes, this job has {world_size}: "
+                      "resuming at the same global data position (same samples per step; dropout masks and the "
+                      "gradient all-reduce order differ, so not bitwise)", file=sys.stderr)
 
 
 def check_compatible(path: Path, cfg: Any, world_size: int) -> dict[str, Any]:

@@ -153,7 +153,13 @@ class CheckpointManager:
         ckpt = Checkpoint(value)
         ckpt.check_compatible(self.record, self.accelerator.num_processes)
         rank = self.accelerator.process_index
-        lacking = [name for name, part in self.parts.items() if not isinstance(part, PerRank) and not any(
+
+        def per_rank(name: str, part: Any) -> bool:  # saved per rank: now, or (per_rank_before) by earlier versions
+            return isinstance(part, PerRank) or (getattr(part, "per_rank_before", False)
+                                                 and not (ckpt.path / f"{name}.json").is_file()
+                                                 and (ckpt.path / name / f"rank-{rank}.json").is_file())
+
+        lacking = [name for name, part in self.parts.items() if not per_rank(name, part) and not any(
             (ckpt.path / f"{name}{ext}").is_file() for ext in (".safetensors", ".json"))]
         if lacking:  # e.g. an EMA added to the config (ema.decays, ema.posthoc.sigma_rels) after the run started
             raise CheckpointError(
@@ -171,9 +177,8 @@ class CheckpointManager:
                 accelerate_load(rng_file)
             self.accelerator.load_state(str(ckpt.path / "accelerate"))
             for name, part in self.parts.items():
-                per_rank = isinstance(part, PerRank)
-                state = ckpt.part_state(name, rank=rank if per_rank else None)
-                (part.part if per_rank else part).load_state_dict(state)
+                state = ckpt.part_state(name, rank=rank if per_rank(name, part) else None)
+                (part.part if isinstance(part, PerRank) else part).load_state_dict(state)
                 if hasattr(part, "attach"):  # a part with files of its own: they are in this folder now
                     part.attach(ckpt.path)
         except pickle.UnpicklingError as exc:

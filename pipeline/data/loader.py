@@ -10,12 +10,15 @@ samples, in which order, flipped or not; pipeline.data.plan assigns them in exac
 (pipeline.data.decode, skips per pipeline.data.report) -> batch (scaled into a buffer that
 pipeline.data.transport moves to the training process).
 
-* Shuffle. A stream's slice is cut into blocks of `shuffle_buffer` samples; each block is permuted, and
-  its flips drawn, by a generator seeded with (seed, epoch, stream, block). Decoding happens after the
-  permutation, so skipping to a resume point costs tar reads only.
-* Resume. Every batch carries its stream's cursor (epoch, slot within the slice). The loader records
-  the cursor of each batch it hands to the consumer, so prefetched batches never count. On resume each
-  stream restarts at its cursor and the round-robin order is rotated to continue at worker k mod K.
+* Order. Exact mode delivers one global order, whatever the layout (pipeline.data.plan): each epoch's shard
+  sequence cut into windows of `shuffle_buffer` samples, each window permuted (and its flips drawn) by a
+  generator of (seed, epoch, window); a stream reads its positions of each window as runs of consecutive
+  samples. Decoding happens after the permutation, so skipping to a resume point costs tar reads only.
+* Resume. Every batch carries its stream's cursor (how many of its positions it has passed). The loader
+  records the cursor of each batch it hands to the consumer, so prefetched batches never count. On resume
+  each stream restarts at its cursor and the round-robin order is rotated to continue at worker k mod K.
+  `merge_states` makes one record of all ranks' cursors, which a loader of any other layout resumes at the
+  same global position (the positions not yet delivered first).
 
 * Verification. A read that reaches a shard's end checks its sha256 against the manifest and holds its
   samples back until then (data.verify; pipeline.data.samples.read_piece, docs/data.md).
@@ -44,27 +47,38 @@ from pipeline.data.samples import Raw, decode_sample, read_all, read_piece
 from pipeline.data.shards import ShardSet, attach_index, check_shards, resolve_shards, start_verification
 from pipeline.data.transport import Ring, batch_buffer, batch_nbytes, batch_views, create_ring, pack, unpack
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+
+
+def _runs(positions: np.ndarray) -> list[list[int]]:
+    """Sorted positions as [start, stop) runs (JSON-compact)."""
+    if len(positions) == 0:
+        return []
+    cut = np.flatnonzero(np.diff(positions) != 1) + 1
+    return [[int(r[0]), int(r[-1]) + 1] for r in np.split(positions, cut)]
+
+
+def _positions(runs: list[list[int]]) -> np.ndarray:
+    return (np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in runs]) if runs
+            else np.zeros(0, np.int64))
 
 
 @dataclass
 class _Slot:
     raw: Raw
     flip: bool
-    cursor: tuple[int, int]  # stream position after this slot: (epoch or round, slot index)
+    cursor: tuple[int, ...]  # stream position after this slot: exact (n,), its n-th position; resampled (round, slot)
 
 
 class _Stream(IterableDataset):
     """One rank's dataset; each DataLoader worker (or the main process when num_workers=0) is a stream."""
 
     def __init__(self, shardset: ShardSet, cfg: DataConfig, batch_size: int, rank: int, world_size: int,
-                 cursors: list[tuple[int, int]], rotation: int, ring: Ring | None = None):
+                 cursors: list[tuple[int, ...]], rotation: int, plan: Plan | None, ring: Ring | None = None):
         self.shardset, self.cfg, self.B, self.ring = shardset, cfg, batch_size, ring
         self.rank, self.R = rank, world_size
         self.K = max(1, cfg.num_workers)
-        self.cursors, self.rotation = cursors, rotation
-        counts = [s.num_samples for s in shardset.shards]
-        self.plan = Plan(counts, batch_size, world_size, self.K, cfg.seed) if shardset.counts_known else None
+        self.cursors, self.rotation, self.plan = cursors, rotation, plan
         self.block = cfg.shuffle_buffer if cfg.shuffle_buffer > 1 else 0  # 0 = no sample shuffle
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -74,12 +88,12 @@ class _Stream(IterableDataset):
             torch.set_num_threads(1)  # decode is per-sample numpy/PIL work; avoid oversubscribing cores
         s = worker * self.R + self.rank
         report = Report(self.cfg.strict)
-        epoch, slot = self.cursors[worker]
+        cursor = self.cursors[worker]
         stages = [
-            # 1. permuted slots of this stream, from its cursor on: exact = its slice of each epoch,
+            # 1. this stream's slots, from its cursor on: exact = its positions of the global order,
             #    resampled = rounds of shards drawn with replacement; unreadable samples are placeholders
-            self._exact_slots(s, epoch, slot, report) if self.cfg.mode == "exact"
-            else self._resampled_slots(s, epoch, slot, report),
+            self._exact_slots(s, cursor[0], report) if self.cfg.mode == "exact"
+            else self._resampled_slots(s, *cursor, report),
             # 2. decode to uint8 (H, W, C) and apply the slot's flip; bad samples counted and dropped
             lambda src: self._decode(src, report),
             # 3. batches of B as float32 (B, C, H, W) in [-1, 1]; each carries the stream cursor
@@ -91,28 +105,32 @@ class _Stream(IterableDataset):
         return it
 
     # stage 1 (exact) ----------------------------------------------------------------------------
-    def _exact_slots(self, s: int, epoch: int, slot: int, report: Report) -> Iterator[_Slot]:
+    def _exact_slots(self, s: int, n: int, report: Report) -> Iterator[_Slot]:
+        """Stream s's positions from its n-th on: each group (the stream's positions in one window of the
+        global order) read as runs of consecutive samples, then emitted in position order."""
         plan, shards = self.plan, self.shardset.shards
         assert plan is not None
-        while True:
-            start, length = plan.slice(epoch, s)
-            if slot < length:
-                block = self.block or length
-                first_block = slot // block
-                reader = (
-                    raw
-                    for i, base, lo, hi in plan.pieces(epoch, start + first_block * block, start + length)
-                    for raw in read_piece(shards[i], base, lo, hi, report, self.shardset)
-                )
-                for b in range(first_block, math.ceil(length / block)):
-                    n = min(block, length - b * block)
-                    raws = [next(reader) for _ in range(n)]
-                    rng = seeded(self.cfg.seed, epoch, s, b, 0xB10C)
-                    perm = rng.permutation(n) if self.block else np.arange(n)
-                    flips = rng.random(n) < 0.5
-                    for j in range(slot - b * block if b == first_block else 0, n):
-                        yield _Slot(raws[perm[j]], bool(flips[j]) and self.cfg.hflip, (epoch, b * block + j + 1))
-            epoch, slot = epoch + 1, 0
+        for g in plan.groups(s, n):
+            raws: dict[int, Raw] = {}
+            for i, base, lo, hi in self._reads(g.runs):
+                for raw in read_piece(shards[i], base, lo, hi, report, self.shardset):
+                    raws[raw.index] = raw  # a covering read's samples of other streams are not used
+            samples, flips, hflip, n0 = g.samples.tolist(), g.flips.tolist(), self.cfg.hflip, g.n0
+            for j in range(max(n - n0, 0), len(samples)):
+                yield _Slot(raws[samples[j]], flips[j] and hflip, (n0 + j + 1,))
+
+    def _reads(self, runs: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
+        """The group's runs; a shard that is read from its first byte anyway (a pipe: command, which cannot
+        seek, or a shard without a sample index) is read once per group, covering its runs, not once per run."""
+        out, cover = [], {}
+        for i, base, lo, hi in runs:
+            url = self.shardset.shards[i].url
+            if url.startswith("pipe:") or url not in self.shardset.index:
+                _, _, clo, chi = cover.get(i, (i, base, lo, hi))
+                cover[i] = (i, base, min(clo, lo), max(chi, hi))
+            else:
+                out.append((i, base, lo, hi))
+        return out + list(cover.values())
 
     # stage 1 (resampled) ------------------------------------------------------------------------
     def _resampled_slots(self, s: int, rnd: int, slot: int, report: Report) -> Iterator[_Slot]:
@@ -234,11 +252,19 @@ class StreamingLoader:
             )
         # nominal: the epoch's last batch is completed by the next epoch's first samples
         self.batches_per_epoch = math.ceil(self.num_samples / (batch_size * world_size)) if exact else -1
+        self._counts = [sh.num_samples for sh in shards]
+        self._set_sequence(np.zeros(0, np.int64), 0)
         self._batches = 0
-        self._cursors: list[tuple[int, int]] = [(0, 0)] * self.K
+        self._cursors: list[tuple[int, ...]] = [(0,) if exact else (0, 0)] * self.K
         self._skipped_base = (0, 0)
         self._skipped: dict[int, tuple[int, int]] = {}
         self._generation = 0
+
+    def _set_sequence(self, holes: np.ndarray, base: int) -> None:
+        """The positions this loader delivers: `holes`, then base, base + 1, ... (pipeline.data.plan)."""
+        self._holes, self._base = holes, base
+        self.plan = (Plan(self._counts, self.batch_size, self.world_size, self.K, self.cfg.seed,
+                          self.cfg.shuffle_buffer, holes, base) if self.cfg.mode == "exact" else None)
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -252,10 +278,10 @@ class StreamingLoader:
 
     @property
     def epoch(self) -> int:
-        """Epoch of the next sample (exact mode): samples delivered on all ranks // N."""
-        if self.num_samples <= 0:
+        """Epoch of the next sample (exact mode): the position after the samples delivered on all ranks // N."""
+        if self.num_samples <= 0 or self.plan is None:
             return 0
-        return self._batches * self.batch_size * self.world_size // self.num_samples
+        return int(self.plan.position(self._batches * self.batch_size * self.world_size)) // self.num_samples
 
     def _layout(self) -> dict[str, Any]:
         return {"mode": self.cfg.mode, "seed": self.cfg.seed, "num_samples": self.num_samples,
@@ -263,14 +289,40 @@ class StreamingLoader:
                 "shuffle_buffer": self.cfg.shuffle_buffer}
 
     def state_dict(self) -> dict[str, Any]:
+        """This rank's position (JSON). `merge_states` makes one record of all ranks' that any layout resumes."""
         st = self.stats
-        return {"version": STATE_VERSION, **self._layout(), "batches": self._batches,
-                "cursors": [list(c) for c in self._cursors],
+        return {"version": STATE_VERSION, **self._layout(), "rank": self.rank, "batches": self._batches,
+                "cursors": [list(c) for c in self._cursors], "holes": _runs(self._holes), "base": self._base,
                 "skipped": [st["skipped_samples"], st["skipped_shards"]]}
 
+    @staticmethod
+    def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+        """One record of the loader's global position from every rank's state_dict (in rank order): the
+        cursor of every stream (s = worker * world_size + rank) and each rank's skip counts."""
+        first = states[0]
+        world, workers = first["world_size"], first["num_workers"]
+        if len(states) != world or [st.get("rank") for st in states] != list(range(world)):
+            raise ValueError(f"merge_states needs the {world} ranks' states in rank order")
+        if len({st["batches"] for st in states}) != 1:
+            raise ValueError(f"ranks delivered different batch counts: {[st['batches'] for st in states]}")
+        layout = {k: first[k] for k in ("mode", "seed", "num_samples", "batch_size", "world_size", "num_workers",
+                                        "shuffle_buffer")}
+        return {"version": STATE_VERSION, "scope": "global", **layout, "batches": first["batches"],
+                "holes": first["holes"], "base": first["base"],
+                "streams": [states[r]["cursors"][w] for w in range(workers) for r in range(world)],
+                "skipped": [st["skipped"] for st in states]}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}")
+        """Continue where `state` (this rank's state_dict, or merge_states' global record) stopped.
+
+        The same layout continues sample for sample. From a global record, another world size, micro batch
+        or worker count continues the interrupted epoch with exactly the positions not yet delivered (exact
+        mode); a per-rank record of another layout, another shuffle_buffer, or a record of an earlier
+        version continues at the start of the next epoch (warned). Another seed, mode or data set is refused.
+        """
+        version = state.get("version")
+        if version not in (1, STATE_VERSION):
+            raise ValueError(f"loader state version {version!r} is not {STATE_VERSION}")
         mine = self._layout()
         changed = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
         if {"mode", "seed", "num_samples"} & changed.keys():
@@ -278,20 +330,44 @@ class StreamingLoader:
                 f"loader state does not match this data/config: {changed} (saved, now); "
                 "resume with the same data.shards, data.mode and data.seed"
             )
-        self._skipped_base = tuple(state["skipped"])
+        is_global = state.get("scope") == "global"
+        skipped = [tuple(x) for x in state["skipped"]] if is_global else [tuple(state["skipped"])]
         self._skipped = {}
-        if changed:
-            # another world size, batch size, worker count or buffer assigns positions differently; the
-            # exactly-once guarantee holds from the next epoch boundary on
-            nxt = state["batches"] * state["batch_size"] * state["world_size"] // max(self.num_samples, 1) + 1
-            warnings.warn(f"loader layout changed {changed} (saved, now): continuing at the start of epoch {nxt}",
-                          stacklevel=2)
-            self._batches = math.ceil(nxt * self.num_samples / (self.batch_size * self.world_size))
-            self._cursors = [(nxt, 0)] * self.K
-        else:
-            self._batches = int(state["batches"])
-            self._cursors = [tuple(c) for c in state["cursors"]]
         self._generation += 1
+        if version == STATE_VERSION and not changed:
+            self._skipped_base = skipped[self.rank] if is_global else skipped[0]
+            self._batches = int(state["batches"])
+            self._set_sequence(_positions(state["holes"]), int(state["base"]))
+            streams = state["streams"] if is_global else None
+            self._cursors = ([tuple(streams[w * self.world_size + self.rank]) for w in range(self.K)]
+                             if is_global else [tuple(c) for c in state["cursors"]])
+            return
+        # another layout: one rank keeps the counts, so their sum over ranks is unchanged
+        self._skipped_base = tuple(map(sum, zip(*skipped))) if self.rank == 0 else (0, 0)
+        self._batches = 0
+        if (version == STATE_VERSION and is_global and self.cfg.mode == "exact"
+                and "shuffle_buffer" not in changed):
+            old = Plan(self._counts, state["batch_size"], state["world_size"], state["num_workers"], self.cfg.seed,
+                       self.cfg.shuffle_buffer, _positions(state["holes"]), int(state["base"]))
+            holes, base = old.remaining([c[0] for c in state["streams"]])
+            self._set_sequence(holes, base)
+            self._cursors = [(0,)] * self.K
+            return
+        # the positions of the interrupted epoch cannot be told: exactly once again from the next epoch boundary
+        delivered = int(state["batches"]) * state["batch_size"] * state["world_size"]
+        if version == 1:
+            nxt = delivered // max(self.num_samples, 1) + 1
+            why = "written by an earlier version (another sample order)"
+        else:
+            at = Plan(self._counts, 1, 1, 1, 0, 0, _positions(state["holes"]), int(state["base"])).position(delivered)
+            nxt = int(at) // max(self.num_samples, 1) + 1
+            why = f"layout changed {changed} (saved, now)" + ("" if is_global else ", and it is one rank's record")
+        warnings.warn(f"loader state {why}: continuing at the start of epoch {nxt}", stacklevel=2)
+        if self.cfg.mode == "exact":
+            self._set_sequence(np.zeros(0, np.int64), nxt * self.num_samples)
+            self._cursors = [(0,)] * self.K
+        else:
+            self._cursors = [(nxt, 0)] * self.K
 
     # -- iteration -----------------------------------------------------------------------------
     def _ring(self) -> Ring | None:
@@ -303,7 +379,7 @@ class StreamingLoader:
 
     def _dataset(self, ring: Ring | None = None) -> _Stream:
         return _Stream(self.shardset, self.cfg, self.batch_size, self.rank, self.world_size,
-                       list(self._cursors), rotation=self._batches % self.K, ring=ring)
+                       list(self._cursors), rotation=self._batches % self.K, plan=self.plan, ring=ring)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:

@@ -492,7 +492,8 @@ def bits_per_dim(net: Callable, diffusion: Diffusion, batches: Iterable[dict], *
 class DDPMLoss(nn.Module):
     """L_simple as a module, so the one module handed to the accelerator holds the network.
 
-    ``forward(x0)`` draws t ~ U{0..T−1} and ε ~ N(0, I) from torch's global RNG on x0's device, and returns
+    ``forward(x0, t=None, noise=None)`` draws t ~ U{0..T−1} and ε ~ N(0, I) from torch's global RNG on x0's
+    device where they are not given (the trainer gives them: pipeline.train.step.StepNoise), and returns
     ``(loss_per_sample (B,), t (B,))``: the MSE of the ε-prediction (or of the x_0-prediction with
     ``diffusion.prediction = x0``), averaged over pixels, in float32 even under autocast. The caller reduces.
     """
@@ -502,11 +503,14 @@ class DDPMLoss(nn.Module):
         self.net = net
         self.diffusion = diffusion  # a plain object: a module cast (bf16, .half()) never reaches the schedules
 
-    def forward(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x0: torch.Tensor, t: torch.Tensor | None = None,
+                noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         x0 = x0.float()
-        t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=x0.device)
-        # Not randn_like: that fills in memory order, so a channels_last batch would get permuted noise.
-        noise = torch.randn(x0.shape, device=x0.device)
+        if t is None:
+            t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=x0.device)
+        if noise is None:
+            # Not randn_like: that fills in memory order, so a channels_last batch would get permuted noise.
+            noise = torch.randn(x0.shape, device=x0.device)
         xt = self.diffusion.q_sample(x0, t, noise)
         out = _call_net(self.net, xt, t)
         target = noise if self.diffusion.prediction == "eps" else x0

@@ -25,6 +25,9 @@ class LoopHooks:
         """Before optimizer step ``step`` (0-based: steps done so far) waits for its data; ``first_step``: where
         this job started."""
 
+    def samples(self, step: int, micro: int, index: torch.Tensor) -> None:
+        """The split indices (pipeline.data: batch["index"]) of micro-batch ``micro`` of step ``step``, on the host."""
+
     def batch(self, x: torch.Tensor, step: int, micro: int, first_of_rank: bool) -> torch.Tensor:
         """Micro-batch ``micro`` (counted across ranks) of step ``step``, on the device; returns what trains."""
         return x

@@ -9,12 +9,15 @@ faults and traces through it (tests/helpers/faults.py).
 
 Random streams (written down so that resume is bitwise and N ranks equal one rank):
 - weights: ``torch.manual_seed(train.seed)`` before the U-Net is built, the same on every rank;
-- t, noise and dropout of micro-batch m of optimizer step s: torch's global RNG (the CPU's and the
-  device's generator, ``seed_generators``) reseeded with SeedSequence([train.seed, s, m]), where
-  m = rank * accumulation + i counts micro-batches across
-  ranks. The random numbers therefore depend on the position in the global batch only, not on the
-  number of processes or on a restart;
-- data order: the loader's own (data.seed, epoch), with its position saved per rank.
+- t and noise of each sample: drawn for its position in the step's global batch (``StepNoise``: blocks of
+  8 positions, each from a generator seeded with (train.seed, s, block)), so they depend on the sample's
+  place in the global batch only, not on the number of processes, the micro batch or a restart;
+- dropout of the micro-batch at place p of optimizer step s (p = accumulation step * world size + rank, its
+  place in the step's global batch): torch's global RNG (the CPU's and the device's generator,
+  ``seed_generators``) reseeded with SeedSequence([train.seed, s, p]): the same after a restart and for every
+  layout with the same micro batch, but masks are drawn per micro-batch (another micro batch draws others);
+- data order: the loader's global order (data.seed, epoch; pipeline.data.plan), the same for every layout;
+  its position is saved as one record of all ranks' streams (``LoaderPosition``), which any layout resumes.
 
 Host syncs and collectives: the loop never reads a device value except at a log tick (every
 logging.every_steps), a sample grid or a checkpoint, and makes no collective of its own between ticks
@@ -40,7 +43,7 @@ import torch
 
 from pipeline import dist
 from pipeline.checkpoint import folder as ck
-from pipeline.checkpoint.manager import CheckpointManager, PerRank, make_deepspeed_loads_weights_only
+from pipeline.checkpoint.manager import CheckpointManager, make_deepspeed_loads_weights_only
 from pipeline.checkpoint.weights import load_unet
 from pipeline.config import Config, ConfigError, flatten, to_yaml
 from pipeline.data.loader import StreamingLoader
@@ -61,6 +64,7 @@ from pipeline.train.preemption import PREEMPTED_EXIT_CODE, Preemption
 from pipeline.train.step import (
     GroupClip,
     OptimizerStep,
+    StepNoise,
     batch_split,
     check_group_clip,
     configure_deepspeed,
@@ -104,6 +108,32 @@ class Progress:
         for key in vars(self):
             setattr(self, key, state.get(key))
         self.step, self.images_seen = int(state["step"]), int(state["images_seen"])
+
+
+class LoaderPosition:
+    """The loader's position in a checkpoint: one record of every rank's streams (data.json), so a job with
+    another number of processes, micro batch or worker count continues the epoch exactly where it stopped
+    (StreamingLoader.merge_states / load_state_dict). Checkpoints written before kept one file per rank
+    (data/rank-<r>.json): those are read as they were (``per_rank_before``)."""
+
+    per_rank_before = True
+
+    def __init__(self, loader: StreamingLoader):
+        self.loader, self._merged = loader, None
+
+    def prepare_state_dict(self) -> None:
+        """Collective: rank 0 gathers every rank's position."""
+        states = dist.gather_object(self.loader.state_dict())
+        self._merged = StreamingLoader.merge_states(states) if states is not None else None
+
+    def state_dict(self) -> dict[str, Any]:
+        merged, self._merged = self._merged, None
+        if merged is None:
+            raise RuntimeError("LoaderPosition.state_dict() needs prepare_state_dict() on every rank first")
+        return merged
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state)
 
 
 # --------------------------------------------------------------------------------------------- train
@@ -336,7 +366,7 @@ def train(cfg: Config, hooks: LoopHooks | None = None) -> int:
     # Checkpoints and resume: every piece of state is one entry in the registry.
     progress = Progress()
     checkpoints = CheckpointManager(tc.out_dir, cfg.checkpoint, accelerator=accelerator, record=cfg,
-                                    parts={"meta": progress, **ema.parts(), "data": PerRank(loader)},
+                                    parts={"meta": progress, **ema.parts(), "data": LoaderPosition(loader)},
                                     weights_finite=ema.all_finite)
     checkpoints.start()
     resumed_from = checkpoints.resume()
@@ -354,6 +384,7 @@ def train(cfg: Config, hooks: LoopHooks | None = None) -> int:
     if cfg.logging.sample_every_steps and accelerator.is_main_process and resumed_from is None:
         log_real_grid(cfg, sink)
     tick = TickStats(device, diffusion.num_timesteps, uses_loss_scaling(accelerator, tc, deepspeed))
+    step_noise = StepNoise(tc.seed, diffusion.num_timesteps, device)
     preemption = Preemption(cfg.preemption.check_every_steps)
     data_iter, exit_code, first_step = iter(loader), 0, progress.step
     accelerator.print(f"training: world {world}, micro batch {micro}, accumulation {accum}, "
@@ -367,23 +398,26 @@ def train(cfg: Config, hooks: LoopHooks | None = None) -> int:
         hooks.step_begin(step, first_step)
         # Data: one micro-batch per accumulation step. The only wait on the loader is here.
         t0 = time.perf_counter()
-        batches = [next(data_iter)["image"] for _ in range(accum)]
+        batches = [next(data_iter) for _ in range(accum)]
         data_wait_s = time.perf_counter() - t0
 
         # Forward and backward. accelerator.accumulate skips the DDP all-reduce (and DeepSpeed's step)
         # on all but the last micro-batch and divides the loss by the accumulation count. With per-group
         # clipping no backward all-reduces (no_sync): each group's gradient is clipped into GroupClip's sum.
         loss_q = count_q = torch.zeros(4, device=device)
-        for i, x in enumerate(batches):
-            m = rank * accum + i
-            seed_generators(micro_seed(tc.seed, step, m), device)
+        for i, batch in enumerate(batches):
+            m, x = rank * accum + i, batch["image"]
+            hooks.samples(step, m, batch["index"])
+            place = i * world + rank  # the micro-batch's place in the step's global batch (pipeline.data.plan)
+            seed_generators(micro_seed(tc.seed, step, place), device)  # dropout: per micro-batch place
+            t_i, noise_i = step_noise.draw(step, place * micro, tuple(x.shape))  # t and noise: per sample position
             x = x.to(device, non_blocking=True)
             if tc.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             x = hooks.batch(x, step, m, first_of_rank=i == 0)
             sync = accelerator.accumulate(loss_module) if group_clip is None else accelerator.no_sync(loss_module)
             with sync, torch.autocast(device.type, torch.bfloat16, enabled=autocast_bf16):
-                loss_ps, t = loss_module(x)
+                loss_ps, t = loss_module(x, t_i, noise_i)
                 loss_ps = loss_ps.float()
                 accelerator.backward(loss_ps.mean())
             if group_clip is not None:

@@ -35,9 +35,40 @@ def lr_at(step: int, lr: float, warmup_steps: int, from_zero: bool = False) -> f
     return lr * min(1.0, (step if from_zero else step + 1) / warmup_steps) if warmup_steps else lr
 
 
-def micro_seed(seed: int, step: int, micro: int) -> int:
-    """Seed of the global RNG for micro-batch ``micro`` (counted across ranks) of optimizer step ``step``."""
-    return int(np.random.SeedSequence([seed, step, micro]).generate_state(1, dtype=np.uint64)[0])
+def micro_seed(seed: int, step: int, micro: int, *domain: int) -> int:
+    """Seed of the global RNG for micro-batch ``micro`` (counted across ranks) of optimizer step ``step`` (with a
+    ``domain``: of another stream, e.g. StepNoise's block ``micro``)."""
+    return int(np.random.SeedSequence([seed, step, micro, *domain]).generate_state(1, dtype=np.uint64)[0])
+
+
+NOISE_BLOCK = 8  # positions of a step whose t and noise one generator draws (train.seed, step, block)
+
+
+class StepNoise:
+    """The timesteps and noise of each position of an optimizer step's global batch, whoever draws them.
+
+    Position q of step s (q = (accumulation step * world size + rank) * micro batch + i, the sample's place in
+    the step's global batch: pipeline.data.plan) gets its t and noise from block q // NOISE_BLOCK, drawn by a
+    generator seeded with (train.seed, s, block). A rank draws the blocks its micro-batch overlaps and keeps its
+    slice, so 1 process and N processes give each sample the same t and noise (counter-based per block: at most
+    NOISE_BLOCK - 1 extra rows per end of a micro-batch, and one generator seeding per block)."""
+
+    def __init__(self, seed: int, num_timesteps: int, device: torch.device):
+        self.seed, self.T, self.device = seed, num_timesteps, device
+        self.gen = torch.Generator(device=device)
+
+    def draw(self, step: int, q0: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t int64 (n,), noise float32 shape) for positions q0 .. q0 + n - 1 of step ``step`` (n = shape[0])."""
+        n = shape[0]
+        first, last = q0 // NOISE_BLOCK, (q0 + n - 1) // NOISE_BLOCK
+        ts, noises = [], []
+        for block in range(first, last + 1):
+            self.gen.manual_seed(micro_seed(self.seed, step, block, 0x7E))
+            ts.append(torch.randint(0, self.T, (NOISE_BLOCK,), generator=self.gen, device=self.device))
+            noises.append(torch.randn((NOISE_BLOCK, *shape[1:]), generator=self.gen, device=self.device))
+        lo = q0 - first * NOISE_BLOCK
+        t, noise = (torch.cat(ts), torch.cat(noises)) if len(ts) > 1 else (ts[0], noises[0])
+        return t[lo:lo + n], noise[lo:lo + n]
 
 
 def seed_generators(seed: int, device: torch.device) -> None:

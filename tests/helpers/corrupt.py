@@ -7,7 +7,6 @@ import tarfile
 
 import numpy as np
 
-from pipeline.data.plan import Plan
 from pipeline.data.sequential import iter_split
 
 
@@ -70,33 +69,32 @@ def reference(folder: str, split: str = "train") -> dict[int, tuple[str, np.ndar
     return {s.index: (s.key, s.image, s.label) for s in iter_split(folder, split)}
 
 
+def stream_runs(loader):
+    """(shard, lo, hi, passed) for every read (a run of consecutive samples, pipeline.data.plan.Group.runs) of a
+    loader's streams in the groups up to their cursors; passed: the slot of the run's last sample is behind the
+    cursor (a read's check is counted on that slot)."""
+    plan = loader.plan
+    for worker, (n,) in enumerate(loader.state_dict()["cursors"]):
+        for g in plan.groups(worker * loader.world_size + loader.rank, 0):
+            if g.n0 >= n:
+                break
+            slot = {int(x): g.n0 + j for j, x in enumerate(g.samples)}
+            for i, base, lo, hi in g.runs:
+                yield i, lo, hi, slot[base + hi - 1] < n
+
+
 def checks_passed(loader, shard: int) -> int:
-    """How many checks of `shard` a loader's streams have emitted: in each epoch, the slot of the shard's last
-    sample in the piece that ends there. Needs shuffle_buffer=0 (slots then come in read order)."""
+    """How many checks of `shard` a loader's streams have emitted: the last slot of each read that ends at the
+    shard's end."""
     counts = [s.num_samples for s in loader.shardset.shards]
-    plan = Plan(counts, loader.batch_size, loader.world_size, loader.K, loader.cfg.seed)
-    n = 0
-    for worker, (epoch, slot) in enumerate(loader.state_dict()["cursors"]):
-        for e in range(epoch + 1):
-            start, length = plan.slice(e, worker * loader.world_size + loader.rank)
-            done = 0
-            for i, _, lo, hi in plan.pieces(e, start, start + length):
-                done += hi - lo
-                n += i == shard and hi == counts[i] and (e < epoch or done <= slot)
-    return n
+    return sum(i == shard and hi == counts[i] and passed for i, lo, hi, passed in stream_runs(loader))
 
 
 def unverified(loader) -> set[int]:
     """Positions a loader's streams read in pieces that end before their shard's end (read unverified)."""
     counts = [s.num_samples for s in loader.shardset.shards]
-    plan = Plan(counts, loader.batch_size, loader.world_size, loader.K, loader.cfg.seed)
-    out = set()
-    for worker, (epoch, _) in enumerate(loader.state_dict()["cursors"]):
-        for e in range(epoch + 1):
-            start, length = plan.slice(e, worker * loader.world_size + loader.rank)
-            out |= {base + j for i, base, lo, hi in plan.pieces(e, start, start + length) if hi < counts[i]
-                    for j in range(lo, hi)}
-    return out
+    bases = np.concatenate([[0], np.cumsum(counts)])
+    return {int(bases[i]) + j for i, lo, hi, _ in stream_runs(loader) if hi < counts[i] for j in range(lo, hi)}
 
 
 def drain(loader, n_batches: int) -> tuple[list[tuple[int, np.ndarray, int]], dict, list[str]]:

@@ -7,10 +7,13 @@ DDPM_FAULT_NAN_AT_STEP=3,4     the loss of those optimizer steps (1-based) is Na
 DDPM_FAULT_STALL_AFTER_STEP=N  once step N's checkpoint is written, stall as a hung job would (at most
                                DDPM_FAULT_STALL_S seconds, default 600, then fail), so that a test can
                                SIGKILL the run at a known step however fast the steps are
+DDPM_FAULT_STEP_SLEEP_S=X      every optimizer step takes X seconds longer (a slow model or allocation)
 DDPM_FAULT_NAN_WEIGHTS_AT_STEP=N  after optimizer step N, one weight becomes NaN on every rank (a corruption
                                no skipped step explains), so that the checkpoint's own check is tested
 DDPM_TRACE_BATCHES_DIR=DIR     append "step micro sha1" of every consumed batch to DIR/rank-<r>.txt, and
                                at the end "params sha1" / "ema sha1" of this rank's final weights
+DDPM_TRACE_INDICES_DIR=DIR     append "step micro i,j,..." (the samples' split indices) of every consumed batch
+                               to DIR/rank-<r>.idx
 DDPM_CUDA_SYNC_CHECK=1         any host-device sync inside a training step is an error, from the third
                                step of the job on (the first ones initialise CUDA, cuDNN and the allocator);
                                GPU, DDP/1-GPU path only (tests/test_gpu.py)
@@ -39,7 +42,9 @@ class EnvFaultHooks(LoopHooks):
         self.nan_steps: set[int] = set()
         self.stall_after = self.nan_weights_at = 0
         self.stall_s = 600.0
+        self.step_sleep_s = 0.0
         self.trace: TextIO | None = None
+        self.indices: TextIO | None = None
         self.sync_check = False
 
     def start(self, *, rank: int, device: torch.device, deepspeed: bool) -> None:
@@ -49,15 +54,24 @@ class EnvFaultHooks(LoopHooks):
             self.stall_after = int(os.environ.get("DDPM_FAULT_STALL_AFTER_STEP", "0") or 0)
             self.nan_weights_at = int(os.environ.get("DDPM_FAULT_NAN_WEIGHTS_AT_STEP", "0") or 0)
             self.stall_s = float(os.environ.get("DDPM_FAULT_STALL_S", "600"))
+            self.step_sleep_s = float(os.environ.get("DDPM_FAULT_STEP_SLEEP_S", "0") or 0)
         except ValueError as exc:
             raise ConfigError(f"DDPM_FAULT_* environment variables must be numbers ({exc})") from exc
         trace_dir = os.environ.get("DDPM_TRACE_BATCHES_DIR", "")
         self.trace = open(Path(trace_dir) / f"rank-{rank}.txt", "a", buffering=1) if trace_dir else None  # noqa: SIM115
+        index_dir = os.environ.get("DDPM_TRACE_INDICES_DIR", "")
+        self.indices = open(Path(index_dir) / f"rank-{rank}.idx", "a", buffering=1) if index_dir else None  # noqa: SIM115
         self.sync_check = (device.type == "cuda" and not deepspeed
                            and os.environ.get("DDPM_CUDA_SYNC_CHECK", "") == "1")
 
     def step_begin(self, step: int, first_step: int) -> None:
+        if self.step_sleep_s:
+            time.sleep(self.step_sleep_s)
         self._sync_window(True, step, first_step)
+
+    def samples(self, step: int, micro: int, index: torch.Tensor) -> None:
+        if self.indices is not None:
+            self.indices.write(f"{step} {micro} {','.join(map(str, index.tolist()))}\n")
 
     def batch(self, x: torch.Tensor, step: int, micro: int, first_of_rank: bool) -> torch.Tensor:
         if self.trace is not None:

@@ -192,6 +192,16 @@ class TrainConfig:
     compile: bool = False  # torch.compile the U-Net
     channels_last: bool = False  # channels_last memory format
     grad_comm_dtype: str = "fp32"  # dtype of the gradient all-reduce: fp32 | bf16 (half the bytes; docs/training.md)
+    # GPU numerics (docs/training.md, "GPU numerics and timeouts"): TF32 for float32 matmuls and convolutions
+    # (off: float32 means IEEE float32, as in EDM; bf16/fp16 autocast regions are not affected), cuDNN's
+    # autotuner (on, as in EDM; off under train.deterministic)
+    tf32: bool = False
+    cudnn_benchmark: bool = True
+    # every process group's timeout: a collective that waits longer fails instead of hanging; long enough for
+    # rank-0-only work between collectives (checkpoint hashing ~1 s/GB, a sample grid)
+    dist_timeout_s: float = 1800.0
+    # the GPU's dense peak TFLOP/s for the tick's MFU; 0 = from the table of known GPUs (pipeline/train/flops.py)
+    peak_tflops: float = 0.0
     # start from these EMA weights (a checkpoint folder, a run folder: its newest, or an imported checkpoint of
     # python -m evaluation.export --from-diffusers): weights only, new optimizer, step 0; ignored when resuming
     init_from: str = ""
@@ -206,6 +216,10 @@ class TrainConfig:
         _choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         _choice("train.nonfinite_policy", self.nonfinite_policy, ("skip", "stop"))
         _positive("train.max_nonfinite_in_row", self.max_nonfinite_in_row)
+        _positive("train.peak_tflops", self.peak_tflops, zero_ok=True)
+        if not self.dist_timeout_s > 0:
+            raise ConfigError(f"train.dist_timeout_s={self.dist_timeout_s} must be > 0 (seconds a collective may "
+                              "wait before the run fails; default 1800)")
         if self.micro_batch_per_gpu and self.batch_size % self.micro_batch_per_gpu:
             raise ConfigError(
                 f"train.batch_size={self.batch_size} is not divisible by "

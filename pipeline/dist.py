@@ -51,7 +51,7 @@ def shutdown() -> None:
     _flag_group = None
 
 
-def init_flag_group() -> None:
+def init_flag_group(timeout: Any = None) -> None:
     """Create a gloo group for host-side agreement (preemption flag, error flag).
 
     With NCCL, an all-reduce of a flag needs a device tensor and reading the result back is a
@@ -61,7 +61,20 @@ def init_flag_group() -> None:
     global _flag_group
     if not is_initialized() or _flag_group is not None:
         return
-    _flag_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    _flag_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
+
+
+def timeout_s() -> float | None:
+    """The default process group's timeout in seconds (None without a process group)."""
+    if not is_initialized():
+        return None
+    group = dist.distributed_c10d._get_default_group()
+    for device in ("cuda", "cpu"):  # the backend of the default group: NCCL on GPUs, gloo on CPUs
+        try:
+            return group._get_backend(torch.device(device)).options._timeout.total_seconds()
+        except (RuntimeError, AttributeError, ValueError):
+            continue
+    return None
 
 
 def any_true(flag: bool) -> bool:

@@ -93,6 +93,21 @@ def test_invalid_config_fails_before_any_node_starts(slurm, tmp_path):
     assert "accelerate" not in text  # no srun step was started
 
 
+def test_a_gpu_job_that_leaves_a_gpu_without_a_data_worker_says_so_at_the_top_of_its_log(slurm, tmp_path):
+    # 2 CPUs for 4 GPU processes per node: 2 / 4 - 1 < 1 worker each. The job is cancelled once it has said so
+    # (the test nodes have no GPUs to run it on).
+    out = tmp_path / "gpu.out"
+    job = slurm.sbatch([TRAIN_SBATCH, "configs/digits.yaml", "train.total_steps=1"],
+                       options=["-N1", "--cpus-per-task=2", f"--output={out}"], env={"GPUS_PER_NODE": "4"}, cwd=REPO)
+    wait_for(lambda: out.is_file() and "data.num_workers=0" in out.read_text(), 60, "the data workers line")
+    slurm.cmd("scancel", str(job))
+    slurm.wait_done(job, timeout_s=60)
+    lines = out.read_text().splitlines()
+    warnings = [i for i, line in enumerate(lines) if "warning: --cpus-per-task=2 leaves each of the 4 GPU" in line]
+    assert warnings == [0], lines[:5]  # one line, the log's first
+    assert "ask for --cpus-per-task=12 (2 workers per GPU) or more" in lines[0]
+
+
 # ------------------------------------------------------------------- end to end: train and evaluate
 
 
@@ -216,6 +231,7 @@ def test_preemption_requeues_resumes_into_the_same_run_then_evaluation_follows(
     pending = slurm.start_requeued_now(job, restarts=1, timeout_s=120)
     text = log.read_text()
     assert "got SIGUSR1" in text and f"requeueing job {job}" in text, text[-3000:]
+    assert "no data worker" not in text  # CPU processes (DDPM_CPU=1): no GPU to starve
     preempt_step = max(complete_steps(out_dir))
     assert every <= preempt_step < total, text[-3000:]
     assert not (out_dir / "TRAINING_DONE").exists()

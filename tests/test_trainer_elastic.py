@@ -55,9 +55,10 @@ def test_one_and_two_processes_train_alike_and_a_two_process_checkpoint_resumes_
     r1 = _train(digits, one, 1)
     assert r1.returncode == 0, r1.stderr[-3000:]
     assert "world 1, micro batch 4, accumulation 2" in r1.stdout
-    r2 = _train(digits, two, 2)
+    r2 = _train(digits, two, 2, "train.dist_timeout_s=900")
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert "world 2, micro batch 4, accumulation 1" in r2.stdout
+    assert "(collectives time out after 900 s)" in r2.stdout  # train.dist_timeout_s, read back from the group
     # the same samples in every step, in the same order (rank 0's micro-batch, then rank 1's; on one process its
     # two accumulation steps)
     assert _indices(one, 1) == _indices(two, 2) and len(_indices(one, 1)) == STEPS

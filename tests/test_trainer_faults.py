@@ -143,7 +143,7 @@ TRACKED_TOTAL_STEPS = 60
 LOG_EVERY, SAMPLE_EVERY = 5, 10
 TRAIN_METRICS = ("train/loss", "train/loss_q1", "train/loss_q2", "train/loss_q3", "train/loss_q4", "train/lr",
                  "train/grad_norm", "train/images_per_s", "train/step_time_s", "train/data_wait_s",
-                 "train/nonfinite_steps")
+                 "train/nonfinite_steps", "train/tflops_per_device")
 
 
 def _server_progress(client, experiment: str) -> tuple[int, int]:

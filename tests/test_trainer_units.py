@@ -388,3 +388,61 @@ def test_checkpoints_record_sha256_and_resume_falls_back_past_a_damaged_one(tmp_
     with pytest.raises(checkpoint.NonFiniteWeightsError, match="fails verification too"):
         manager.save(3)
     assert not (tmp_path / "step-00000003").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+@pytest.mark.parametrize(("tf32", "benchmark", "deterministic"), [(False, True, False), (True, False, False),
+                                                                  (True, True, True)])
+def test_gpu_numerics_are_settings(tf32, benchmark, deterministic):
+    """train.tf32 and train.cudnn_benchmark become torch's backend flags (cuDNN's autotuner stays off under
+    train.deterministic); the flags are process-wide, so they are put back afterwards."""
+    from pipeline.train.step import apply_numerics
+
+    cfg = load_config(REPO / "configs" / "digits.yaml", [f"train.tf32={tf32}", f"train.cudnn_benchmark={benchmark}",
+                                                         f"train.deterministic={deterministic}"])
+    before = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
+              torch.backends.cudnn.benchmark)
+    try:
+        assert apply_numerics(cfg.train) == {"tf32": tf32, "cudnn_benchmark": benchmark and not deterministic}
+        want = "tf32" if tf32 else "ieee"
+        assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == (want, want)
+        assert torch.backends.cudnn.benchmark is (benchmark and not deterministic)
+    finally:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before[:2]
+        torch.backends.cudnn.benchmark = before[2]
+    with pytest.raises(ConfigError, match=r"train.dist_timeout_s=0.0 must be > 0"):
+        load_config(REPO / "configs" / "digits.yaml", ["train.dist_timeout_s=0"])
+
+
+def test_the_step_flop_count_is_the_unet_benchmarks_plus_attention_and_mfu_divides_by_the_known_peak():
+    """The trainer counts one training step on the meta device (pipeline/train/flops.py); benchmarks/unet_bench.py
+    counts real CPU tensors, where the fused attention kernel has no FLOP formula. The two differ by exactly the
+    attention's closed form, forward 4·L²·C per block (QKᵀ and AV, L = H·W positions), backward twice that."""
+    import sys
+    from types import SimpleNamespace
+
+    from pipeline.config import DiffusionConfig
+    from pipeline.model.unet import AttnBlock, UNet, model_config
+    from pipeline.train.flops import count_step_flops, peak_tflops, precision_of, utilisation
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from unet_bench import count_flops
+
+    for preset in ("digits", "cifar10"):
+        m = model_config(preset)
+        net, shapes = UNet(m), []
+        for mod in net.modules():
+            if isinstance(mod, AttnBlock):
+                mod.register_forward_hook(lambda _m, args, _o, seen=shapes: seen.append(tuple(args[0].shape)))
+        _, bench = count_flops(net, 1)  # two passes (forward, then forward + backward): each block seen twice
+        attention = sum(4 * (h * w) ** 2 * c for _, c, h, w in shapes[:len(shapes) // 2])
+        assert attention > 0
+        assert count_step_flops(SimpleNamespace(model=m, diffusion=DiffusionConfig())) == bench + 3 * attention
+    # the CIFAR-10 net: 12.11 GFLOP per forward in benchmarks/unet_results.md, 12.44 with its attention
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.4 and peak_tflops("NVIDIA H100 PCIe", "tf32") == 378.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB", "fp32") == 19.5 and peak_tflops("Tesla V100-SXM2-16GB", "bf16") is None
+    tc = SimpleNamespace(mixed_precision="no", tf32=False)
+    assert precision_of(tc) == "fp32" and precision_of(SimpleNamespace(mixed_precision="bf16", tf32=False)) == "bf16"
+    got = utilisation(37.3e9, 1000.0, 8, 989.4)  # 1,000 img/s over 8 GPUs at 37.3 GFLOP per image
+    assert got["train/tflops_per_device"] == pytest.approx(37.3e9 * 1000 / 8 / 1e12)
+    assert got["train/mfu"] == pytest.approx(got["train/tflops_per_device"] / 989.4)
+    assert "train/mfu" not in utilisation(37.3e9, 1000.0, 8, None)  # CPU, or an unknown GPU: TFLOP/s only

@@ -35,6 +35,7 @@ import logging
 import os
 import subprocess
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -59,12 +60,14 @@ from pipeline.tracking.images import image_grid
 from pipeline.tracking.logged_model import log_training_model
 from pipeline.tracking.sink import describe_training_data, read_run_file, source_tags
 from pipeline.train.ema import EMA, PartitionedEMA
+from pipeline.train.flops import peak_tflops, precision_of, step_flops_per_image, utilisation
 from pipeline.train.hooks import LoopHooks
 from pipeline.train.preemption import PREEMPTED_EXIT_CODE, Preemption
 from pipeline.train.step import (
     GroupClip,
     OptimizerStep,
     StepNoise,
+    apply_numerics,
     batch_split,
     check_group_clip,
     configure_deepspeed,
@@ -157,7 +160,9 @@ def make_accelerator(tc: Any) -> tuple[Any, bool]:
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
     # gloo on CPU: DeepSpeed otherwise believes every rank is alone (docs/deepspeed.md).
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # a launcher started several processes
-    handlers: list[Any] = [InitProcessGroupKwargs(backend="gloo")] if launched and not on_gpu else []
+    timeout = timedelta(seconds=tc.dist_timeout_s)  # every backend: NCCL's default (10 min) is not ours to rely on
+    handlers: list[Any] = [InitProcessGroupKwargs(backend="gloo", timeout=timeout) if launched and not on_gpu
+                           else InitProcessGroupKwargs(timeout=timeout)]
     # DDP: gradients are views into the all-reduce buckets (no second gradient-sized buffer and copy); the
     # reduction optionally in bf16 (DeepSpeed: communication_data_type, set in configure_deepspeed).
     # static_graph stays off: the accumulation steps skip the all-reduce (no_sync), which it does not promise.
@@ -174,7 +179,8 @@ def make_accelerator(tc: Any) -> tuple[Any, bool]:
         raise ConfigError(f"the launcher started {os.environ.get('WORLD_SIZE')} processes but Accelerate set up no "
                           "distributed run (distributed_type NO); launch with accelerate launch --multi_gpu, or "
                           "set ACCELERATE_USE_CPU=1 on a CPU machine")
-    dist.init_flag_group()
+    dist.init_flag_group(timeout)
+    apply_numerics(tc)
     if tc.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -385,12 +391,20 @@ def train(cfg: Config, hooks: LoopHooks | None = None) -> int:
         log_real_grid(cfg, sink)
     tick = TickStats(device, diffusion.num_timesteps, uses_loss_scaling(accelerator, tc, deepspeed))
     step_noise = StepNoise(tc.seed, diffusion.num_timesteps, device)
+    # Utilisation: the step's FLOPs per image, counted once (shapes only, on the meta device), and the peak
+    flops_per_image = step_flops_per_image(cfg)
+    peak = tc.peak_tflops or (peak_tflops(torch.cuda.get_device_name(device), precision_of(tc))
+                              if device.type == "cuda" else None)
+    accelerator.print(f"utilisation: {flops_per_image / 1e9:.3g} GFLOP per image and step (forward + backward)"
+                      + (f", peak {peak:g} TFLOP/s per device ({precision_of(tc)})" if peak else
+                         (", MFU: no peak known for this GPU (set train.peak_tflops)" if device.type == "cuda" else "")))
     preemption = Preemption(cfg.preemption.check_every_steps)
     data_iter, exit_code, first_step = iter(loader), 0, progress.step
     accelerator.print(f"training: world {world}, micro batch {micro}, accumulation {accum}, "
                       + (f"each micro-batch's gradient clipped to {oc.grad_clip} (optimizer.grad_clip_per), "
                          if group_clip else "") + "from step "
-                      f"{progress.step} to {tc.total_steps}")
+                      f"{progress.step} to {tc.total_steps}"
+                      + (f" (collectives time out after {dist.timeout_s():.0f} s)" if dist.timeout_s() else ""))
 
     loss_module.train()  # once: nothing in the loop sets eval mode (sample grids run on the EMA network)
     while progress.step < tc.total_steps:
@@ -442,6 +456,7 @@ def train(cfg: Config, hooks: LoopHooks | None = None) -> int:
             tick_steps = tick.steps
             metrics, longest_nonfinite, signalled = tick.flush(accelerator, lr, tc.batch_size,
                                                                flag=preemption.pending)
+            metrics |= utilisation(flops_per_image, metrics["train/images_per_s"], world, peak)
             sink.log_metrics(metrics, step=step)
             accelerator.print(tick_line(step, tc.total_steps, metrics, time.perf_counter() - started))
             stop_why = nonfinite_stop(tc, metrics, longest_nonfinite, tick_steps, step)

@@ -71,6 +71,19 @@ class StepNoise:
         return t[lo:lo + n], noise[lo:lo + n]
 
 
+def apply_numerics(tc: Any) -> dict[str, Any]:
+    """train.tf32 and train.cudnn_benchmark as torch's backend flags (process-wide; they matter on CUDA only).
+    Returns what was set. cuDNN's autotuner is off under train.deterministic (it may pick another algorithm)."""
+    precision = "tf32" if tc.tf32 else "ieee"
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9 (the legacy flags must not be mixed in)
+        torch.backends.cuda.matmul.fp32_precision = precision
+        torch.backends.cudnn.conv.fp32_precision = precision
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(tc.tf32)
+    torch.backends.cudnn.benchmark = bool(tc.cudnn_benchmark and not tc.deterministic)
+    return {"tf32": bool(tc.tf32), "cudnn_benchmark": torch.backends.cudnn.benchmark}
+
+
 def seed_generators(seed: int, device: torch.device) -> None:
     """What ``torch.manual_seed(seed)`` does to the generators a step draws from (the CPU's and ``device``'s),
     without its cost: it also seeds every other backend, lazily, recording a stack trace each time."""

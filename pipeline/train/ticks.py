@@ -88,5 +88,7 @@ def tick_line(step: int, total_steps: int, metrics: dict[str, float], elapsed_s:
     return (f"step {step}/{total_steps}  loss {m['train/loss']:.4f}  lr {m['train/lr']:.2e}  "
             f"{m['train/images_per_s']:.1f} img/s  data {m['train/data_wait_s'] * 1e3:.0f} ms/step  "
             f"elapsed {duration(elapsed_s)}  eta {duration(eta)}"
+            + (f"  {m['train/tflops_per_device']:.3g} TFLOP/s/device" if "train/tflops_per_device" in m else "")
+            + (f"  MFU {m['train/mfu']:.1%}" if "train/mfu" in m else "")
             + (f"  non-finite {int(m['train/nonfinite_steps'])}" if m["train/nonfinite_steps"] else "")
             + (f"  loss-scaler skips {int(m['train/loss_scaler_skips'])}" if m.get("train/loss_scaler_skips") else ""))

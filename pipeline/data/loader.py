@@ -48,6 +48,7 @@ from pipeline.data.shards import ShardSet, attach_index, check_shards, resolve_s
 from pipeline.data.transport import Ring, batch_buffer, batch_nbytes, batch_views, create_ring, pack, unpack
 
 STATE_VERSION = 2
+LAYOUT_KEYS = ("mode", "seed", "num_samples", "batch_size", "world_size", "num_workers", "shuffle_buffer")
 
 
 def _runs(positions: np.ndarray) -> list[list[int]]:
@@ -305,8 +306,7 @@ class StreamingLoader:
             raise ValueError(f"merge_states needs the {world} ranks' states in rank order")
         if len({st["batches"] for st in states}) != 1:
             raise ValueError(f"ranks delivered different batch counts: {[st['batches'] for st in states]}")
-        layout = {k: first[k] for k in ("mode", "seed", "num_samples", "batch_size", "world_size", "num_workers",
-                                        "shuffle_buffer")}
+        layout = {k: first[k] for k in LAYOUT_KEYS}
         return {"version": STATE_VERSION, "scope": "global", **layout, "batches": first["batches"],
                 "holes": first["holes"], "base": first["base"],
                 "streams": [states[r]["cursors"][w] for w in range(workers) for r in range(world)],

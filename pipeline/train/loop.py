@@ -391,8 +391,9 @@ def train(cfg: Config, hooks: LoopHooks | None = None) -> int:
         log_real_grid(cfg, sink)
     tick = TickStats(device, diffusion.num_timesteps, uses_loss_scaling(accelerator, tc, deepspeed))
     step_noise = StepNoise(tc.seed, diffusion.num_timesteps, device)
-    # Utilisation: the step's FLOPs per image, counted once (shapes only, on the meta device), and the peak
-    flops_per_image = step_flops_per_image(cfg)
+    # Utilisation: the step's FLOPs per image, counted once on rank 0 (shapes only, on the meta device; the tick's
+    # metrics are logged and printed there only), and the peak
+    flops_per_image = step_flops_per_image(cfg) if accelerator.is_main_process else 0.0
     peak = tc.peak_tflops or (peak_tflops(torch.cuda.get_device_name(device), precision_of(tc))
                               if device.type == "cuda" else None)
     accelerator.print(f"utilisation: {flops_per_image / 1e9:.3g} GFLOP per image and step (forward + backward)"
@@ -404,7 +405,7 @@ def train(cfg: Config, hooks: LoopHooks | None = None) -> int:
                       + (f"each micro-batch's gradient clipped to {oc.grad_clip} (optimizer.grad_clip_per), "
                          if group_clip else "") + "from step "
                       f"{progress.step} to {tc.total_steps}"
-                      + (f" (collectives time out after {dist.timeout_s():.0f} s)" if dist.timeout_s() else ""))
+                      + (f" (collectives time out after {timeout_s:.0f} s)" if (timeout_s := dist.timeout_s()) else ""))
 
     loss_module.train()  # once: nothing in the loop sets eval mode (sample grids run on the EMA network)
     while progress.step < tc.total_steps:

@@ -347,9 +347,9 @@ class LoggingConfig:
 class PreemptionConfig:
     """SIGTERM/SIGUSR1 handling (pipeline/train/loop.py): checkpoint, then exit 75 so the job is requeued."""
 
-    # ranks act on a received signal at the first log tick whose step is a multiple of this: the flag rides on
-    # the tick's all-reduce (no collective of its own), so within lcm(logging.every_steps, this) steps
-    check_every_steps: int = 10
+    # the ranks' signal flags are exchanged (without waiting) after every this-many steps and read one step later:
+    # a signal is acted on within this + 1 steps (plus the checkpoint); 1 costs a host all-reduce over gloo per step
+    check_every_steps: int = 1
 
     def __post_init__(self) -> None:
         _positive("preemption.check_every_steps", self.check_every_steps)

@@ -7,12 +7,14 @@ launch/train.py``, unit tests) needs no special cases.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 _flag_group: Any = None  # a gloo group for host-side flags (set up once by init_flag_group)
+_async_group: Any = None  # a gloo group of its own for start_any_true (its collectives never interleave with others)
 
 
 def is_initialized() -> bool:
@@ -44,11 +46,11 @@ def shutdown() -> None:
     """Tear this rank's process groups down while the interpreter is whole (on success; no barrier, so a rank
     that is done need not wait for rank 0's work). Left to interpreter exit, a rank that finished first once
     aborted in gloo's teardown (SIGABRT, "terminate called without an active exception")."""
-    global _flag_group
+    global _flag_group, _async_group
     if not is_initialized():
         return
     dist.destroy_process_group()
-    _flag_group = None
+    _flag_group = _async_group = None
 
 
 def init_flag_group(timeout: Any = None) -> None:
@@ -56,12 +58,15 @@ def init_flag_group(timeout: Any = None) -> None:
 
     With NCCL, an all-reduce of a flag needs a device tensor and reading the result back is a
     device->host sync that waits for all queued kernels; over a gloo group the host threads agree
-    with each other while the GPU keeps running. Must be called on every rank, once.
+    with each other while the GPU keeps running. Must be called on every rank, once. Also creates the group
+    ``start_any_true`` uses, always a separate one: an exchange left in flight across a step must not share a
+    queue with the collectives of that step (the default group's under gloo, the flag group's).
     """
-    global _flag_group
+    global _flag_group, _async_group
     if not is_initialized() or _flag_group is not None:
         return
     _flag_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
+    _async_group = dist.new_group(backend="gloo", timeout=timeout)
 
 
 def timeout_s() -> float | None:
@@ -84,6 +89,27 @@ def any_true(flag: bool) -> bool:
     t = torch.tensor([1 if flag else 0], dtype=torch.int32)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_flag_group)
     return bool(t.item())
+
+
+def start_any_true(flag: bool) -> Callable[[], bool]:
+    """Start ``any_true(flag)`` without waiting for it; the returned function waits for it and gives the result.
+
+    Every rank must start the same sequence of exchanges. A CPU tensor over gloo: the host threads agree while the
+    host goes on (no device sync on any backend); read one step later, the other ranks have long posted theirs, so
+    the wait is about their skew at that point, which the next gradient all-reduce waits for anyway.
+    """
+    if not is_initialized():
+        return lambda: bool(flag)
+    if _async_group is None:
+        raise RuntimeError("pipeline.dist.init_flag_group() must run on every rank before start_any_true()")
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_async_group, async_op=True)
+
+    def result() -> bool:
+        work.wait()
+        return bool(t.item())
+
+    return result
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -78,7 +78,7 @@ def test_training_steps_do_not_sync_host_and_device(digits, tmp_path, precision)
     # torch.cuda.set_sync_debug_mode("error") on inside each step (from the third), so a sync there is an error.
     r = h.run(h.train_cmd([f"data.shards={digits}", f"train.out_dir={tmp_path}", f"train.mixed_precision={precision}",
                            "train.total_steps=12", "logging.every_steps=6", "checkpoint.every_steps=100",
-                           "preemption.check_every_steps=100", "train.deterministic=false"]),  # as shipped
+                           "train.deterministic=false"]),  # as shipped
               h.env(DDPM_CUDA_SYNC_CHECK="1"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(_losses(r.stdout)) == 2

@@ -1,11 +1,11 @@
 """No host sync and no collective of ours inside a training step, and none between steps except at log ticks,
-sample grids and checkpoints: 2 gloo processes under DDP and DeepSpeed ZeRO-2, traced by
-tests/helpers/step_probe.py (a TorchDispatchMode counting aten::_local_scalar_dense, counters around the
-torch.distributed functions). DDP's gradient buckets (its C++ reducer) and DeepSpeed's own collectives and
+sample grids, checkpoints and the preemption flags' non-blocking exchange (a CPU tensor over gloo): 2 gloo
+processes under DDP and DeepSpeed ZeRO-2, traced by tests/helpers/step_probe.py (a TorchDispatchMode counting
+aten::_local_scalar_dense, counters around the torch.distributed functions). DDP's gradient buckets (its C++ reducer) and DeepSpeed's own collectives and
 overflow check are not ours and are set aside by the stack they come from.
 
 Each run also carries a negative control: the probe adds one ``.item()`` inside step 3 and one flag all-reduce
-after it (what the per-step EMA mask read and the preemption check used to be); the test requires that these,
+after it (what the per-step EMA mask read and a blocking preemption check would be); the test requires that these,
 and only these, are reported, so it would fail on a sync or collective added anywhere in the loop.
 """
 
@@ -42,7 +42,7 @@ def test_a_step_makes_no_host_sync_and_no_collective_of_ours(digits, tmp_path, s
         report = json.loads((tmp_path / f"rank-{rank}.json").read_text())
         events, counts = report["events"], report["counts"]
         in_loop = [e for e in events if e["state"] == "step"
-                   or (e["state"] == "between" and e["context"] not in ("tick", "grid", "checkpoint"))]
+                   or (e["state"] == "between" and e["context"] not in ("tick", "grid", "checkpoint", "preemption"))]
         found = sorted((e["kind"], e["state"], e["step"], e["where"].split(":")[0]) for e in in_loop)
         assert found == [("collective", "between", INJECT_AT + 1, "pipeline/dist.py"),  # the injected flag
                          ("sync", "between", INJECT_AT + 1, "pipeline/dist.py"),  # all-reduce, and its read
@@ -52,6 +52,12 @@ def test_a_step_makes_no_host_sync_and_no_collective_of_ours(digits, tmp_path, s
         assert {e["step"] for e in ticks if e["kind"] == "collective"} == set(range(LOG_EVERY, STEPS + 1, LOG_EVERY))
         assert sum(e["kind"] == "collective" for e in ticks) == STEPS // LOG_EVERY  # one all-reduce per tick
         assert any(e["kind"] == "sync" for e in ticks)
+        # The preemption flags: after each step but the last one exchange started without waiting (async, over
+        # gloo on the host), read after the next step: a read of a CPU tensor, never of a device's.
+        flags = [e for e in events if e["context"] == "preemption"]
+        assert sorted((e["kind"], e["step"], e["what"]) for e in flags) == sorted(
+            [("collective", s, "all_reduce async") for s in range(1, STEPS)]
+            + [("sync", s, "cpu") for s in range(2, STEPS + 1)]), json.dumps(flags, indent=1)
         if stage:  # and DeepSpeed's own collectives and overflow check inside the steps, set aside
             assert counts.get("deepspeed/collective/step", 0) >= STEPS - 1
             assert counts.get("deepspeed/sync/step", 0) >= STEPS - 1

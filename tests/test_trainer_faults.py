@@ -45,12 +45,12 @@ def _wait_exit(proc: subprocess.Popen, log, timeout_s: float = 300) -> int:
 # ---- preemption: SIGTERM / SIGUSR1 to the training processes of a 2-process launch ------------------
 
 PREEMPT_TOTAL_STEPS = 160  # ~8 s of training here: the signal (sent after the first step) lands long before the end
-CHECK_EVERY = 4  # preemption.check_every_steps: the ranks may only agree at multiples of this
+SLOW_STEP_S = 3.0  # the slowed run's step time (DDPM_FAULT_STEP_SLEEP_S): a large model, ZeRO-3, a small allocation
 
 
-def _preempt_cmd(digits, out, total_steps=PREEMPT_TOTAL_STEPS) -> list[str]:
+def _preempt_cmd(digits, out, total_steps=PREEMPT_TOTAL_STEPS, check_every=1, extra=()) -> list[str]:
     return h.train_cmd([f"data.shards={digits}", f"train.out_dir={out}/run", f"train.total_steps={total_steps}",
-                        "checkpoint.every_steps=1000", f"preemption.check_every_steps={CHECK_EVERY}"],
+                        "checkpoint.every_steps=1000", f"preemption.check_every_steps={check_every}", *extra],
                        nproc=2, port=h.free_port())
 
 
@@ -73,21 +73,26 @@ def _trace_steps(trace_dir, rank) -> list[int]:
     return sorted({step for step, _ in h.trace(trace_dir, rank)})
 
 
-@pytest.mark.parametrize(("sig", "targets"), [(signal.SIGTERM, "all"), (signal.SIGUSR1, "rank1")],
-                         ids=["SIGTERM-all-workers", "SIGUSR1-rank1-only"])
+@pytest.mark.parametrize(("sig", "targets", "check_every", "slow"),
+                         [(signal.SIGTERM, "all", 4, False), (signal.SIGUSR1, "rank1", 1, True)],
+                         ids=["SIGTERM-all-workers-every-4", "SIGUSR1-rank1-only-3s-steps"])
 def test_signal_to_workers_checkpoints_once_exits_75_and_resume_is_bitwise(digits, uninterrupted, tmp_path,
-                                                                           sig, targets):
+                                                                           sig, targets, check_every, slow):
     """The SLURM path (launch/slurm/node_task.sh): the signal goes to the training processes, not the launcher.
 
     SIGTERM is sent to every worker again and again until they are gone (an impatient scheduler, and what
     torchrun does to the slower rank once the first exits): a SIGTERM during interpreter shutdown used to
-    kill a worker with -15 instead of its exit 75. SIGUSR1 to rank 1 alone shows the agreement: rank 0 never
-    saw a signal and still stops at the same step.
+    kill a worker with -15 instead of its exit 75. The flags are exchanged every 4 steps there: the ranks stop
+    one step after such an exchange. SIGUSR1 to rank 1 alone shows the agreement: rank 0 never saw a signal and
+    still stops at the same step; its steps take ~3 s and the log tick is every 100 steps (as shipped), and the
+    ranks still stop within 2 steps of the signal: the bound is in steps, not log ticks.
     """
     (tmp_path / "trace").mkdir()
     environ = h.launch_env(multi=True, DDPM_TRACE_BATCHES_DIR=str(tmp_path / "trace"))
     log = tmp_path / "preempted.log"
-    proc = h.start(_preempt_cmd(digits, tmp_path), environ, log)
+    slow_env = {"DDPM_FAULT_STEP_SLEEP_S": str(SLOW_STEP_S)} if slow else {}
+    proc = h.start(_preempt_cmd(digits, tmp_path, check_every=check_every,
+                                extra=["logging.every_steps=100"] if slow else []), environ | slow_env, log)
     traces = [tmp_path / "trace" / f"rank-{r}.txt" for r in (0, 1)]
     # A first traced batch on both ranks: the handlers are installed (before the loop), training runs.
     h.wait_for(lambda: all(t.is_file() and t.stat().st_size for t in traces), 240, proc, "the first step")
@@ -98,9 +103,11 @@ def test_signal_to_workers_checkpoints_once_exits_75_and_resume_is_bitwise(digit
         repeats.start()
     else:
         h.signal_pids([workers[1]], sig)
+    signalled_at = time.monotonic()
+    begun = max(_trace_steps(tmp_path / "trace", 1)) + 1  # steps begun on rank 1 by then (one may be sleeping)
     code = _wait_exit(proc, log)
+    exited_s = time.monotonic() - signalled_at
     text = log.read_text()
-
     # accelerate launch (torchrun) reports the workers' exit 75 as ChildFailedError and exits 1 itself
     # (docs/training.md); every training process exited 75 on its own, none was killed by a signal.
     assert code == 1, text[-3000:]
@@ -112,7 +119,13 @@ def test_signal_to_workers_checkpoints_once_exits_75_and_resume_is_bitwise(digit
     steps = h.complete_steps(run)
     assert len(steps) == 1, steps
     step = steps[0]
-    assert 0 < step < PREEMPT_TOTAL_STEPS and step % CHECK_EVERY == 0
+    assert 0 < step < PREEMPT_TOTAL_STEPS and step % check_every == 1 % check_every  # one step after an exchange
+    if slow:  # the step in progress at the signal, 2 more at most (its exchange may have just left), the checkpoint
+        assert step <= begun + 2, (step, begun)
+        checkpoint_s = float(re.search(r"checkpoint \S+ written in ([0-9.]+) s", text).group(1))
+        print(f"preemption latency with {SLOW_STEP_S:g} s steps: signal after {begun} steps began, checkpoint at "
+              f"step {step}, all exited {exited_s:.1f} s after the signal (checkpoint {checkpoint_s:.1f} s)")
+        assert exited_s <= (step - begun + 1) * SLOW_STEP_S + checkpoint_s + 15, text[-3000:]  # + exit, teardown
     assert f"checkpoint at step {step}, exiting with {PREEMPTED_EXIT_CODE}" in text
     assert not list(run.glob(".tmp-*")) and not (run / "TRAINING_DONE").exists()
     ckpt = run / f"step-{step:08d}"
@@ -125,8 +138,8 @@ def test_signal_to_workers_checkpoints_once_exits_75_and_resume_is_bitwise(digit
         assert _trace_steps(tmp_path / "trace", rank) == list(range(step))  # no rank ran a step past it
         assert (ckpt / "accelerate" / f"random_states_{rank}.pkl").is_file()
 
-    # resume=auto continues from it and ends bitwise where the uninterrupted run ended.
-    r = h.run(_preempt_cmd(digits, tmp_path), environ)
+    # resume=auto continues from it (at full speed) and ends bitwise where the uninterrupted run ended.
+    r = h.run(_preempt_cmd(digits, tmp_path, check_every=check_every), environ)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from {ckpt} at step {step}" in r.stdout
     a = uninterrupted / "run" / f"step-{PREEMPT_TOTAL_STEPS:08d}"

@@ -330,28 +330,49 @@ class _OneProcessAccelerator:
         return tensor
 
 
-def test_preemption_flag_rides_on_the_tick_and_is_acted_on_at_its_cadence():
-    import signal
-
-    from pipeline.train.preemption import Preemption
+def test_the_tick_sums_the_losses_in_one_reduce():
     from pipeline.train.ticks import TickStats
 
     tick = TickStats(torch.device("cpu"), 100, loss_scaling=False)
-    for flag in (True, False):
-        tick.add(torch.ones(4), torch.ones(4), torch.tensor(True), torch.tensor(1.0), 0.0)
-        metrics, longest, signalled = tick.flush(_OneProcessAccelerator(), 1e-3, 8, flag=flag)
-        assert signalled is flag and metrics["train/loss"] == 1.0 and longest == 0
+    tick.add(torch.ones(4), torch.ones(4), torch.tensor(True), torch.tensor(1.0), 0.0)
+    metrics, longest = tick.flush(_OneProcessAccelerator(), 1e-3, 8)
+    assert metrics["train/loss"] == 1.0 and longest == 0 and metrics["train/nonfinite_steps"] == 0
+
+
+@pytest.mark.parametrize("process_group", [False, True], ids=["one-process", "gloo-group"])
+def test_preemption_is_agreed_one_step_after_the_flag_is_exchanged(tmp_path, process_group):
+    """Checked every 2 steps: without a process group the signal stops the next checked step; with one (a real
+    gloo group of one rank: the exchange is a real non-blocking all-reduce) the step after it."""
+    import signal
+
+    import torch.distributed as tdist
+
+    from pipeline.train.preemption import Preemption
+
     handlers = {sig: signal.getsignal(sig) for sig in Preemption.SIGNALS}
+    if process_group:
+        tdist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+        dist.init_flag_group()
     try:
-        p = Preemption(check_every_steps=4)
-        assert not p.pending
-        signal.raise_signal(signal.SIGUSR1)
+        p = Preemption(check_every_steps=2)
+        assert not p.pending and [p.step_end(s, final=False) for s in (1, 2, 3)] == [False] * 3
+        signal.raise_signal(signal.SIGUSR1)  # during step 4
         assert p.pending
-        assert p.agreed(8, False, True) and p.agreed(6, True, True)  # a multiple of 4, or the last step
-        assert not p.agreed(6, False, True) and not p.agreed(8, False, False)  # off the cadence; no rank signalled
+        if process_group:  # exchanged after step 4, read after step 5: stop there
+            assert [p.step_end(s, final=False) for s in (4, 5)] == [False, True]
+        else:
+            assert p.step_end(4, final=False)
+        q = Preemption(check_every_steps=1)
+        signal.raise_signal(signal.SIGTERM)
+        assert q.step_end(6, final=not process_group) is False  # the last step ends the run anyway
+        if process_group:  # the exchange left in flight at a last step is read there, none is started
+            assert q.step_end(7, final=True) is False and q._in_flight is None
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+        if process_group:
+            dist.shutdown()
+
 
 def test_checkpoints_record_sha256_and_resume_falls_back_past_a_damaged_one(tmp_path, capsys):
     from accelerate import Accelerator

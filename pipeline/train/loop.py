@@ -20,8 +20,9 @@ Random streams (written down so that resume is bitwise and N ranks equal one ran
   its position is saved as one record of all ranks' streams (``LoaderPosition``), which any layout resumes.
 
 Host syncs and collectives: the loop never reads a device value except at a log tick (every
-logging.every_steps), a sample grid or a checkpoint, and makes no collective of its own between ticks
-(the preemption flags ride on the tick's all-reduce; DDP's gradient buckets and DeepSpeed's own
+logging.every_steps), a sample grid or a checkpoint, and makes no collective of its own between ticks but
+the preemption flags' (a host all-reduce over gloo started after a step and read after the next, never waited
+for by a step: ``Preemption.step_end``; DDP's gradient buckets and DeepSpeed's own
 collectives and overflow check aside: tests/test_step_sync.py; with optimizer.grad_clip_per, GroupClip's one
 all-reduce of the clipped gradients per step takes the buckets' place). A non-finite gradient is detected on
 the device (``applied`` below) and the optimizer step is skipped on the device (fused Adam's found_inf,
@@ -450,13 +451,10 @@ def train(cfg: Config, hooks: LoopHooks | None = None) -> int:
         step, done = progress.step, progress.step >= tc.total_steps
         hooks.step_end(step, first_step, ema)  # what follows (ticks, grids, checkpoints) may sync
 
-        # Log tick: the one place the host waits for the device; the ranks' preemption flags ride on its
-        # all-reduce.
-        signalled = False
+        # Log tick: the one place the host waits for the device.
         if step % cfg.logging.every_steps == 0 or done:
             tick_steps = tick.steps
-            metrics, longest_nonfinite, signalled = tick.flush(accelerator, lr, tc.batch_size,
-                                                               flag=preemption.pending)
+            metrics, longest_nonfinite = tick.flush(accelerator, lr, tc.batch_size)
             metrics |= utilisation(flops_per_image, metrics["train/images_per_s"], world, peak)
             sink.log_metrics(metrics, step=step)
             accelerator.print(tick_line(step, tc.total_steps, metrics, time.perf_counter() - started))
@@ -473,13 +471,16 @@ def train(cfg: Config, hooks: LoopHooks | None = None) -> int:
                 log_sample_grid(ema_net, diffusion, cfg.logging, sink, step)
             del ema_net
 
-        # Preemption (decided from the tick's all-reduce) and checkpoint: every rank takes part in both.
-        preempted = preemption.agreed(step, done, signalled)
+        # Preemption (the ranks' flags, exchanged without waiting, read one step later) and checkpoint: every rank
+        # takes part in both.
+        preempted = preemption.step_end(step, done)
         if checkpoints.due(step, final=done or preempted) or ema.snapshot_due(step):  # snapshots: in a checkpoint
             # the run's id, once it exists: a checkpoint saved while a slow store is still creating it waits
             progress.finished = done
             progress.mlflow_run_id = sink.settled_run_id(cfg.tracking.flush_timeout_s)
-            accelerator.print(f"checkpoint {checkpoints.save(step)}")
+            saving = time.perf_counter()
+            saved = checkpoints.save(step)
+            accelerator.print(f"checkpoint {saved} written in {time.perf_counter() - saving:.1f} s")
         hooks.after_checkpoint(step, done)
         if preempted and not done:
             accelerator.print(f"preempted (signal {preemption.received[:1]}): checkpoint at step {step}, "

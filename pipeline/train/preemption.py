@@ -1,9 +1,11 @@
-"""Preemption: SIGTERM/SIGUSR1 set a flag; the ranks agree on it at a log tick and the loop checkpoints and exits 75."""
+"""Preemption: SIGTERM/SIGUSR1 set a flag; the ranks agree on it one step later, checkpoint and exit 75."""
 
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 
+from pipeline import dist
 from pipeline.cli import EXIT_PREEMPTED
 
 PREEMPTED_EXIT_CODE = EXIT_PREEMPTED  # 75, EX_TEMPFAIL: a checkpoint was written, requeue the job and it resumes
@@ -13,27 +15,40 @@ PREEMPTED_EXIT_CODE = EXIT_PREEMPTED  # 75, EX_TEMPFAIL: a checkpoint was writte
 
 
 class Preemption:
-    """SIGTERM/SIGUSR1 (SLURM preemption, scancel) only set a flag. The flags ride on the log tick's all-reduce
-    (``TickStats.flush``), so agreeing adds no collective; the ranks act at a tick whose step is a multiple of
-    ``preemption.check_every_steps`` (or the last step): within lcm(logging.every_steps, check_every_steps)
-    steps of the signal. Then the loop checkpoints and exits 75."""
+    """SIGTERM/SIGUSR1 (SLURM preemption, scancel) only set a flag. After every ``check_every_steps``-th step each
+    rank starts a non-blocking any-rank OR of its flag (``dist.start_any_true``: gloo, host only) and reads it after
+    the next step: no step waits on it and no device syncs for it. When a rank saw a signal, every rank learns it
+    at the same step and stops there: within ``check_every_steps + 1`` steps of the signal (2 by default), plus the
+    checkpoint. One process needs no exchange: it stops at the first checked step after the signal."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self, check_every_steps: int):
         self.check_every_steps, self.received = check_every_steps, []
+        self._in_flight: Callable[[], bool] | None = None
         for sig in self.SIGNALS:
             signal.signal(sig, lambda signum, frame: self.received.append(signum))
 
     @property
     def pending(self) -> bool:
-        """This rank got a signal (what it contributes to the tick's all-reduce)."""
+        """This rank got a signal (what it contributes to the exchange)."""
         return bool(self.received)
 
-    def agreed(self, step: int, final: bool, any_rank: bool) -> bool:
-        """Stop here? ``any_rank``: some rank had a signal, from this step's tick (False off ticks): the same
-        value on every rank, so every rank decides alike. No collective."""
-        return (step % self.check_every_steps == 0 or final) and any_rank
+    def step_end(self, step: int, final: bool) -> bool:
+        """Every rank, after each optimizer step (``step`` = steps done): stop here? The same answer on every rank.
+
+        Reads the exchange started one step ago (if any), then starts the next one on the cadence. The last step
+        reads the one in flight (every rank then has the same collectives behind it) and starts none.
+        """
+        stop = False
+        if self._in_flight is not None:
+            stop, self._in_flight = self._in_flight(), None
+        if stop or final or step % self.check_every_steps:
+            return stop and not final
+        if not dist.is_initialized():
+            return self.pending
+        self._in_flight = dist.start_any_true(self.pending)
+        return False
 
     def ignore_further(self) -> None:
         # The checkpoint is written. torchrun SIGTERMs the other workers as soon as one exits non-zero;

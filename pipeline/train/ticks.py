@@ -47,13 +47,11 @@ class TickStats:
         self.steps += 1
         self.data_wait_s += data_wait_s
 
-    def flush(self, accelerator: Any, lr: float, batch_size: int, flag: bool = False
-              ) -> tuple[dict[str, float], int, bool]:
-        """(metrics of the tick, longest run of non-finite steps in it, ``flag`` on any rank). The losses and
-        the host ``flag`` (the preemption signals) share one all-reduce, the loop's only collective of its own."""
-        mine = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        stats = accelerator.reduce(torch.cat([self.loss_q, self.count_q, mine]), reduction="sum").tolist()
-        loss_q, count_q, any_flag = stats[:4], stats[4:8], stats[8] > 0
+    def flush(self, accelerator: Any, lr: float, batch_size: int) -> tuple[dict[str, float], int]:
+        """(metrics of the tick, longest run of non-finite steps in it). One all-reduce of the loss quartiles, the
+        loop's only collective between steps besides the preemption flags' (``Preemption.step_end``)."""
+        stats = accelerator.reduce(torch.cat([self.loss_q, self.count_q]), reduction="sum").tolist()
+        loss_q, count_q = stats[:4], stats[4:8]
         applied, nonfinite, scaler_skips = self.applied.item(), self.nonfinite.item(), self.scaler_skips.item()
         longest = int(self.nonfinite_run_max.item())
         elapsed = time.perf_counter() - self.start
@@ -72,7 +70,7 @@ class TickStats:
             v.zero_()
         self.nonfinite_run_max.copy_(self.nonfinite_run)
         self.steps, self.data_wait_s, self.start = 0, 0.0, time.perf_counter()
-        return metrics, longest, any_flag
+        return metrics, longest
 
 
 def duration(seconds: float) -> str:

@@ -6,17 +6,17 @@ What is recorded:
 - a host sync: ``aten::_local_scalar_dense`` (what ``.item()``, ``float(t)``, ``bool(t)`` run), seen by a
   TorchDispatchMode that stays on for the whole run;
 - a collective: a call of a ``torch.distributed`` collective or point-to-point function (wrapped here, before
-  anything else imports them). DDP's gradient buckets are reduced by its C++ reducer, not through these.
+  anything else imports them), "async" when started with ``async_op=True``. DDP's gradient buckets are reduced by its C++ reducer, not through these.
 Each is placed in the loop: "step" (between the loop hooks' step_begin and step_end: data, forward, backward,
 optimizer step, EMA), "between" (after a step: log tick, sample grid, preemption, checkpoint, with the
-sub-context "tick" / "grid" / "checkpoint" when inside those), "setup" or "end"; and attributed: "deepspeed"
+sub-context "tick" / "grid" / "checkpoint" / "preemption" when inside those), "setup" or "end"; and attributed: "deepspeed"
 when it comes from inside the DeepSpeed engine's forward, backward or step (its own collectives and overflow
 check), "ddp" when from DDP's Python side (its communication hooks, e.g. train.grad_comm_dtype=bf16), else
 "ours" (a DeepSpeed utility called by our code included), with the innermost repository frame.
 
 ``STEP_PROBE_INJECT_AT=K``: a negative control. Inside step K a ``.item()`` is added (in TickStats.add), and
-after it a flag all-reduce (``pipeline.dist.any_true``, what the preemption check used to be) is added next to
-the preemption decision: the probe must report exactly these two.
+after it a blocking flag all-reduce (``pipeline.dist.any_true``, what the preemption check once was) is added
+before the preemption decision: the probe must report exactly these two.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def _wrap_collective(name: str) -> None:
 
     @functools.wraps(original)
     def wrapper(*args, **kwargs):
-        PROBE.record("collective", name)
+        PROBE.record("collective", name + (" async" if kwargs.get("async_op") else ""))
         return original(*args, **kwargs)
 
     for module in (tdist, c10d):
@@ -143,23 +143,24 @@ def install(inject_at: int | None) -> Any:
     for cls in (ema.EMA, ema.PartitionedEMA):
         _in_context(cls, "gathered_model", "grid")
     _in_context(loop, "log_sample_grid", "grid")  # a function: the name the loop calls, in its module
+    _in_context(preemption.Preemption, "step_end", "preemption")
 
     if inject_at is not None:
-        add, agreed = ticks.TickStats.add, preemption.Preemption.agreed
+        add, step_end = ticks.TickStats.add, preemption.Preemption.step_end
 
         def add_with_sync(self, loss_q, count_q, applied, grad_norm, data_wait_s):
             if PROBE.step == inject_at:
                 applied.item()  # the injected host sync
             return add(self, loss_q, count_q, applied, grad_norm, data_wait_s)
 
-        def agreed_with_collective(self, step, final, any_rank):
+        def step_end_with_collective(self, step, final):
             if step == inject_at + 1:
                 from pipeline import dist
 
-                dist.any_true(False)  # the injected collective
-            return agreed(self, step, final, any_rank)
+                dist.any_true(False)  # the injected collective (outside the "preemption" context)
+            return step_end(self, step, final)
 
-        ticks.TickStats.add, preemption.Preemption.agreed = add_with_sync, agreed_with_collective
+        ticks.TickStats.add, preemption.Preemption.step_end = add_with_sync, step_end_with_collective
     return ProbeHooks()
 
 

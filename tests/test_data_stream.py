@@ -126,6 +126,38 @@ def test_worker_batches_cross_intact_and_stay_valid(shards, monkeypatch, transfe
         assert torch.equal(a["index"], b["index"])
 
 
+def test_unit_range_on_the_device_is_the_loaders_float_scaling_bit_for_bit():
+    from pipeline.data.decode import to_unit_range, unit_range
+
+    every = np.arange(256, dtype=np.uint8)
+    want = to_unit_range(every, np.empty(256, np.float32))
+    got = unit_range(torch.from_numpy(every)).numpy()
+    assert got.dtype == np.float32 and got.tobytes() == want.tobytes()
+    assert (got[0], got[255]) == (-1.0, 1.0)
+
+
+@pytest.mark.parametrize("transfer", ["in process", "ring", "a buffer per batch"])
+def test_uint8_batches_scaled_by_the_consumer_are_the_float_batches(shards, monkeypatch, transfer):
+    """The trainer's input path: the loader hands uint8 batches over (a quarter of the bytes through the ring and
+    to the GPU), the trainer scales them on its device; the values are the float loader's, bit for bit."""
+    import pipeline.data.transport as transport
+    from pipeline.data.decode import unit_range
+
+    folder, _ = shards
+    if transfer == "a buffer per batch":
+        monkeypatch.setattr(transport, "_RING_MAX_BATCH_BYTES", 0)
+    workers = 0 if transfer == "in process" else 2
+    floats = take(StreamingLoader(cfg(folder, num_workers=workers), batch_size=B), 2 * 14)
+    loader = StreamingLoader(cfg(folder, num_workers=workers), batch_size=B, uint8=True)
+    if workers:
+        assert (loader._ring() is None) == (transfer == "a buffer per batch")
+        assert loader._ring() is None or loader._ring().buf.shape[2] == transport.batch_nbytes(B, 3, 8, 8, torch.uint8)
+    for a, b in zip(take(loader, 2 * 14), floats, strict=True):
+        assert a["image"].dtype == torch.uint8 and a["image"].shape == b["image"].shape
+        assert unit_range(a["image"]).numpy().tobytes() == b["image"].numpy().tobytes()
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["label"], b["label"])
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_mid_epoch_equals_uninterrupted(shards, workers):
     folder, _ = shards

@@ -8,6 +8,7 @@ the tiny digits U-Net of tests/helpers/trainer.py.
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 import torch
@@ -150,3 +151,65 @@ def test_cuda_sampling_never_waits_for_the_device_and_gives_the_cpus_images(samp
     diff = (gpu.int() - cpu.int()).abs()
     # the same noise: only kernel rounding differs (a level here and there), never another image
     assert diff.max().item() <= 2 and (diff > 0).float().mean().item() < 0.02, diff.max()
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_the_trainers_batches_are_pinned_uint8_and_their_copy_leaves_the_host_free(digits, workers):
+    """The input path as EDM's: the trainer's loader hands uint8 batches over in page-locked memory, so
+    ``.to(device, non_blocking=True)`` only enqueues the copy. Shown behind a 200 ms kernel: the pinned copy
+    returns at once, while the same batch from pageable memory (as float32, the path before) holds the host
+    until the kernel is done."""
+    from pipeline.config import DataConfig
+    from pipeline.data.decode import unit_range
+    from pipeline.data.loader import StreamingLoader
+
+    loader = StreamingLoader(DataConfig(shards=str(digits), num_workers=workers), batch_size=16, uint8=True,
+                             pin_memory=True)
+    it = iter(loader)
+    batch = next(it)
+    it.close()
+    assert batch["image"].dtype == torch.uint8 and batch["image"].is_pinned()
+    big = torch.randint(0, 256, (64, 3, 256, 256), dtype=torch.uint8).pin_memory()  # a 256x256 micro-batch
+    pageable = unit_range(big.clone())  # float32, pageable: 4x the bytes
+    assert not pageable.is_pinned()
+    device = torch.device("cuda")
+    unit_range(big.to(device, non_blocking=True))  # warm-up: the allocator, the kernels
+    torch.cuda.synchronize()
+
+    def host_ms(x):
+        """(ms the host spent in the copy call, ms the kernel before it kept the GPU busy, the copy)."""
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(400_000_000)  # cycles: ~0.2-0.4 s at 1-2 GHz
+        end.record()
+        t0 = time.perf_counter()
+        y = x.to(device, non_blocking=True)
+        held = (time.perf_counter() - t0) * 1e3
+        torch.cuda.synchronize()
+        return held, start.elapsed_time(end), y
+
+    held_pinned, busy_ms, y = host_ms(big)
+    held_pageable, busy2_ms, _ = host_ms(pageable)
+    print(f"copy call on the host: pinned uint8 {held_pinned:.2f} ms, pageable float32 {held_pageable:.1f} ms "
+          f"(behind kernels of {busy_ms:.0f} / {busy2_ms:.0f} ms)")
+    assert torch.equal(unit_range(y).cpu(), pageable)  # converted on the device: the loader's float values
+    assert held_pinned < 0.1 * busy_ms and held_pageable > 0.5 * busy2_ms, (held_pinned, held_pageable)
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_train_tf32_decides_the_float32_matmul_precision_on_the_gpu(tf32):
+    """train.tf32 (default false: float32 is IEEE float32, as EDM): with it a float32 matmul on an Ampere or
+    later GPU rounds its inputs to TF32's 10-bit mantissa (relative error ~1e-3), without it ~1e-6."""
+    from pipeline.config import TrainConfig
+    from pipeline.train.step import apply_numerics
+
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("TF32 needs an Ampere or later GPU")
+    try:
+        apply_numerics(TrainConfig(tf32=tf32))
+        g = torch.Generator(device="cuda").manual_seed(0)
+        a, b = (torch.randn(1024, 1024, device="cuda", generator=g) for _ in range(2))
+        err = ((a @ b).double() - a.double() @ b.double()).abs().max() / (a.double() @ b.double()).abs().max()
+        assert (err > 1e-4) if tf32 else (err < 1e-5), err.item()
+    finally:
+        apply_numerics(TrainConfig())

@@ -1,4 +1,5 @@
-"""The one image decoder (a sample's image member -> uint8 (H, W, C)) and the one uint8 -> [-1, 1] scaling.
+"""The one image decoder (a sample's image member -> uint8 (H, W, C)) and the one uint8 -> [-1, 1] scaling
+(numpy, ``to_unit_range``, and its torch twin ``unit_range`` for batches converted on the device).
 
 Training (pipeline.data.loader) and evaluation (pipeline.data.sequential: FID reference statistics,
 held-out bits/dim) both go through these two functions, so evaluation sees the training pixels, bit
@@ -10,6 +11,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import torch
 from PIL import Image
 
 IMAGE_EXTS = ("png", "u8", "jpg", "jpeg", "webp", "ppm")
@@ -43,6 +45,12 @@ def decode_image(parts: dict[str, bytes], size: int, channels: int, encoding: st
     if size and image.shape[:2] != (size, size):
         raise ValueError(f"image is {image.shape[1]}x{image.shape[0]}, expected {size}x{size}")
     return image
+
+
+def unit_range(batch: torch.Tensor) -> torch.Tensor:
+    """``to_unit_range`` in torch, on the batch's device: a uint8 batch -> float32 in [-1, 1], bit for bit the same
+    values (the same float32 scale, then minus 1). The trainer converts on the GPU what crossed as uint8."""
+    return batch.to(torch.float32).mul_(float(_SCALE)).sub_(1.0)
 
 
 def to_unit_range(image: np.ndarray, out: np.ndarray) -> np.ndarray:

@@ -1,8 +1,9 @@
-"""The streaming loader: WebDataset shards -> float batches in [-1, 1], exact epochs, resumable.
+"""The streaming loader: WebDataset shards -> float batches in [-1, 1] (or uint8), exact epochs, resumable.
 
     loader = StreamingLoader(cfg.data, batch_size=micro_batch_per_gpu, rank=rank, world_size=world_size)
     for batch in loader:              # infinite; batch["image"] (B, C, H, W) float32, batch["label"] (B,) int64,
         ...                           # batch["index"] (B,) int64: the samples' positions in the split
+    StreamingLoader(..., uint8=True, pin_memory=True)  # the trainer's: uint8 [0, 255], page-locked, scaled on the GPU
     loader.state_dict() / loader.load_state_dict(sd)
 
 Each rank's stream is a flat list of stages, each a generator over the previous one: slots (which raw
@@ -75,8 +76,10 @@ class _Stream(IterableDataset):
     """One rank's dataset; each DataLoader worker (or the main process when num_workers=0) is a stream."""
 
     def __init__(self, shardset: ShardSet, cfg: DataConfig, batch_size: int, rank: int, world_size: int,
-                 cursors: list[tuple[int, ...]], rotation: int, plan: Plan | None, ring: Ring | None = None):
+                 cursors: list[tuple[int, ...]], rotation: int, plan: Plan | None, ring: Ring | None = None,
+                 uint8: bool = False, pin: bool = False):
         self.shardset, self.cfg, self.B, self.ring = shardset, cfg, batch_size, ring
+        self.uint8, self.pin = uint8, pin
         self.rank, self.R = rank, world_size
         self.K = max(1, cfg.num_workers)
         self.cursors, self.rotation, self.plan = cursors, rotation, plan
@@ -97,7 +100,7 @@ class _Stream(IterableDataset):
             else self._resampled_slots(s, *cursor, report),
             # 2. decode to uint8 (H, W, C) and apply the slot's flip; bad samples counted and dropped
             lambda src: self._decode(src, report),
-            # 3. batches of B as float32 (B, C, H, W) in [-1, 1]; each carries the stream cursor
+            # 3. batches of B as float32 (B, C, H, W) in [-1, 1], or as uint8; each carries the stream cursor
             lambda src: self._batch(src, worker, report),
         ]
         it = stages[0]
@@ -195,22 +198,26 @@ class _Stream(IterableDataset):
                 continue
             if buf is None:
                 h, w, c = image.shape
-                buf, slot = batch_buffer(self.ring, worker, seq, batch_nbytes(self.B, c, h, w), in_worker)
-                views = batch_views(buf, self.B, (c, h, w))
+                dtype = torch.uint8 if self.uint8 else torch.float32
+                buf, slot = batch_buffer(self.ring, worker, seq, batch_nbytes(self.B, c, h, w, dtype), in_worker,
+                                         self.pin)
+                views = batch_views(buf, self.B, (c, h, w), dtype)
                 out, labels, indices = (v.numpy() for v in views)
-                if stage is None or stage.shape != out.shape:
+                if not self.uint8 and (stage is None or stage.shape != out.shape):
                     stage = np.empty(out.shape, np.uint8)
                 n = 0
-            elif image.shape != (stage.shape[2], stage.shape[3], stage.shape[1]):
+            elif image.shape != (out.shape[2], out.shape[3], out.shape[1]):
                 report.sample_failed(sl.raw, f"image shape {image.shape} differs from the batch's (H, W, C)")
                 continue
-            # HWC -> CHW into a uint8 batch, scaled into the batch's buffer once it is full: one numpy pass
-            # per batch instead of two per sample (the per-call overhead is most of their cost at 32x32)
-            stage[n] = image.transpose(2, 0, 1)
+            # HWC -> CHW into a uint8 batch (the batch itself when it travels as uint8), scaled into the batch's
+            # buffer once it is full: one numpy pass per batch instead of two per sample (the per-call overhead
+            # is most of their cost at 32x32)
+            (out if self.uint8 else stage)[n] = image.transpose(2, 0, 1)
             labels[n], indices[n] = label, index
             n += 1
             if n == self.B:
-                to_unit_range(stage, out)
+                if not self.uint8:
+                    to_unit_range(stage, out)
                 meta = {"_worker": worker, "_cursor": sl.cursor,
                         "_skipped": (report.skipped_samples, report.skipped_shards)}
                 yield {**pack(views, buf, slot, seq, in_worker), **meta}
@@ -220,12 +227,18 @@ class _Stream(IterableDataset):
 class StreamingLoader:
     """Per-rank loader; infinite iteration; state_dict() is the position of the next batch the consumer gets."""
 
-    def __init__(self, cfg: DataConfig, *, batch_size: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, cfg: DataConfig, *, batch_size: int, rank: int = 0, world_size: int = 1,
+                 uint8: bool = False, pin_memory: bool = False):
+        """``uint8``: batch["image"] stays uint8 in [0, 255] (a quarter of the bytes; the consumer scales it with
+        ``pipeline.data.decode.unit_range``, as the trainer does on its device). ``pin_memory``: batches arrive in
+        page-locked memory (where CUDA is present), so their copy to the GPU does not hold the host."""
         if batch_size <= 0:
             raise ValueError(f"batch_size={batch_size} must be > 0 (the per-rank micro batch)")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
         self.cfg, self.batch_size, self.rank, self.world_size = cfg, batch_size, rank, world_size
+        self.uint8, self.pin_memory = uint8, pin_memory
+        self._dtype = torch.uint8 if uint8 else torch.float32
         self.K = max(1, cfg.num_workers)
         exact = cfg.mode == "exact"
         self.shardset = resolve_shards(cfg.shards, cfg.split, need_counts=exact, manifest=cfg.manifest)
@@ -375,11 +388,13 @@ class StreamingLoader:
         size, channels = self.shardset.image_size, self.shardset.channels
         if self.cfg.num_workers == 0 or not size or not channels:
             return None
-        return create_ring(self.K, self.cfg.prefetch_factor, batch_nbytes(self.batch_size, channels, size, size))
+        return create_ring(self.K, self.cfg.prefetch_factor,
+                           batch_nbytes(self.batch_size, channels, size, size, self._dtype))
 
     def _dataset(self, ring: Ring | None = None) -> _Stream:
         return _Stream(self.shardset, self.cfg, self.batch_size, self.rank, self.world_size,
-                       list(self._cursors), rotation=self._batches % self.K, plan=self.plan, ring=ring)
+                       list(self._cursors), rotation=self._batches % self.K, plan=self.plan, ring=ring,
+                       uint8=self.uint8, pin=self.pin_memory)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:
@@ -397,7 +412,7 @@ class StreamingLoader:
             try:
                 for batch in source:
                     worker = batch.pop("_worker")
-                    unpack(batch, worker, ring, self.batch_size)
+                    unpack(batch, worker, ring, self.batch_size, self._dtype, self.pin_memory)
                     self._cursors[worker] = tuple(batch.pop("_cursor"))
                     self._skipped[worker] = tuple(batch.pop("_skipped"))
                     self._batches += 1

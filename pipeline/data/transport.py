@@ -43,16 +43,17 @@ def _ring_slots(prefetch_factor: int) -> int:
     return prefetch_factor + 2
 
 
-def batch_nbytes(batch_size: int, c: int, h: int, w: int) -> int:
+def batch_nbytes(batch_size: int, c: int, h: int, w: int, dtype: torch.dtype = torch.float32) -> int:
     """Bytes of one batch's buffer [labels | indices | image]."""
-    n = 16 * batch_size + 4 * batch_size * c * h * w
+    n = 16 * batch_size + dtype.itemsize * batch_size * c * h * w
     return -(-n // 64) * 64  # rows of a ring start 64-byte aligned
 
 
-def batch_views(buf: torch.Tensor, batch_size: int, chw: tuple[int, int, int]) -> tuple[torch.Tensor, ...]:
-    """(image float32 (B, C, H, W), label int64 (B,), index int64 (B,)) sharing one uint8 buffer."""
+def batch_views(buf: torch.Tensor, batch_size: int, chw: tuple[int, int, int],
+                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+    """(image ``dtype`` (B, C, H, W), label int64 (B,), index int64 (B,)) sharing one uint8 buffer."""
     b8 = 8 * batch_size
-    image = buf[2 * b8:2 * b8 + 4 * batch_size * math.prod(chw)].view(torch.float32).view(batch_size, *chw)
+    image = buf[2 * b8:2 * b8 + dtype.itemsize * batch_size * math.prod(chw)].view(dtype).view(batch_size, *chw)
     return image, buf[:b8].view(torch.int64), buf[b8:2 * b8].view(torch.int64)
 
 
@@ -63,8 +64,10 @@ def create_ring(workers: int, prefetch_factor: int, nbytes: int) -> Ring | None:
     return Ring.create(workers, _ring_slots(prefetch_factor), nbytes)
 
 
-def batch_buffer(ring: Ring | None, worker: int, seq: int, nbytes: int, in_worker: bool) -> tuple[torch.Tensor, int]:
-    """Where batch `seq` of this worker is written: (uint8 buffer, ring slot or -1)."""
+def batch_buffer(ring: Ring | None, worker: int, seq: int, nbytes: int, in_worker: bool,
+                 pin: bool = False) -> tuple[torch.Tensor, int]:
+    """Where batch `seq` of this worker is written: (uint8 buffer, ring slot or -1); ``pin``: in page-locked
+    memory, when written in the training process itself (a worker never touches CUDA)."""
     if in_worker and ring is not None and ring.buf.shape[2] >= nbytes:
         slots = ring.buf.shape[1]
         # Slot seq % slots last held batch seq - slots. The DataLoader asks a worker for batch j only
@@ -76,7 +79,7 @@ def batch_buffer(ring: Ring | None, worker: int, seq: int, nbytes: int, in_worke
                 raise RuntimeError("the training process exited; stopping this loader worker")
             time.sleep(0.0002)
         return ring.buf[worker, seq % slots, :nbytes], seq % slots
-    buf = torch.empty(nbytes, dtype=torch.uint8)
+    buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin and not in_worker)
     if in_worker:
         buf.share_memory_()  # filled in place: the DataLoader then sends it without a copy
     return buf, -1
@@ -92,16 +95,22 @@ def pack(views: tuple[torch.Tensor, ...], buf: torch.Tensor, slot: int, seq: int
     return {"_buf": buf, "_shape": chw}  # one shared-memory tensor per batch: one file descriptor, not three
 
 
-def unpack(batch: dict[str, Any], worker: int, ring: Ring | None, batch_size: int) -> None:
-    """A worker's batch -> image/label/index tensors (in place); frees its ring slot."""
+def unpack(batch: dict[str, Any], worker: int, ring: Ring | None, batch_size: int,
+           dtype: torch.dtype = torch.float32, pin: bool = False) -> None:
+    """A worker's batch -> image/label/index tensors (in place); frees its ring slot. ``pin``: the tensors end in
+    page-locked memory (one copy out of the ring slot, as without), so a non_blocking copy to a GPU is a real
+    asynchronous DMA; torch's caching host allocator keeps a block until the copies reading it are done."""
     if "_slot" in batch:
         assert ring is not None
         chw = batch.pop("_shape")
-        src = ring.buf[worker, batch.pop("_slot"), :batch_nbytes(batch_size, *chw)]
-        buf = src.clone()  # the consumer may keep the batch; the slot is reused
+        src = ring.buf[worker, batch.pop("_slot"), :batch_nbytes(batch_size, *chw, dtype)]
+        buf = torch.empty(src.shape, dtype=src.dtype, pin_memory=pin)  # the consumer may keep the batch;
+        buf.copy_(src)  # the slot is reused
         ring.done[worker] = batch.pop("_seq") + 1
     elif "_buf" in batch:
         buf, chw = batch.pop("_buf"), batch.pop("_shape")
+        if pin:
+            buf = buf.pin_memory()
     else:
         return
-    batch["image"], batch["label"], batch["index"] = batch_views(buf, batch_size, chw)
+    batch["image"], batch["label"], batch["index"] = batch_views(buf, batch_size, chw, dtype)

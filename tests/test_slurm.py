@@ -1,10 +1,11 @@
 """The SLURM job scripts against a real two-node SLURM (slurmctld + two slurmd on 127.0.0.1), on CPU.
 
 The first tests need only the cluster harness (tests/helpers/slurm.py); the end-to-end ones submit
-launch/slurm/train.sbatch, evaluate.sbatch and sweep.sbatch with DDPM_CPU=1 (gloo, one process per node)
-on the bundled digits, with an MLflow SQLite store in a temporary folder. The nodes have 2 CPUs each, so
-every training job asks for --cpus-per-task=1 (train.sbatch's default is 8), except where the test is
-about the data workers that --cpus-per-task gives.
+launch/slurm/train.sbatch, evaluate.sbatch and sweep.sbatch with DDPM_CPU=1 (gloo, one process per node;
+the evaluation after the preemption in two) on the bundled digits, with an MLflow SQLite store in a temporary
+folder. The nodes have 2 CPUs each, so every training job asks for --cpus-per-task=1 (train.sbatch's default
+is 24), except where the test is about the data workers that --cpus-per-task gives, and an evaluation job for
+one CPU per process (evaluate.sbatch's default is 8).
 """
 
 from __future__ import annotations
@@ -147,17 +148,24 @@ def meta(out_dir: Path, step: int) -> dict:
     return json.loads((out_dir / f"step-{step:08d}" / "meta.json").read_text())
 
 
+# A small evaluation: batches of 16 so that two processes share both the sampling and bits/dim's 2 batches.
+EVAL_OVERRIDES = ["eval.num_samples=50", "eval.steps=5", "eval.bpd_timesteps=4", "eval.bpd_max_images=32",
+                  "eval.batch_size=16"]
+
+
 def submit_train_and_eval(slurm, shards: Path, tmp_path: Path, total: int, every: int, dependency: str,
-                          eval_args: list[str]) -> tuple[int, int]:
+                          eval_args: list[str], eval_processes: int = 1) -> tuple[int, int]:
     """A 2-node training job (out_dir tmp_path/run, log train.out) and an evaluate.sbatch job (log eval.out,
-    a small evaluation) submitted with --dependency=<dependency>:<training job>."""
+    EVAL_OVERRIDES, `eval_processes` CPU processes with a CPU each) submitted with
+    --dependency=<dependency>:<training job>."""
     env = job_env(tmp_path)
     job = slurm.sbatch(train_args(shards, tmp_path / "run", total, every),
                        options=["-N2", ONE_CPU, f"--output={tmp_path / 'train.out'}"], env=env, cwd=REPO)
     eval_job = slurm.sbatch(
-        [EVAL_SBATCH, *eval_args, "eval.num_samples=50", "eval.steps=5", "eval.bpd_timesteps=4",
-         "eval.bpd_max_images=32"],
-        options=[f"--dependency={dependency}:{job}", f"--output={tmp_path / 'eval.out'}"], env=env, cwd=REPO)
+        [EVAL_SBATCH, *eval_args, *EVAL_OVERRIDES],
+        options=[f"--dependency={dependency}:{job}", f"--cpus-per-task={eval_processes}",
+                 f"--output={tmp_path / 'eval.out'}"],
+        env=env | {"GPUS_PER_NODE": str(eval_processes)}, cwd=REPO)
     return job, eval_job
 
 
@@ -215,15 +223,16 @@ def test_two_node_deepspeed_zero2_job_trains_and_checkpoints(slurm, digits_shard
 
 
 def test_preemption_requeues_resumes_into_the_same_run_then_evaluation_follows(
-        slurm, digits_shards, tmp_path):
+        slurm, digits_shards, tmp_path, one_thread):  # one_thread: the in-process evaluation beside the jobs
     pytest.importorskip("pipeline.train.loop", exc_type=ModuleNotFoundError)
-    pytest.importorskip("evaluation.evaluate", exc_type=ModuleNotFoundError)
+    evaluate = pytest.importorskip("evaluation.evaluate", exc_type=ModuleNotFoundError).evaluate
     from mlflow.tracking import MlflowClient
 
     total, every = 200, 20  # the preemption lands well before the end, however fast the steps
     out_dir, log, eval_log, env = tmp_path / "run", tmp_path / "train.out", tmp_path / "eval.out", job_env(tmp_path)
+    ckpt = out_dir / f"step-{total:08d}"
     job, eval_job = submit_train_and_eval(slurm, digits_shards, tmp_path, total, every, "afterok",
-                                          ["--checkpoint", str(out_dir / f"step-{total:08d}")])
+                                          ["--checkpoint", str(ckpt)], eval_processes=2)
 
     # Preempt once the training loop runs (its first checkpoint is written).
     wait_for(lambda: complete_steps(out_dir), 150, "the first checkpoint")
@@ -258,15 +267,28 @@ def test_preemption_requeues_resumes_into_the_same_run_then_evaluation_follows(
     assert loss_steps[0] <= preempt_step < loss_steps[-1] == total
     assert client.get_run(final["mlflow_run_id"]).info.status == "FINISHED"
 
-    # The evaluation job ran only after the training job completed, and logged into that run.
+    # The same evaluation in this process, one process, while the job evaluates with two.
+    one = evaluate(ckpt, EVAL_OVERRIDES, log_to_run=False, out_dir=str(tmp_path / "one"))
+
+    # The evaluation job ran only after the training job completed, in 2 processes, and logged into that run.
     eval_info = slurm.wait_done(eval_job, timeout_s=180)
-    assert (eval_info["JobState"], eval_info["ExitCode"]) == ("COMPLETED", "0:0"), eval_log.read_text()[-3000:]
+    text = eval_log.read_text()
+    assert (eval_info["JobState"], eval_info["ExitCode"]) == ("COMPLETED", "0:0"), text[-3000:]
     assert eval_info["StartTime"] >= info["EndTime"]  # ISO timestamps compare as strings
+    assert "2 CPU processes (gloo) (accelerate launch)" in text and "on 2 processes" in text, text[-3000:]
+    provenance = json.loads((out_dir / "eval" / f"step-{total:08d}" / "provenance.json").read_text())
+    assert (provenance["world_size"], one.provenance["world_size"]) == (2, 1)
+    assert provenance["bpd"]["num_images"] == one.provenance["bpd"]["num_images"] == 32
     run = client.get_run(final["mlflow_run_id"])
     fid_keys = [k for k in run.data.metrics if k.startswith("eval/fid")]
     assert fid_keys, sorted(run.data.metrics)
     assert [m.step for m in client.get_metric_history(run.info.run_id, fid_keys[0])] == [total]
     assert run.data.metrics[fid_keys[0]] > 0
+    # The figures of one process (tests/test_evaluate.py's tolerances): the same images, their features
+    # extracted in other batches (FID equal up to float rounding); bits/dim's per-image terms are the same.
+    assert run.data.metrics[fid_keys[0]] == pytest.approx(one.metrics[fid_keys[0]], rel=1e-6)
+    assert (run.data.metrics["eval/bpd"], run.data.metrics["eval/bpd_se"]) == \
+        (one.metrics["eval/bpd"], one.metrics["eval/bpd_se"])
 
 
 def test_preempted_two_node_job_requeued_onto_one_node_finishes_the_epoch_with_each_sample_once(

@@ -20,7 +20,10 @@ overrides apply on top, e.g. ``eval.*`` or ``data.shards``) and the MLflow run (
 which FID/KID/bits-per-dim are logged at the checkpoint's step with the protocol as tags
 (docs/tracking.md), with two grids side by side: ``grid.png`` (the first eval.grid_images samples) and
 ``real.png`` (as many real images of the reference split), enlarged to at least 256 px wide. Only files
-are read from the checkpoint: the training job is never waited for.
+are read from the checkpoint: the training job is never waited for. What a checkpoint carries never runs or
+fetches anything by itself (docs/security.md): a ``pipe:`` command or URL in its ``data.shards`` /
+``data.manifest`` is used only when given again on the command line, and a tracking server in its meta.json is
+logged into only when ``tracking.uri=`` or ``$MLFLOW_TRACKING_URI`` names it (else ``--no-log``).
 
 Refused before sampling (exit 2): eval.feature_extractor=digits for data other than the digits net's own
 (8x8 grey, 10 classes: evaluation/digits_net.py), and a clean-fid reference of another resolution than
@@ -53,6 +56,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import torch
@@ -123,7 +127,7 @@ def read_checkpoint(path: str | Path, overrides: list[str] | tuple[str, ...] = (
     a complete checkpoint folder; ``announce`` prints (rank 0) what the protocol set or left to the overrides."""
 
     ckpt = open_checkpoint(path)
-    cfg, lines = apply_protocol(ckpt.config(overrides), overrides)
+    cfg, lines = apply_protocol(ckpt.config_to_run(overrides), overrides)
     for line in lines if announce and dist.is_main() else []:
         print(line, flush=True)
     return cfg, ckpt.meta
@@ -148,7 +152,10 @@ def checkpoint_of(path: str | Path) -> tuple[Path, str]:
             f"training to write one, or evaluate each one as it is written with --watch {path}"
         )
     for ckpt in reversed(found):
-        problems = Checkpoint(ckpt).verify(list(EVALUATED_FILES))
+        try:
+            problems = Checkpoint(ckpt).verify(list(EVALUATED_FILES))
+        except CheckpointError as exc:  # an unreadable meta.json, or one naming files outside the folder
+            problems = [str(exc)]
         if not problems:
             return ckpt, (f"{path} is a run folder; evaluating its newest complete checkpoint {path / ckpt.name}")
         print(f"{path / ckpt.name} fails verification: {problems[0]}; trying the next older one", file=sys.stderr)
@@ -462,6 +469,8 @@ def evaluate(ckpt: str | Path, overrides: list[str] | tuple[str, ...] = (), *, s
 
     ckpt = Path(ckpt)
     cfg, meta = read_checkpoint(ckpt, overrides, announce=True)
+    if log_to_run:
+        logging_target(meta, ckpt, overrides)  # before any work: a server it may not log into is refused now
     e = cfg.eval
     step = int(meta["step"])
     classifier_fits = check_fits(cfg)  # every rank, before any work: a refusal costs nothing
@@ -545,7 +554,7 @@ def evaluate(ckpt: str | Path, overrides: list[str] | tuple[str, ...] = (), *, s
     result = EvalResult(step, metrics, provenance, str(out), classifier=classifier, grids=grids,
                         real_grid_note=real_note)
     if log_to_run:
-        result.logged_to_run = _log(cfg, meta, ckpt, result)
+        result.logged_to_run = _log(cfg, meta, ckpt, result, overrides)
     return result
 
 
@@ -568,13 +577,35 @@ def protocol_tags(ext: str, provenance: dict[str, Any]) -> dict[str, str]:
     return {f"fid_protocol.{ext}.{k}": str(provenance[k]) for k in keys}
 
 
-def _log(cfg: Config, meta: dict, ckpt: Path, result: EvalResult) -> str | None:
-    """Into the training run at the checkpoint's step; returns the run id, or None when nothing was logged."""
-
+def logging_target(meta: dict, ckpt: Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[str | None, str | None]:
+    """(run id, tracking URI) of the training run the checkpoint names (meta.json, else the run file beside it).
+    A server (http(s)://, databricks, a database URL) recorded there is used only when the user names it too
+    (``tracking.uri=`` or $MLFLOW_TRACKING_URI): the figures, and this environment's MLFLOW_TRACKING_*
+    credentials, never go to a server a checkpoint from elsewhere chose (EvaluationError)."""
     run_id, uri = meta.get("mlflow_run_id"), meta.get("mlflow_tracking_uri")
     if not run_id:  # saved before its run existed: the training records the run beside its checkpoints too
         recorded = read_run_file(ckpt.parent)
         run_id, uri = (recorded["run_id"], recorded["tracking_uri"]) if recorded else (None, uri)
+    if not run_id or not uri:
+        return None, None
+    named = {o.split("=", 1)[1].strip() for o in overrides if o.split("=", 1)[0].strip() == "tracking.uri"}
+    named.add(os.environ.get("MLFLOW_TRACKING_URI", ""))
+    local = urlsplit(str(uri)).scheme in ("file", "sqlite") or ("://" not in str(uri)
+                                                              and not str(uri).startswith("databricks"))
+    if not local and str(uri).rstrip("/") not in {n.rstrip("/") for n in named if n}:
+        raise EvaluationError(
+            f"{ckpt} names the MLflow run {run_id} on {uri}: evaluate sends its figures (with this environment's "
+            f"MLFLOW_TRACKING_* credentials) only to a server you name: add tracking.uri={uri} (or set "
+            "MLFLOW_TRACKING_URI) if you trust it, or --no-log"
+        )
+    return str(run_id), str(uri)
+
+
+def _log(cfg: Config, meta: dict, ckpt: Path, result: EvalResult,
+         overrides: list[str] | tuple[str, ...] = ()) -> str | None:
+    """Into the training run at the checkpoint's step; returns the run id, or None when nothing was logged."""
+
+    run_id, uri = logging_target(meta, ckpt, overrides)
     if not run_id or not uri:
         print(f"note: {ckpt}/meta.json names no MLflow run (tracking was off); figures are in {result.out_dir}")
         return None
@@ -772,13 +803,15 @@ def _watch(a: argparse.Namespace) -> int:
 
     def evaluate_fn(ckpt: Path) -> EvalResult | None:
         cfg, meta = read_checkpoint(ckpt, a.overrides)  # now: keep-k may delete the folder before the report
+        if not a.no_log:
+            logging_target(meta, ckpt, a.overrides)
         read[int(meta["step"])] = (ckpt, cfg, meta)
         return evaluate(ckpt, a.overrides, log_to_run=False)
 
     def report_fn(r: EvalResult) -> None:
         ckpt, cfg, meta = read.pop(r.step)
         if not a.no_log:
-            r.logged_to_run = _log(cfg, meta, ckpt, r)
+            r.logged_to_run = _log(cfg, meta, ckpt, r, a.overrides)
         print(format_result(r), flush=True)
 
     stopped = watch(a.watch, evaluate_fn, report_fn=report_fn, poll_s=a.poll_s, ledger=a.ledger, once=a.once,

@@ -60,6 +60,7 @@ from pipeline.checkpoint.manager import CheckpointManager
 from pipeline.checkpoint.weights import WEIGHTS_HELP, LoadedUNet, load_unet, unet_with
 from pipeline.config import CheckpointConfig, DiffusionConfig, ModelConfig, load_config
 from pipeline.data.manifest import sha256_file
+from pipeline.files import JSON_MAX_BYTES, SAFETENSORS_HEADER_MAX_BYTES, check_safetensors_header, read_json
 from pipeline.model import interop
 from pipeline.model.diffusion import Diffusion
 from pipeline.model.unet import UNet
@@ -178,7 +179,7 @@ def _locate(src: Path) -> tuple[Path, Path]:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        data = read_json(path, max_bytes=JSON_MAX_BYTES, what="diffusers config")
     except (OSError, ValueError) as exc:
         raise EvaluationError(f"{path} cannot be read as JSON ({exc})") from None
     if not isinstance(data, dict):
@@ -199,6 +200,7 @@ def _read_unet_weights(unet_dir: Path) -> tuple[dict[str, torch.Tensor], Path]:
     st, bin_ = unet_dir / "diffusion_pytorch_model.safetensors", unet_dir / "diffusion_pytorch_model.bin"
     try:
         if st.is_file():
+            check_safetensors_header(st, max_header_bytes=SAFETENSORS_HEADER_MAX_BYTES, what="UNet2DModel")
             return load_file(str(st)), st
         if bin_.is_file():
             return torch.load(bin_, map_location="cpu", weights_only=True), bin_

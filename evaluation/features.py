@@ -3,12 +3,16 @@
 An extractor maps uint8 images (N, C, H, W) to features (N, D) and carries its provenance: its name,
 the SHA-256 of its weights and how images are resized before it. The Inception path is clean-fid's own
 code (its TorchScript InceptionV3 wrapper, its per-mode resizers, its batch feature function); what is
-ours is loading the weights from a file the user names and a clear error when they cannot be had.
+ours is where the weights are looked up (a per-user cache or a file the user names, never a shared /tmp),
+their pinned sha256, checked before torch.jit.load, and a clear error when they cannot be had.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import pickle
+import shutil
 import tempfile
 import urllib.error
 from dataclasses import dataclass
@@ -29,6 +33,10 @@ from pipeline.cli import InputError
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_NAME = "inception-v3-2015-12-05"
+# The sha256 a weights file must have before torch.jit.load reads it. clean-fid ships no digest; this is the one
+# k-diffusion pins for the same download (crowsonkb/k-diffusion, k_diffusion/evaluation.py:
+# InceptionV3FeatureExtractor checks clean-fid's inception_url against it), 95,607,719 bytes.
+PINNED_SHA256 = {INCEPTION_FILE: "f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e958f4"}
 
 # How clean-fid's modes resize (cleanfid/resize.py, cleanfid/features.py); recorded with every figure.
 RESIZE_MODES = {
@@ -135,41 +143,86 @@ OFFLINE_ALTERNATIVES = ("Without it: eval.feature_extractor=none (no FID: the sa
 def _offline_message(url: str, looked_in: str, reason: Any, instead: str) -> str:
     return (
         f"clean-fid's InceptionV3 weights {INCEPTION_FILE} are not in {looked_in} and could not be downloaded "
-        f"from {url} ({reason}). On a machine with network access download that URL, then either put the file "
-        f"at {os.path.join(looked_in, INCEPTION_FILE)} (where clean-fid looks) or pass "
-        f"eval.inception_weights=/path/to/{INCEPTION_FILE}. {instead}"
+        f"from {url} ({reason}). On a machine with network access download that URL (sha256 "
+        f"{PINNED_SHA256[INCEPTION_FILE]}), then either put the file at {os.path.join(looked_in, INCEPTION_FILE)} "
+        f"(where evaluate looks) or pass eval.inception_weights=/path/to/{INCEPTION_FILE}. {instead}"
     )
+
+
+def inception_cache_dir() -> Path:
+    """Where the weights are looked up and downloaded: this user's cache, $XDG_CACHE_HOME/ddpm-pipeline or
+    ~/.cache/ddpm-pipeline. Not clean-fid's /tmp, where on a shared machine anyone can put the file first."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ddpm-pipeline"
+
+
+def _mismatch(path: Path) -> tuple[str, str] | None:
+    """(pinned, actual) sha256 of a weights file that is not the pinned one; None when it is."""
+    expected, actual = PINNED_SHA256[INCEPTION_FILE], digits_net.file_sha256(path)
+    return (expected, actual) if actual != expected else None
+
+
+def _check_pinned(path: Path, url: str, setting: str) -> None:
+    """Refuse a weights file whose sha256 is not the pinned one, before anything reads it as a model."""
+    if wrong := _mismatch(path):
+        expected, actual = wrong
+        raise InceptionWeightsUnavailable(
+            f"{setting}{path} has sha256 {actual}, not that of clean-fid's {INCEPTION_FILE} ({expected}): the file "
+            f"may be truncated or replaced, and is not loaded; delete it and download {url} again (check "
+            f"`sha256sum {INCEPTION_FILE}` says {expected}), or point eval.inception_weights at such a copy"
+        )
 
 
 def inception_weights_file(weights: str = "", *, download_dir: str = "", url: str = "",
                            instead: str = OFFLINE_ALTERNATIVES) -> Path:
-    """The InceptionV3 TorchScript file: the user's path, else clean-fid's cache (downloaded if missing);
-    ``instead``: the offline error's last sentence, what to use without the file."""
+    """The InceptionV3 TorchScript file, its sha256 checked against PINNED_SHA256: the user's path, else the
+    per-user cache (``download_dir`` instead, for tests), downloaded there if missing; ``instead``: the offline
+    error's last sentence, what to use without the file."""
+    url = url or downloads_helper.inception_url
     if weights:
         path = Path(weights).expanduser()
         if not path.is_file():
             raise InceptionWeightsUnavailable(
                 f"eval.inception_weights={weights!r} does not exist; download {INCEPTION_FILE} from "
-                f"{url or downloads_helper.inception_url} and point eval.inception_weights at it"
+                f"{url} and point eval.inception_weights at it"
             )
+        _check_pinned(path, url, "eval.inception_weights=")
         return path
-    # clean-fid keeps the file in the system temp folder (cleanfid/features.py: "/tmp", "./" on Windows)
-    looked_in = download_dir or ("./" if os.name == "nt" else tempfile.gettempdir())
-    url = url or downloads_helper.inception_url
-    path = Path(looked_in) / INCEPTION_FILE
-    if path.is_file():
-        return path
+    looked_in = Path(download_dir) if download_dir else inception_cache_dir()
+    path = looked_in / INCEPTION_FILE
+    if not path.is_file():
+        _download(url, looked_in, instead)
+    _check_pinned(path, url, "")
+    return path
+
+
+def _download(url: str, looked_in: Path, instead: str) -> None:
+    """clean-fid's download into a private folder beside the cache; the file is moved into place only once its
+    sha256 is the pinned one (an interrupted or wrong download never lands where the next run looks)."""
+    try:
+        looked_in.mkdir(parents=True, exist_ok=True, mode=0o700)
+        part = tempfile.mkdtemp(prefix=".download-", dir=looked_in)
+    except OSError as exc:
+        raise InceptionWeightsUnavailable(f"cannot write to the weights' cache {looked_in} ({exc}); set "
+                                          f"XDG_CACHE_HOME or pass eval.inception_weights=/path/to/{INCEPTION_FILE}"
+                                          ) from exc
     saved = downloads_helper.inception_url
     downloads_helper.inception_url = url  # clean-fid reads its module constant; restore it afterwards
     try:
-        return Path(downloads_helper.check_download_inception(fpath=looked_in))
+        got = Path(downloads_helper.check_download_inception(fpath=part))
+        if wrong := _mismatch(got):
+            expected, actual = wrong
+            raise InceptionWeightsUnavailable(
+                f"{url} sent a file with sha256 {actual}, not that of clean-fid's {INCEPTION_FILE} ({expected}); it "
+                f"was not kept. Download it elsewhere, check `sha256sum {INCEPTION_FILE}` says {expected}, and pass "
+                f"eval.inception_weights=/path/to/{INCEPTION_FILE}"
+            )
+        os.replace(got, looked_in / INCEPTION_FILE)
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        if path.is_file() and path.stat().st_size == 0:
-            path.unlink()  # clean-fid opens the file only once the connection is up; never leave an empty one
-        raise InceptionWeightsUnavailable(_offline_message(url, looked_in, getattr(exc, "reason", exc),
+        raise InceptionWeightsUnavailable(_offline_message(url, str(looked_in), getattr(exc, "reason", exc),
                                                            instead)) from exc
     finally:
         downloads_helper.inception_url = saved
+        shutil.rmtree(part, ignore_errors=True)
 
 
 class _InceptionFromFile(InceptionV3W):
@@ -209,8 +262,15 @@ def inception_extractor(
         raise ValueError(f"eval.fid_mode={mode!r} is not a clean-fid mode; choose one of {sorted(RESIZE_MODES)}")
     if mode == "legacy_pytorch":
         # clean-fid imports torchvision (~4 s): only the processes that compute FID pay it
+        import cleanfid.inception_pytorch as pytorch_fid_port
         from cleanfid.features import feature_extractor
 
+        # clean-fid loads pytorch-fid's weights with torch hub's defaults: a full unpickle of whatever file sits in
+        # the hub cache, and a download with no hash check. Weights-only, and the download checked against the
+        # sha256 prefix in the file's name (6726825d), for the length of this call.
+        loads = pytorch_fid_port.load_state_dict_from_url
+        pytorch_fid_port.load_state_dict_from_url = functools.partial(
+            torch.hub.load_state_dict_from_url, weights_only=True, check_hash=True)
         try:
             fn = feature_extractor("pytorch_inception", device=device, use_dataparallel=False)
         except (urllib.error.URLError, OSError) as exc:
@@ -219,15 +279,25 @@ def inception_extractor(
                 f"downloaded ({exc}); use eval.fid_mode=clean or legacy_tensorflow with eval.inception_weights. "
                 f"{instead}"
             ) from exc
+        except (pickle.UnpicklingError, RuntimeError) as exc:  # a file that is not weights, a download of others
+            raise InceptionWeightsUnavailable(
+                f"clean-fid's legacy_pytorch Inception weights in {torch.hub.get_dir()}/checkpoints were refused "
+                f"({str(exc).splitlines()[0]}); delete pt_inception-2015-12-05-6726825d.pth there to download "
+                "it again, or use eval.fid_mode=clean"
+            ) from exc
+        finally:
+            pytorch_fid_port.load_state_dict_from_url = loads
         return FeatureExtractor(
-            # torch hub names the file by its hash prefix; clean-fid does not check it, so we say so
-            "inception-v3-pytorch-fid", "unverified:pt_inception-2015-12-05-6726825d", RESIZE_MODES[mode],
+            # torch hub checks a download against the hash prefix in the file's name; a cached file is loaded
+            # weights-only
+            "inception-v3-pytorch-fid", "sha256-prefix:6726825d", RESIZE_MODES[mode],
             _Callable(fn), mode, device, batch_size, num_workers,
         )  # fmt: skip
     path = inception_weights_file(weights, download_dir=download_dir, url=url, instead=instead)
     model = _InceptionFromFile(path, resize_inside=(mode == "legacy_tensorflow")).to(device)
     return FeatureExtractor(
-        INCEPTION_NAME, digits_net.file_sha256(path), RESIZE_MODES[mode], model, mode, device, batch_size, num_workers
+        INCEPTION_NAME, PINNED_SHA256[INCEPTION_FILE], RESIZE_MODES[mode], model, mode, device, batch_size,
+        num_workers,
     )
 
 

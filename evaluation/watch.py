@@ -47,6 +47,7 @@ from typing import Any, Protocol
 
 from evaluation.errors import EvaluationError
 from pipeline.checkpoint.folder import DONE, complete_checkpoints
+from pipeline.files import JSON_MAX_BYTES, parse_json, read_json
 
 LEDGER_FORMAT = 2  # the summary of done/; format 1 was the single-file ledger, imported on start
 LEGACY_LEDGER_FORMAT = 1
@@ -135,7 +136,7 @@ class Ledger:
         out = {}
         for p in sorted(self.done_dir.glob("step-*.json")):
             try:
-                out[p.stem] = json.loads(p.read_text())
+                out[p.stem] = read_json(p, max_bytes=JSON_MAX_BYTES, what="ledger record")
             except FileNotFoundError:
                 continue  # deleted by hand (to re-evaluate it) after the listing
             except ValueError as exc:
@@ -161,7 +162,7 @@ def _read_summary(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        ledger = json.loads(path.read_text())
+        ledger = read_json(path, max_bytes=JSON_MAX_BYTES, what="ledger")
     except ValueError as exc:
         raise EvaluationError(f"ledger {path} is not valid JSON ({exc}); delete it (the records in "
                               f"{path.with_suffix('.d')}/done/ are kept) or give another --ledger") from exc
@@ -217,7 +218,7 @@ def look(path: Path) -> ClaimFile | None:
     finally:
         os.close(fd)
     try:
-        info = json.loads(raw)
+        info = parse_json(raw, max_bytes=len(raw), what="claim", where=path)
     except ValueError:
         info = {}  # created, not yet written (or its creator was killed in between): judged by its mtime
     return ClaimFile(st.st_ino, st.st_mtime_ns, info if isinstance(info, dict) else {})

@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import GrammarParseError, OmegaConfBaseException
+from omegaconf.grammar.gen.OmegaConfGrammarParser import OmegaConfGrammarParser
+from omegaconf.grammar_parser import parse as parse_interpolation
 
 from pipeline.cli import InputError
 
@@ -377,7 +379,9 @@ class EvalConfig:
     feature_extractor: str = "inception"
     fid_mode: str = "clean"  # clean-fid mode: clean | legacy_pytorch | legacy_tensorflow
     reference: str = "train"  # reference statistics: a split of the data shards, or clean-fid:<name>/<split>/<res>
-    inception_weights: str = ""  # path to inception-2015-12-05.pt where it cannot be downloaded
+    # path to inception-2015-12-05.pt ("" = the per-user cache ~/.cache/ddpm-pipeline, downloaded there if missing);
+    # either way its sha256 must be the pinned one (evaluation/features.py), or it is refused, never loaded
+    inception_weights: str = ""
     bpd_split: str = "test"  # held-out split for bits/dim ("" = skip)
     bpd_timesteps: int = 0  # 0 = exact sum over all T; K > 0 = unbiased estimate from K sampled t
     bpd_max_images: int = 1000  # images of that split used for bits/dim
@@ -523,7 +527,46 @@ def _move_renamed_keys(layer: Any, where: str) -> None:
                       FutureWarning, stacklevel=3)
 
 
-def _wrap(exc: OmegaConfBaseException, where: str) -> ConfigError:
+def _resolvers_in(value: str) -> list[str]:
+    """The resolvers (``oc.env``, ``oc.decode``, any registered one) a string value would call when resolved,
+    found in OmegaConf's own parse of it (nested ones too: ``${a.${oc.env:X}}``)."""
+    try:
+        stack = [parse_interpolation(value)]
+    except GrammarParseError:
+        return []  # not an interpolation OmegaConf can resolve: it says so itself when the config is resolved
+    found = []
+    while stack:
+        node = stack.pop()
+        if isinstance(node, OmegaConfGrammarParser.InterpolationResolverContext):
+            found.append(node.resolverName().getText())
+        stack.extend(getattr(node, "children", None) or [])
+    return found
+
+
+def _refuse_resolvers(layer: Any, where: str) -> None:
+    """ConfigError for a resolver anywhere in one YAML/override layer, before anything resolves it. Resolvers read
+    the environment (``oc.env``) or build values (``oc.decode``), and what they return would be written into
+    config.yaml, the checkpoint and MLflow; plain ``${other.key}`` references stay allowed."""
+    stack = [("", OmegaConf.to_container(layer, resolve=False))]
+    while stack:
+        key, value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend((f"{key}.{k}" if key else str(k), v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((f"{key}[{i}]", v) for i, v in enumerate(value))
+        elif isinstance(value, str) and "${" in value and (names := _resolvers_in(value)):
+            shown = value if len(value) <= 60 else value[:57] + "..."
+            setting = key.split("[")[0]  # a list item is set with its list
+            raise ConfigError(
+                f"{where}: {key}={shown!r} calls the resolver {names[0]}, and resolvers are refused: their value "
+                "(an environment variable's, a decoded one) would be written into config.yaml, the checkpoint and "
+                f"MLflow. Write the value itself (in the file, or on the command line: {setting}=VALUE); secrets "
+                "stay in the environment variables the pipeline reads itself (MLFLOW_TRACKING_URI, "
+                "MLFLOW_TRACKING_USERNAME/PASSWORD, AWS_*), never in the config"
+            )
+
+
+def _wrap(exc: Exception, where: str) -> ConfigError:
     key = getattr(exc, "full_key", None) or ""
     msg = str(exc).split("\n")[0]
     hint = f" (key {key!r})" if key else ""
@@ -545,14 +588,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             layers.append(OmegaConf.load(path))
         except Exception as exc:  # YAML syntax errors come from several libraries
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        _refuse_resolvers(layers[-1], str(path))
         _move_renamed_keys(layers[-1], str(path))
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"overrides must look like key=value (e.g. train.lr=1e-4); got {bad}")
     try:
         layers.append(OmegaConf.from_dotlist(list(overrides)))
-    except OmegaConfBaseException as exc:
+    except Exception as exc:  # OmegaConf's errors, and YAML's for a value that does not parse (key=[1,)
         raise _wrap(exc, "the command-line overrides") from exc
+    _refuse_resolvers(layers[-1], "the overrides")
     _move_renamed_keys(layers[-1], "the overrides")
     merged = schema
     for layer, where in zip(layers, [str(path)] * (path is not None) + ["the overrides"]):
@@ -583,6 +628,7 @@ def to_yaml(cfg: Any) -> str:
 def from_yaml(text: str, cls: type = Config) -> Any:
     """Inverse of to_yaml (used to read the config saved beside a checkpoint)."""
     layer = OmegaConf.create(text)
+    _refuse_resolvers(layer, "a saved config.yaml")
     if cls is Config:
         _move_renamed_keys(layer, "a saved config.yaml")
     merged = OmegaConf.merge(OmegaConf.structured(cls), layer)

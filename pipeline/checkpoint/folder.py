@@ -48,16 +48,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from pipeline.cli import InputError
 from pipeline.config import load_config, to_dict
-from pipeline.data.manifest import sha256_file
+from pipeline.data.manifest import sha256_file, untyped_source
+from pipeline.files import (
+    JSON_MAX_BYTES,
+    LARGE_JSON_MAX_BYTES,
+    SAFETENSORS_HEADER_MAX_BYTES,
+    UnsafeFileError,
+    inside,
+    read_json,
+    safetensors_metadata,
+)
 
 STEP_RE = re.compile(r"^step-(\d{8})$")
 COMPLETE = "COMPLETE"
 DONE = "TRAINING_DONE"
 EMA_FILE = "ema.safetensors"
+DATA_LOCATIONS = ("data.shards", "data.manifest")  # config keys config_to_run takes from the command line only
 META = "meta"  # the part saved as meta.json, together with the manager's step, world_size and model hash
 _MODEL_SECTIONS = ("model", "diffusion")  # what must match for the weights to mean the same thing
 
@@ -129,11 +140,23 @@ def save_weights_file(path: Path, state: dict[str, Any], metadata: dict[str, Any
     save_file(state["weights"], str(path), metadata={k: json.dumps(v) for k, v in extra.items()})
 
 
+def weights_metadata(path: Path) -> dict[str, Any]:
+    """The JSON-decoded metadata of a weights file, its header bounded before it is read (CheckpointError for
+    a header that is too large, cut short, or holds malformed or too deeply nested JSON)."""
+    try:
+        return safetensors_metadata(path, max_header_bytes=SAFETENSORS_HEADER_MAX_BYTES, what="weights file")
+    except UnsafeFileError as exc:
+        raise CheckpointError(f"{exc}; use another checkpoint") from None
+
+
 def load_weights_file(path: Path) -> dict[str, Any]:
     """Inverse of save_weights_file: {"weights": {...}, **metadata}."""
-    with safe_open(str(path), "pt") as f:
-        metadata = f.metadata() or {}
-    return {"weights": load_file(str(path)), **{k: json.loads(v) for k, v in metadata.items()}}
+    metadata = weights_metadata(path)
+    try:
+        weights = load_file(str(path))
+    except SafetensorError as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); use another checkpoint") from None
+    return {"weights": weights, **metadata}
 
 
 def export_ema(path: Path, weights: dict[str, torch.Tensor], cfg: Any, *, step: int) -> None:
@@ -144,8 +167,12 @@ def export_ema(path: Path, weights: dict[str, torch.Tensor], cfg: Any, *, step: 
 def read_ema(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(U-Net state_dict, {"model": {...}, "diffusion": {...}, "step": int}) from an ema.safetensors."""
     state = load_weights_file(Path(path))
-    return state["weights"], {"step": int(state.get("step", -1)), "model": state["model"],
-                              "diffusion": state["diffusion"]}
+    try:
+        return state["weights"], {"step": int(state.get("step", -1)), "model": state["model"],
+                                  "diffusion": state["diffusion"]}
+    except (KeyError, TypeError, ValueError) as exc:  # weights of another program, or tampered metadata
+        raise CheckpointError(f"{path}: its metadata does not describe our U-Net and schedule ({exc!r}); use "
+                              "weights this pipeline wrote") from None
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -173,11 +200,28 @@ class Checkpoint:
                 "still being written); use an older complete step-NNNNNNNN folder"
             )
         try:
-            self.meta: dict[str, Any] = json.loads((self.path / "meta.json").read_text())
+            self.meta: dict[str, Any] = read_json(self.path / "meta.json", max_bytes=JSON_MAX_BYTES, what="meta.json")
             self.step = int(self.meta["step"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            recorded = self.meta.get("sha256", {})
+            if not isinstance(recorded, dict):
+                raise TypeError(f"its sha256 record is a {type(recorded).__name__}, not an object")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CheckpointError(f"{what} {self.path}: meta.json cannot be read ({exc}); use an older "
                                   "complete step-NNNNNNNN folder") from None
+        try:
+            self._check_names(recorded)
+        except UnsafeFileError as exc:
+            raise CheckpointError(f"{what} {self.path} is refused: {exc}; use another checkpoint") from None
+
+    def _check_names(self, recorded: dict[str, Any]) -> None:
+        """Every file name meta.json records is a relative path inside the folder, and no symlink in the folder
+        leads out of it (UnsafeFileError): a tampered meta.json must not make us read, hash or link (the power
+        EMAs' snapshots) a file elsewhere."""
+        for rel in recorded:
+            inside(self.path, rel, what="a file named in meta.json:")
+        for p in self.path.rglob("*"):  # rglob does not descend into symlinked folders; each link is checked
+            if p.is_symlink():
+                inside(self.path, str(p.relative_to(self.path)), what="a file of the checkpoint:")
 
     def verify(self, files: list[str] | None = None) -> list[str]:
         """What is wrong with the files against the sha256 that meta.json recorded ([] = intact).
@@ -234,6 +278,22 @@ class Checkpoint:
         """The resolved config the checkpoint was trained with, ``key=value`` overrides on top."""
         return load_config(self.path / "config.yaml", list(overrides))
 
+    def config_to_run(self, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+        """``config(overrides)`` for a command that reads the data with it (evaluation): the data locations that
+        would run a command or fetch from the network (``pipe:``, URLs) come from the command line, never from
+        config.yaml: evaluating a checkpoint from elsewhere must not run what it carries (CheckpointError)."""
+        cfg = self.config(overrides)
+        given = {o.split("=", 1)[0].strip() for o in overrides}
+        for key in DATA_LOCATIONS:
+            how = untyped_source(getattr(cfg.data, key.split(".")[1]))
+            if how and key not in given:
+                raise CheckpointError(
+                    f"{self.path}/config.yaml sets {key} to {how}: a checkpoint's config never runs a command or "
+                    f"fetches data you did not name. Give the data on the command line ({key}=DIR, or the same "
+                    "value if you trust it)"
+                )
+        return cfg
+
     def ema_names(self) -> list[str]:
         """The EMAs stored here: "" (the primary, ema.safetensors) first, then each ema-<name>.safetensors by name
         (``ema.decays``: ``decay<d>``; ``ema.posthoc.sigma_rels``: ``sigma<s>``; pipeline/train/ema.py)."""
@@ -272,10 +332,10 @@ class Checkpoint:
     def part_state(self, name: str, *, rank: int | None) -> dict[str, Any]:
         """The saved state of part ``name`` (``rank`` for a PerRank part)."""
         if rank is not None:
-            return json.loads((self.path / name / f"rank-{rank}.json").read_text())
+            return read_json(self.path / name / f"rank-{rank}.json", max_bytes=LARGE_JSON_MAX_BYTES, what="state")
         if (self.path / f"{name}.safetensors").is_file():
             return load_weights_file(self.path / f"{name}.safetensors")
-        return json.loads((self.path / f"{name}.json").read_text())
+        return read_json(self.path / f"{name}.json", max_bytes=LARGE_JSON_MAX_BYTES, what="state")
 
     def check_compatible(self, cfg: Any, world_size: int) -> None:
         """Refuse a checkpoint of another model/diffusion config, another global batch size, or ZeRO states of

@@ -268,7 +268,10 @@ class CheckpointManager:
         found = self.complete()
         if not found:
             return f"There is no complete checkpoint in {self.out_dir}."
-        problems = Checkpoint(found[-1]).verify()
+        try:
+            problems = Checkpoint(found[-1]).verify()
+        except CheckpointError as exc:  # its meta.json is unreadable or names files outside it
+            problems = [str(exc)]
         if problems:
             return f"The newest checkpoint, {found[-1]}, fails verification too ({problems[0]})."
         return f"The previous checkpoint, {found[-1]}, is intact (its files match their sha256)."

@@ -24,7 +24,6 @@ algebra, the snapshot files and the synthesis.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -34,12 +33,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
-from pipeline.checkpoint.folder import Checkpoint, CheckpointError, ema_file, ema_name, save_weights_file
+from pipeline.checkpoint.folder import (
+    Checkpoint,
+    CheckpointError,
+    ema_file,
+    ema_name,
+    load_weights_file,
+    save_weights_file,
+    weights_metadata,
+)
 from pipeline.config import SIGMA_REL_MAX, EMAConfig
 from pipeline.data.manifest import sha256_file
+from pipeline.files import UnsafeFileError, inside
 
 POSTHOC_DIR = "posthoc"
 SNAPSHOT_FORMAT = "ddpm-posthoc-snapshot-1"
@@ -176,8 +182,8 @@ def link_or_copy(src: Path, dst: Path) -> None:
 
 
 def file_metadata(path: Path) -> dict[str, Any]:
-    with safe_open(str(path), "pt") as f:
-        return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+    """A weights file's metadata (header bounded, JSON checked: CheckpointError otherwise)."""
+    return weights_metadata(path)
 
 
 # -------------------------------------------------------------------------------- what a checkpoint holds
@@ -205,6 +211,10 @@ def stored_profiles(ckpt: Checkpoint) -> tuple[list[_Profile], int]:
     snaps = []
     folder = ckpt.path / POSTHOC_DIR
     for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        try:  # the snapshot list: files inside the folder only (Checkpoint refuses symlinks out when it opens)
+            inside(ckpt.path, f"{POSTHOC_DIR}/{path.name}", what="a post-hoc snapshot:")
+        except UnsafeFileError as exc:
+            raise CheckpointError(f"{ckpt.path} is refused: {exc}; use another checkpoint") from None
         meta = file_metadata(path)
         key = (float(meta["gamma"]), int(meta["t"]))
         if key not in seen and key[1] > 0:
@@ -246,7 +256,7 @@ def synthesize(ckpt: Checkpoint, sigma_rels: list[float]) -> dict[str, dict[str,
                               "linearly dependent); check the posthoc/ snapshots")
     acc: list[dict[str, torch.Tensor]] = []
     for i, p in enumerate(found):
-        weights = load_file(str(ckpt.path / p.file))
+        weights = load_weights_file(ckpt.path / p.file)["weights"]
         if not acc:
             acc = [{k: torch.zeros(v.shape, dtype=torch.float32) if v.is_floating_point() else v.clone()
                     for k, v in weights.items()} for _ in gammas]

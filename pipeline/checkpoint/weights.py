@@ -37,6 +37,7 @@ from pipeline.checkpoint.folder import (
     ema_file,
     ema_name,
     read_ema,
+    weights_metadata,
 )
 from pipeline.checkpoint.posthoc import (
     classic_sigma_rel,
@@ -219,11 +220,15 @@ def load_unet(source: str | Path | Checkpoint, weights: str = "ema", *, device: 
         state = state if state is not None else state_read
     else:
         ckpt = source if isinstance(source, Checkpoint) else Checkpoint(path)
-        _, meta = read_ema(ckpt.path / EMA_FILE)  # the weights' network and schedule (ema.safetensors describes them)
-        meta["step"] = ckpt.step
+        verify_files(ckpt, [EMA_FILE])  # its metadata describes the weights' network and schedule
+        meta = {**weights_metadata(ckpt.path / EMA_FILE), "step": ckpt.step}
         if state is None:
             state = _state_of(ckpt, weights, ModelConfig(**meta["model"]))
-    model, diffusion = ModelConfig(**meta["model"]), DiffusionConfig(**meta["diffusion"])
+    try:
+        model, diffusion = ModelConfig(**meta["model"]), DiffusionConfig(**meta["diffusion"])
+    except (KeyError, TypeError) as exc:  # a weights file of another program, or a tampered one
+        raise CheckpointError(f"{path}: the weights' metadata does not describe our U-Net and schedule ({exc!r}); "
+                              "use a checkpoint or weights file this pipeline wrote") from None
     if expect is not None and (diffs := network_differences(model, expect)):
         raise CheckpointError(f"{path} holds weights of another network; differing keys: {'; '.join(diffs)}. Set "
                               "those keys to the checkpoint's (its config.yaml)")

@@ -36,14 +36,20 @@ def decode_image(parts: dict[str, bytes], size: int, channels: int, encoding: st
         return np.frombuffer(data, np.uint8).reshape(size, size, channels)
 
     with Image.open(io.BytesIO(data), formats=None if ext != "png" else ("PNG",)) as im:
+        # the size from the header, before any pixel is decoded: a few hundred KiB of PNG can inflate to
+        # gigabytes (docs/security.md). Without a manifest, PIL's own bound (where it only warns) is the limit.
+        width, height = im.size
+        if size and (width, height) != (size, size):
+            raise ValueError(f"image is {width}x{height}, expected {size}x{size} (its header; not decoded)")
+        if not size and Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+            raise ValueError(f"image is {width}x{height}, over {Image.MAX_IMAGE_PIXELS} pixels (its header; not "
+                             "decoded)")
         want = {1: "L", 3: "RGB"}.get(channels)
         if want and im.mode != want:
             im = im.convert(want)
         image = np.asarray(im)
     if image.ndim == 2:
         image = image[:, :, None]
-    if size and image.shape[:2] != (size, size):
-        raise ValueError(f"image is {image.shape[1]}x{image.shape[0]}, expected {size}x{size}")
     return image
 
 

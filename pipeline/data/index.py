@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load, save
 
 from pipeline.data.manifest import ManifestError
+from pipeline.files import INDEX_HEADER_MAX_BYTES, safetensors_header_problem
 
 INDEX_FORMAT = "1"
 DIGEST_BYTES = 32
@@ -83,7 +84,9 @@ def encode(indexes: dict[str, ShardIndex]) -> bytes:
 def decode(data: bytes, counts: dict[str, int], where: str) -> dict[str, ShardIndex]:
     """The shards' indexes from an index file's bytes (already checked against the manifest's sha256),
     each validated against the manifest's sample count; anything else is a ManifestError naming `where`."""
-
+    problem = safetensors_header_problem(data[:8], len(data), INDEX_HEADER_MAX_BYTES, "sample index")
+    if problem:
+        raise ManifestError(f"sample index {where} {problem}; re-run prepare")
     try:
         tensors = load(data)
     except (SafetensorError, ValueError) as exc:

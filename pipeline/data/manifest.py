@@ -19,7 +19,6 @@ copied to object storage, or served over HTTP as a whole.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +27,7 @@ from urllib.request import url2pathname
 
 from pipeline.data import remote
 from pipeline.data.report import DataError
+from pipeline.files import LARGE_JSON_MAX_BYTES, UnsafeFileError, inside, name_problem, parse_json
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -68,6 +68,17 @@ def is_url(path: str) -> bool:
     return "://" in path or path.startswith("pipe:")
 
 
+def untyped_source(spec: str) -> str:
+    """What a data location (data.shards or data.manifest, URLs joined with '::') reaches beyond local files:
+    "the shell command 'pipe:...'", "the URL 's3://...'", or "" (local paths and file: URLs)."""
+    for part in (p.strip() for p in spec.split("::")):
+        if part.startswith("pipe:"):
+            return f"the shell command {part[:80]!r}"
+        if is_url(part) and local_path(part) is None:
+            return f"the URL {part[:80]!r}"
+    return ""
+
+
 def shard_name(url: str) -> str:
     """The file name a shard has in a manifest: the URL's last path part; for `pipe:COMMAND`, that of the
     command's last word naming a .tar (`pipe:aws s3 cp s3://b/train-000000.tar -` -> train-000000.tar)."""
@@ -89,18 +100,25 @@ def join(location: str, name: str) -> str:
     return f"{location.rstrip('/')}/{name}" if is_url(location) else os.path.join(location, name)
 
 
-def read_file(path: str) -> bytes:
+def read_file(path: str, max_bytes: int | None = None) -> bytes:
     """A small file (manifest, index) from a local path or any fsspec URL (object storage: retried, and a
-    missing bucket, wrong endpoint or missing credentials raise remote.RemoteError with one line)."""
+    missing bucket, wrong endpoint or missing credentials raise remote.RemoteError with one line); with
+    ``max_bytes``, at most one byte more than that is read (the caller refuses a longer file)."""
     if is_url(path) and local_path(path) is None:
-
-        return remote.read_bytes(path)
+        return remote.read_bytes(path) if max_bytes is None else remote.read_range(path, 0, max_bytes + 1)
     with open(local_path(path) or path, "rb") as f:
-        return f.read()
+        return f.read() if max_bytes is None else f.read(max_bytes + 1)
 
 
-def _read_text(path: str) -> str:
-    return read_file(path).decode("utf-8")
+def name_in(location: str, name: object, what: str) -> str:
+    """``join(location, name)`` for a name read from the manifest, once it is a plain relative name inside the
+    folder (no '..', no absolute path, no URL; locally, no symlink leading out): UnsafeFileError otherwise."""
+    problem = name_problem(name)
+    if problem:
+        raise UnsafeFileError(f"{what} {problem}; only names inside {location} are read")
+    if (local := local_path(location)) is not None:
+        inside(local, name, what=what)  # a symlink there that leads out
+    return join(location, name)
 
 
 def read_manifest(path_or_dir: str | os.PathLike) -> Manifest:
@@ -110,7 +128,8 @@ def read_manifest(path_or_dir: str | os.PathLike) -> Manifest:
         path = join(path, MANIFEST_NAME)
     location = path.rsplit("/", 1)[0] if is_url(path) else os.path.dirname(os.path.abspath(path))
     try:
-        raw = json.loads(_read_text(path))
+        raw = parse_json(read_file(path, LARGE_JSON_MAX_BYTES), max_bytes=LARGE_JSON_MAX_BYTES, what="manifest",
+                         where=path)
     except FileNotFoundError as exc:
         raise ManifestError(
             f"no manifest at {path}; prepare the data first: python -m pipeline.data.prepare SOURCE --out DIR"
@@ -119,18 +138,23 @@ def read_manifest(path_or_dir: str | os.PathLike) -> Manifest:
         raise  # object storage that cannot be read as configured: its one line says what to set
     except OSError as exc:
         raise ManifestError(f"manifest {path} cannot be read ({type(exc).__name__}: {exc})") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"manifest {path} is not valid JSON ({exc}); re-run prepare") from exc
-    if raw.get("format") != FORMAT_VERSION:
-        raise ManifestError(f"manifest {path} has format {raw.get('format')!r}; this code reads format {FORMAT_VERSION}")
+    except UnsafeFileError as exc:
+        raise ManifestError(f"manifest {exc}; re-run prepare") from None
+    found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+    if found != FORMAT_VERSION:
+        raise ManifestError(f"manifest {path} has format {found!r}; this code reads format {FORMAT_VERSION}")
     try:
         splits = {
             name: [
-                Shard(join(location, s["name"]), s["name"], int(s["num_samples"]), s.get("sha256", ""))
+                Shard(name_in(location, s["name"], "a shard name"), s["name"], int(s["num_samples"]),
+                      s.get("sha256", ""))
                 for s in split["shards"]
             ]
             for name, split in raw["splits"].items()
         }
+        for split in raw["splits"].values():
+            if isinstance(split.get("index"), dict):  # the sample index beside it (pipeline.data.shards.attach_index)
+                name_in(location, split["index"].get("name"), "a sample index name")
         for name, split in raw["splits"].items():
             total = sum(s.num_samples for s in splits[name])
             if total != split["num_samples"]:
@@ -146,8 +170,14 @@ def read_manifest(path_or_dir: str | os.PathLike) -> Manifest:
             splits=splits,
             raw=raw,
         )
-    except (KeyError, TypeError) as exc:
+    except UnsafeFileError as exc:
+        raise ManifestError(f"manifest {path} is refused: {exc}; re-run prepare") from None
+    except DataError:
+        raise
+    except KeyError as exc:
         raise ManifestError(f"manifest {path} lacks field {exc}; re-run prepare") from exc
+    except (TypeError, AttributeError, ValueError) as exc:  # a field of the wrong type
+        raise ManifestError(f"manifest {path} is malformed ({type(exc).__name__}: {exc}); re-run prepare") from exc
 
 
 def sha256_file(path: str, chunk_bytes: int = 1 << 20) -> str:

@@ -39,7 +39,7 @@ from pipeline.data.index import ShardIndex, index_name, shard_index
 from pipeline.data.index import encode as encode_index
 from pipeline.data.manifest import FORMAT_VERSION, MANIFEST_NAME, is_url, join, sha256_file
 from pipeline.data.report import DataError
-from pipeline.data.sources import Source, SourceError, load_item, open_source
+from pipeline.data.sources import MAX_PIXELS, Source, SourceError, item_channels, load_item, open_source
 
 SHARD_RE = re.compile(r"^(train|test)-\d{6}\.tar$")
 INDEX_RE = re.compile(r"^(train|test)-index\.safetensors$")
@@ -84,9 +84,9 @@ def encode(image: np.ndarray, encoding: str) -> bytes:
 
 def _work(args: tuple) -> tuple[bytes | None, str | None]:
     """In a worker process: load, resize, convert and encode one input. Errors are returned, not raised."""
-    kind, item, size, channels, encoding = args
+    kind, item, size, channels, encoding, max_pixels = args
     try:
-        image = load_item(kind, item)
+        image = load_item(kind, item, max_pixels)
         if size:
             image = resize_center_crop(image, size)
         image = to_channels(image, channels)
@@ -163,8 +163,14 @@ def _split_order(source: Source, test_fraction: float, seed: int) -> dict[str, l
 
 
 def _probe_channels(source: Source) -> int:
-    first = load_item(source.kind, source.items[0])
-    return 1 if first.ndim == 2 else 3
+    """The channels of the first input whose header reads (an unreadable one is skipped later, by its worker)."""
+    for item in source.items:
+        try:
+            return item_channels(source.kind, item)
+        except Exception:  # any failure to open one input is that input's problem
+            continue
+    raise PrepareError(f"none of the {len(source.items)} inputs opens as an image (the first: "
+                       f"{source.input_name(0)})")
 
 
 def _ours(name: str) -> bool:
@@ -205,6 +211,7 @@ def prepare(
     strict: bool = False,
     workers: int | None = None,
     progress: bool = True,
+    max_pixels: int = MAX_PIXELS,
 ) -> dict[str, Any]:
     """Write shards and manifest.json into `out`; return the manifest."""
     if encoding not in ("png", "u8"):
@@ -217,6 +224,8 @@ def prepare(
         raise PrepareError(f"--resolution {resolution} must be > 0")
     if not 0.0 <= test_fraction < 1.0:
         raise PrepareError(f"--test-fraction {test_fraction} must lie in [0, 1)")
+    if max_pixels <= 0:
+        raise PrepareError(f"--max-pixels {max_pixels} must be > 0")
     try:
         src = open_source(source)
     except SourceError as exc:
@@ -231,7 +240,7 @@ def prepare(
         raise PrepareError(f"cannot write to {out}: {exc}") from exc
     if not is_url(out):
         return _prepare(src, source, out, resolution, channels, samples_per_shard, test_fraction, seed, encoding,
-                        strict, workers, progress)
+                        strict, workers, progress, max_pixels)
     stage = tempfile.mkdtemp(prefix="prepare-")  # each file is uploaded once complete, then removed here
 
     def upload(path: str) -> None:
@@ -243,14 +252,15 @@ def prepare(
 
     try:
         return _prepare(src, source, stage, resolution, channels, samples_per_shard, test_fraction, seed, encoding,
-                        strict, workers, progress, upload)
+                        strict, workers, progress, max_pixels, upload)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
 
 def _prepare(src: Source, source: str, out: str, resolution: int | None, channels: int | None,
              samples_per_shard: int, test_fraction: float, seed: int, encoding: str, strict: bool,
-             workers: int | None, progress: bool, upload: Callable[[str], None] | None = None) -> dict[str, Any]:
+             workers: int | None, progress: bool, max_pixels: int,
+             upload: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Write the shards, indexes and manifest of `src` (named `source`) into the local folder `out`, handing
     each finished file to `upload` (for an --out URL)."""
     if channels is None:
@@ -267,7 +277,7 @@ def _prepare(src: Source, source: str, out: str, resolution: int | None, channel
             if not indices:
                 continue
             writer = _ShardWriter(out, split, samples_per_shard, encoding, upload)
-            jobs = ((src.kind, src.items[i], resolution, channels, encoding) for i in indices)
+            jobs = ((src.kind, src.items[i], resolution, channels, encoding, max_pixels) for i in indices)
             results = pool.imap(_work, jobs, chunksize=64) if pool else map(_work, jobs)
             bar = tqdm(results, total=len(indices), desc=f"prepare {split}", unit="img", disable=not progress)
             for i, (data, error) in zip(indices, bar):
@@ -275,6 +285,7 @@ def _prepare(src: Source, source: str, out: str, resolution: int | None, channel
                     if strict:
                         raise PrepareError(f"unreadable input {src.input_name(i)}: {error} (without --strict it is skipped and listed in the manifest)")
                     unreadable.append({"input": src.input_name(i), "error": error})
+                    tqdm.write(f"prepare: skipped {src.input_name(i)}: {error}", file=sys.stderr)
                     continue
                 if image_size is None:
                     image_size = _image_size(data, encoding, channels)
@@ -314,6 +325,7 @@ def _prepare(src: Source, source: str, out: str, resolution: int | None, channel
             "test_fraction": test_fraction,
             "seed": seed,
             "encoding": encoding,
+            "max_pixels": max_pixels,
         },
         "num_samples": sum(s["num_samples"] for s in splits.values()),
         "splits": splits,
@@ -357,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--encoding", choices=("png", "u8"), default="png", help="lossless PNG or raw uint8 bytes")
     p.add_argument("--overwrite", action="store_true", help="replace shards and manifest in a non-empty --out")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable input")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                   help="skip (or with --strict, stop at) an image of more pixels, from its header, before it is "
+                        "decoded: a small file can inflate to gigabytes")
     p.add_argument("--workers", type=int, default=0, help="processes for decode/resize/encode (0 = all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
@@ -367,7 +382,7 @@ def _main(a: argparse.Namespace) -> int:
     m = prepare(
         a.source, a.out, resolution=a.resolution, channels=a.channels, samples_per_shard=a.samples_per_shard,
         test_fraction=a.test_fraction, seed=a.seed, encoding=a.encoding, overwrite=a.overwrite,
-        strict=a.strict, workers=a.workers or None, progress=not a.quiet,
+        strict=a.strict, workers=a.workers or None, progress=not a.quiet, max_pixels=a.max_pixels,
     )
     counts = ", ".join(f"{k}: {v['num_samples']} samples in {len(v['shards'])} shards" for k, v in m["splits"].items())
     print(f"wrote {a.out}: {counts}; {m['image_size']}x{m['image_size']}x{m['channels']}, {m['num_classes']} classes")

@@ -6,8 +6,10 @@ unreadable input (prepare records or, with --strict, stops on it).
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +19,9 @@ from PIL import Image
 from pipeline.cli import InputError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+# prepare --max-pixels: larger images are skipped from their header, never decoded (a 284 KiB PNG can hold
+# 10000x10000 pixels, ~1 GB decoded). 8192x8192 admits 60-megapixel photos; decoding one costs up to ~0.5 GB.
+MAX_PIXELS = 8192 * 8192
 
 
 class SourceError(ValueError, InputError):
@@ -32,25 +37,45 @@ class Source:
     class_names: list[str] = field(default_factory=list)
     predefined_split: list[str] | None = None  # "train"/"test" per item where the source has its own split
 
-    def load(self, item: Any) -> np.ndarray:
-        return load_item(self.kind, item)
+    def load(self, item: Any, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+        return load_item(self.kind, item, max_pixels)
 
     def input_name(self, index: int) -> str:
         item = self.items[index]
         return item if isinstance(item, str) else f"{self.kind}[{index}]"
 
 
-def load_item(kind: str, item: Any) -> np.ndarray:
-    """uint8 (H, W) or (H, W, C) for one item of a source of this kind."""
+def load_item(kind: str, item: Any, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """uint8 (H, W) or (H, W, C) for one item of a source of this kind; a file of more than `max_pixels` pixels
+    raises from its header, before it is decoded."""
     if kind != "folder":
         return item  # array sources carry the pixels already
 
-    with Image.open(item) as im:
+    with warnings.catch_warnings():
+        # PIL warns above Image.MAX_IMAGE_PIXELS (and refuses above twice that) as it opens; max_pixels decides
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        im = Image.open(item)
+    with im:
+        width, height = im.size
+        if width * height > max_pixels:
+            raise ValueError(f"{width}x{height} is {width * height} pixels, over --max-pixels {max_pixels}; "
+                             "not decoded")
         im.load()  # decode now so a truncated file raises here, inside the worker
         if im.mode not in ("L", "RGB"):
             # palette, alpha, 16-bit and CMYK images: RGB (alpha is dropped, not composited)
             im = im.convert("RGB")
         return np.asarray(im)
+
+
+def item_channels(kind: str, item: Any) -> int:
+    """1 or 3: what load_item gives for this item (grey stays grey, every other mode becomes RGB), from a file's
+    header only."""
+    if kind != "folder":
+        return 1 if item.ndim == 2 else 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(item) as im:
+            return 1 if im.mode == "L" else 3
 
 
 def _folder(root: str) -> Source:
@@ -78,9 +103,60 @@ def _folder(root: str) -> Source:
     return Source("folder", desc, paths, labels, class_names)
 
 
+# The globals a CIFAR python batch references: numpy's array and dtype and the functions that rebuild them (numpy
+# 1.x and 2.x module names). A batch is a dict of lists, ints, bytes and one uint8 array; nothing else is admitted.
+_CIFAR_GLOBALS = {
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+}
+
+
+def _latin1(text: str, encoding: str) -> bytes:
+    """_codecs.encode as Python 3 writes bytes into a protocol-2 pickle (a re-saved batch), and nothing more."""
+    if not isinstance(text, str) or encoding != "latin1":
+        raise pickle.UnpicklingError(f"_codecs.encode({type(text).__name__}, {encoding!r}) is not how bytes are "
+                                     "pickled")
+    return text.encode("latin1")
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """pickle without code: any global outside _CIFAR_GLOBALS (os.system, builtins.open, ...) is refused before it
+    is looked up, so a crafted batch cannot run anything while it is read."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1
+        if (module, name) in _CIFAR_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it references {module}.{name}, which a CIFAR batch never holds")
+
+
 def _unpickle(path: str) -> dict:
+    """A CIFAR python-version file (pickled by Python 2: encoding='bytes'), read as data only."""
     with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+        data = f.read()  # from memory, a length field past the file's end fails at once instead of allocating
+    try:
+        obj = _CifarUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except Exception as exc:  # a crafted or damaged pickle raises many types; each means "not a CIFAR batch"
+        raise SourceError(f"{path} refused: not a CIFAR python-version file ({type(exc).__name__}: {exc}); "
+                          "download the 'python version' again") from exc
+    if not isinstance(obj, dict):
+        raise SourceError(f"{path} holds a {type(obj).__name__}, not the dict of a CIFAR python-version file; "
+                          "download the 'python version' again")
+    return obj
+
+
+def _cifar_batch(path: str, label_key: bytes) -> tuple[np.ndarray, list[int]]:
+    """(uint8 (N, 3072) rows, N labels) of one batch file, its structure checked."""
+    batch = _unpickle(path)
+    data, labels = batch.get(b"data"), batch.get(label_key)
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072
+            and isinstance(labels, list) and len(labels) == len(data)
+            and all(isinstance(v, (int, np.integer)) for v in labels)):
+        raise SourceError(f"{path} lacks a CIFAR batch's uint8 (N, 3072) {b'data'!r} and N int {label_key!r}; "
+                          "download the 'python version' again")
+    return data, [int(v) for v in labels]
 
 
 def _cifar_rows(data: np.ndarray) -> list[np.ndarray]:
@@ -103,14 +179,19 @@ def _cifar(root: str) -> Source:
     items, labels, split = [], [], []
     for name, files_ in (("train", train_files), ("test", test_files)):
         for f in files_:
-            batch = _unpickle(os.path.join(root, f))
-            rows = _cifar_rows(batch[b"data"])
+            data, batch_labels = _cifar_batch(os.path.join(root, f), label_key)
+            rows = _cifar_rows(data)
             items += rows
-            labels += [int(x) for x in batch[label_key]]
+            labels += batch_labels
             split += [name] * len(rows)
     class_names = []
     if meta_file in files:
-        class_names = [n.decode() for n in _unpickle(os.path.join(root, meta_file))[names_key]]
+        path = os.path.join(root, meta_file)
+        names = _unpickle(path).get(names_key)
+        if not (isinstance(names, list) and all(isinstance(n, bytes) for n in names)):
+            raise SourceError(f"{path} lacks the list of class names {names_key!r}; download the 'python version' "
+                              "again")
+        class_names = [n.decode() for n in names]
     desc = {"kind": kind, "path": os.path.abspath(root)}
     return Source(kind, desc, items, labels, class_names, predefined_split=split)
 

@@ -32,6 +32,7 @@ import fsspec
 from pipeline.config import ConfigError, DataConfig, TrackingConfig
 from pipeline.data.manifest import MANIFEST_NAME, is_url, join, read_manifest
 from pipeline.data.shards import resolve_shards
+from pipeline.files import JSON_MAX_BYTES, read_json
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,7 +44,7 @@ def read_run_file(out_dir: str | os.PathLike) -> dict[str, str] | None:
     """{"run_id", "tracking_uri"} of the training whose out_dir this is, or None (tracking off, or not yet)."""
     path = Path(out_dir) / RUN_FILE
     try:
-        found = json.loads(path.read_text())
+        found = read_json(path, max_bytes=JSON_MAX_BYTES, what="run file")
     except (OSError, ValueError):
         return None
     return found if isinstance(found, dict) and found.get("run_id") and found.get("tracking_uri") else None

@@ -46,7 +46,6 @@ today (older checkpoints resume, other readers keep working); a classic one adds
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -58,6 +57,7 @@ from pipeline import dist
 from pipeline.checkpoint.folder import PRIMARY, ema_name, part_name
 from pipeline.checkpoint.posthoc import link_or_copy, sigma_rel_to_gamma, snapshot_file, write_snapshot
 from pipeline.config import EMAConfig
+from pipeline.files import JSON_MAX_BYTES, read_json
 from pipeline.train.ema_deepspeed import ZeroLayout
 
 
@@ -304,7 +304,7 @@ class _PowerPart(_ClassicPart):
     def attach(self, folder: Path) -> None:
         """Our snapshots are now in ``folder`` (a checkpoint just published, or the one resumed from)."""
         self._home = Path(folder)
-        recorded = json.loads((self._home / "meta.json").read_text()).get("sha256", {})
+        recorded = read_json(self._home / "meta.json", max_bytes=JSON_MAX_BYTES, what="meta.json").get("sha256", {})
         prefix = f"posthoc/{self.name}-step"
         self._known = {rel: digest for rel, digest in recorded.items() if rel.startswith(prefix)}
 

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from pipeline.files import JSON_MAX_BYTES, read_json
+
 # name fragment (lower case, as torch.cuda.get_device_name() spells it) -> dense TFLOP/s by precision
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
     "h200": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},  # H200 SXM (H100 SXM's compute)
@@ -63,7 +65,7 @@ def step_flops_per_image(cfg: Any) -> float:
                                     sort_keys=True).encode()).hexdigest()
     path = _cache_file()
     try:
-        known = json.loads(path.read_text())
+        known = read_json(path, max_bytes=JSON_MAX_BYTES, what="FLOP count cache")
         if isinstance(known.get(key), (int, float)):
             return float(known[key])
     except (OSError, ValueError, AttributeError):

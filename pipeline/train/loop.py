@@ -31,7 +31,6 @@ the AMP mechanism), the EMA update is masked with the same flag, and counters ar
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -52,6 +51,7 @@ from pipeline.data.decode import unit_range
 from pipeline.data.loader import StreamingLoader
 from pipeline.data.report import DataError
 from pipeline.data.sequential import iter_split
+from pipeline.files import JSON_MAX_BYTES, read_json
 from pipeline.geometry import resolve_geometry
 from pipeline.model.diffusion import DDPMLoss, Diffusion
 from pipeline.model.interop import IMPORTED
@@ -292,7 +292,7 @@ def init_from(net: torch.nn.Module, cfg: Config, accelerator: Any) -> None:
     own = ck.complete_checkpoints(cfg.train.out_dir) if resume == "auto" else [] if resume == "none" else [Path(resume)]
     if own:
         try:
-            meta = json.loads((own[-1] / "meta.json").read_text())
+            meta = read_json(own[-1] / "meta.json", max_bytes=JSON_MAX_BYTES, what="meta.json")
         except (OSError, ValueError):
             meta = {}  # the resume says what is wrong with it
         if IMPORTED in meta:

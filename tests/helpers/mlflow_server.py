@@ -3,6 +3,7 @@
     with mlflow_server(tmp_path) as server:
         server.uri            # http://127.0.0.1:PORT
         server.stop()         # the server and its workers are gone when this returns (outage tests)
+    with mlflow_server(tmp_path, admin_password="...") as server:   # --app-name basic-auth, admin user "admin"
 
 It starts in ~12 s on 2 cores, so share one per test module where the tests allow it.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -72,11 +74,14 @@ class MlflowServer:
 
 
 @contextlib.contextmanager
-def mlflow_server(root: str | os.PathLike, *, port: int | None = None,
-                  start_timeout_s: float = 90.0) -> Iterator[MlflowServer]:
+def mlflow_server(root: str | os.PathLike, *, port: int | None = None, start_timeout_s: float = 90.0,
+                  admin_password: str = "") -> Iterator[MlflowServer]:
     """Start ``mlflow server`` with its store under ``root``; wait for /health; always stop it on exit.
 
-    The same ``root`` (and ``port``) again gives the same store back: a server that restarts.
+    The same ``root`` (and ``port``) again gives the same store back: a server that restarts. With
+    ``admin_password``: ``--app-name basic-auth`` as docs/tracking.md sets it up (users in root/basic_auth.db, the
+    admin user ``admin`` created with that password on the first start, a random CSRF key); every request but
+    /health then needs a user's credentials.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -87,16 +92,25 @@ def mlflow_server(root: str | os.PathLike, *, port: int | None = None,
         "--artifacts-destination", str((root / "server-artifacts").resolve()),
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]
-    with serving(cmd, port, root / "mlflow-server.log", start_timeout_s=start_timeout_s) as server:
+    env = {}
+    if admin_password:
+        config = root / "basic_auth.ini"
+        config.write_text("[mlflow]\ndefault_permission = READ\n"
+                          f"database_uri = sqlite:///{(root / 'basic_auth.db').resolve()}\nadmin_username = admin\n")
+        cmd += ["--app-name", "basic-auth"]
+        env = {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password,
+               "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32)}
+    with serving(cmd, port, root / "mlflow-server.log", start_timeout_s=start_timeout_s, env=env) as server:
         yield server
 
 
 @contextlib.contextmanager
-def serving(cmd: list[str], port: int, log_path: Path, *, start_timeout_s: float = 90.0) -> Iterator[MlflowServer]:
-    """Run ``cmd`` (``mlflow server`` or ``mlflow ui`` on 127.0.0.1:``port``) in its own process group until it
-    answers /health; always stop it on exit."""
+def serving(cmd: list[str], port: int, log_path: Path, *, start_timeout_s: float = 90.0,
+            env: dict[str, str] | None = None) -> Iterator[MlflowServer]:
+    """Run ``cmd`` (``mlflow server`` or ``mlflow ui`` on 127.0.0.1:``port``) in its own process group, with ``env``
+    added to its environment, until it answers /health; always stop it on exit."""
     # No job runner: it would add ~7 huey consumer processes and a /dev/shm folder nobody removes.
-    env = dict(os.environ, PYTHONUNBUFFERED="1", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", **(env or {}))
     env.pop("MLFLOW_TRACKING_URI", None)
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True,

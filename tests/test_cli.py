@@ -8,7 +8,6 @@ import argparse
 import importlib
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from pipeline.data.report import CorruptDataError, DataError
 from pipeline.data.sources import SourceError
 from pipeline.model.interop import InteropError
 from pipeline.train.loop import NonFiniteLossError
+from tests.helpers import trainer as h
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -191,8 +191,8 @@ def test_every_command_is_checked_for_both():
 ], ids=["train", "prepare"])
 def test_the_scripts_exit_2_with_one_line(cmd, prefix, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    r = subprocess.run([sys.executable, *(str(REPO / c) if c.endswith(".py") else c for c in cmd)], cwd=tmp_path,
-                       env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
+    r = h.run([sys.executable, *(str(REPO / c) if c.endswith(".py") else c for c in cmd)],
+              {**env, "PYTHONPATH": str(REPO)}, timeout=120, cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(prefix), r.stderr

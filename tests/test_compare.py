@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +13,7 @@ from mlflow.entities import Metric, Param, RunTag
 from PIL import Image
 
 from evaluation.compare import main, metric_keys, render_table
+from tests.helpers import trainer as h
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -160,7 +161,7 @@ def test_cli_merges_two_stores_and_rejects_an_unknown_experiment(store, tmp_path
     _make_run(client, exp, "z", 9_000, params={"optimizer.lr": 0.0003}, metrics={"train/loss": [(5, 2.0)]})
     cmd = [sys.executable, "-m", "evaluation.compare", "--experiment", "cmp", "--tracking-uri", store["uri"],
            "--tracking-uri", uri2, "--out", str(tmp_path / "p")]
-    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    res = h.run(cmd, dict(os.environ), timeout=120)
     assert res.returncode == 0, res.stderr
     table = res.stdout.split("\nwrote ", 1)[0]
     rows = [line.split()[0] for line in table.splitlines()[2:]]
@@ -172,8 +173,8 @@ def test_cli_merges_two_stores_and_rejects_an_unknown_experiment(store, tmp_path
     assert ui == [(store["uri"], MlflowClient(store["uri"]).get_experiment_by_name("cmp").experiment_id),
                   (uri2, exp)], res.stdout
 
-    res = subprocess.run([sys.executable, "-m", "evaluation.compare", "--experiment", "nope", "--tracking-uri",
-                          uri2], cwd=REPO, capture_output=True, text=True, timeout=120)
+    res = h.run([sys.executable, "-m", "evaluation.compare", "--experiment", "nope", "--tracking-uri", uri2],
+                dict(os.environ), timeout=120)
     assert res.returncode == 2
     assert "no runs of experiment 'nope'" in res.stderr
 

@@ -4,12 +4,13 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+
+from tests.helpers import trainer as h
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,8 +31,7 @@ def test_demo_prepares_trains_evaluates_and_logs_into_the_run(tmp_path):
         "eval.kid_subsets=10", "eval.kid_subset_size=32",
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # the project's store, as a user's
-    proc = subprocess.run([sys.executable, "-m", "launch.demo", "--data", str(data), *overrides],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = h.run([sys.executable, "-m", "launch.demo", "--data", str(data), *overrides], env, timeout=600)
     out = proc.stdout
     assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
 

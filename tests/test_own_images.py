@@ -7,7 +7,6 @@ import json
 import re
 import shlex
 import sqlite3
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -219,7 +218,7 @@ def test_the_readme_walk_on_a_folder_of_rgb_images(tmp_path):
         assert argv[0] == ".venv/bin/python"
         argv[0] = PY  # the interpreter running these tests (the README's .venv in CI)
         argv += next((extra for key, extra in WALK_FAST.items() if key in argv), [])
-        r = subprocess.run(argv, cwd=project, env=env(), capture_output=True, text=True, timeout=600)
+        r = run(argv, env(), timeout=600, cwd=project)
         assert r.returncode == 0, f"{command}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
         outputs.append(r.stdout + r.stderr)
 

@@ -280,7 +280,7 @@ def test_deepspeed_config_that_disables_the_nonfinite_check_is_refused(digits, t
     cmd = [h.ACCELERATE, "launch", "--use_deepspeed", "--deepspeed_config_file", str(ds_config),
            "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(h.free_port()),
            "--mixed_precision", "bf16", "--dynamo_backend", "no", *script]
-    r = h.run(cmd, h.launch_env(deepspeed=True))
+    r = h.run(cmd, h.launch_env(deepspeed=True), real=True)
     assert r.returncode == 1, r.stderr[-3000:]  # the launcher's status when its workers fail
     failures = h.torchrun_failures(r.stderr)
     assert failures.keys() == {0, 1}, r.stderr[-3000:]
@@ -323,7 +323,7 @@ def test_deepspeed_checkpoint_with_a_malicious_pickle_is_refused_on_every_rank(d
         (ckpt / "meta.json").write_text(json.dumps(meta))
         r = h.run(h.train_cmd([f"data.shards={digits}", f"train.out_dir={tmp_path}/run", "train.total_steps=4",
                                "train.micro_batch_per_gpu=4", "checkpoint.every_steps=2"], nproc=2,
-                              deepspeed_stage=stage), h.launch_env(deepspeed=True))
+                              deepspeed_stage=stage), h.launch_env(deepspeed=True), real=True)  # torchrun's report
         assert not marker.exists(), f"{rel}: the payload ran"
         codes = {rank: code for rank, (code, _) in h.torchrun_failures(r.stderr).items()}
         assert r.returncode != 0 and 2 in codes.values() and set(codes.values()) <= {2, -signal.SIGTERM}, \

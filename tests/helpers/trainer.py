@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from tests.helpers import zygote
+
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
@@ -99,11 +101,21 @@ def launch_env(multi: bool = False, deepspeed: bool = False, **extra: str) -> di
     return env(ACCELERATE_USE_CPU="1", **extra) if multi else env(**extra)
 
 
-def run(cmd: list[str], environ: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, env=environ, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+def run(cmd: list[str], environ: dict[str, str], timeout: float = 300, cwd: Path = REPO,
+        real: bool = False) -> subprocess.CompletedProcess:
+    """The command's run, as ``subprocess.run`` gives it; a process of ours, or an ``accelerate launch`` of one node,
+    is forked from a pre-imported server (tests/helpers/zygote.py); ``real``: started anew (a test of the launcher
+    itself: torchrun's report of failed workers)."""
+    if not real and zygote.forkable(cmd, cwd):
+        return zygote.run(cmd, environ, cwd, timeout)
+    return subprocess.run(cmd, env=environ, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
-def start(cmd: list[str], environ: dict[str, str], log: Path) -> subprocess.Popen:
+def start(cmd: list[str], environ: dict[str, str], log: Path) -> subprocess.Popen | zygote.Forked:
+    """The command started in a session of its own, stdout and stderr into ``log``; one process of ours is forked
+    (tests/helpers/zygote.py), a launch of several starts anew (the tests find its workers: ``workers``)."""
+    if zygote.forkable(cmd) and not zygote.is_launch(cmd):
+        return zygote.start(cmd, environ, REPO, log)
     f = open(log, "w")  # noqa: SIM115 - closed with the process by the caller's wait
     return subprocess.Popen(cmd, env=environ, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
 

@@ -197,7 +197,7 @@ def test_the_trainers_batches_are_pinned_uint8_and_their_copy_leaves_the_host_fr
 
 
 @pytest.mark.parametrize("tf32", [False, True])
-def test_train_tf32_decides_the_float32_matmul_precision_on_the_gpu(tf32):
+def test_train_tf32_decides_the_float32_matmul_precision_on_the_gpu(tf32):  # and cudnn_benchmark the autotuner
     """train.tf32 (default false: float32 is IEEE float32, as EDM): with it a float32 matmul on an Ampere or
     later GPU rounds its inputs to TF32's 10-bit mantissa (relative error ~1e-3), without it ~1e-6."""
     from pipeline.config import TrainConfig
@@ -206,7 +206,8 @@ def test_train_tf32_decides_the_float32_matmul_precision_on_the_gpu(tf32):
     if torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("TF32 needs an Ampere or later GPU")
     try:
-        apply_numerics(TrainConfig(tf32=tf32))
+        assert apply_numerics(TrainConfig(tf32=tf32, cudnn_benchmark=tf32)) == {"tf32": tf32, "cudnn_benchmark": tf32}
+        assert torch.backends.cudnn.benchmark is tf32  # cuDNN's autotuner follows train.cudnn_benchmark
         g = torch.Generator(device="cuda").manual_seed(0)
         a, b = (torch.randn(1024, 1024, device="cuda", generator=g) for _ in range(2))
         err = ((a @ b).double() - a.double() @ b.double()).abs().max() / (a.double() @ b.double()).abs().max()

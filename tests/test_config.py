@@ -86,7 +86,7 @@ def test_non_finite_numbers_are_refused(key, value):
 
 
 # The geometry that the data of each shipped config that leaves it to the data has (the others set it)
-DATA_GEOMETRY = {"digits": (8, 1), "images32": (32, 3)}
+DATA_GEOMETRY = {"digits": (8, 1), "images32": (32, 3), "images32-cpu": (32, 3)}
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)

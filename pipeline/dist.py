@@ -63,7 +63,7 @@ def init_flag_group(timeout: Any = None) -> None:
     queue with the collectives of that step (the default group's under gloo, the flag group's).
     """
     global _flag_group, _async_group
-    if not is_initialized() or _flag_group is not None:
+    if not is_initialized() or _async_group is not None:  # (under gloo the flag group is the default one: None)
         return
     _flag_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
     _async_group = dist.new_group(backend="gloo", timeout=timeout)

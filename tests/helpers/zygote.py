@@ -26,6 +26,7 @@ import atexit
 import contextlib
 import multiprocessing as mp
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -38,8 +39,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 PRELOAD = ["torch", "numpy", "PIL.Image", "safetensors.torch", "omegaconf", "webdataset", "accelerate",
-           "accelerate.commands.launch", "torch.distributed.run", "deepspeed", "mlflow", "pipeline.config", "pipeline.train.loop", "launch.train", "tests.helpers.faults", "evaluation.evaluate",
-           "evaluation.compare"]
+           "accelerate.commands.launch", "torch.distributed.run", "deepspeed", "mlflow", "pipeline.config",
+           "pipeline.train.loop", "launch.train", "tests.helpers.faults", "evaluation.evaluate", "evaluation.compare"]
 _CONTEXT: Any = None
 
 
@@ -49,8 +50,9 @@ def enabled() -> bool:
 
 def is_launch(cmd: list[str]) -> bool:
     """``accelerate launch`` (this environment's) of one node."""
-    return (len(cmd) > 2 and cmd[0] == ACCELERATE and cmd[1] == "launch"
-            and cmd[cmd.index("--num_machines") + 1] == "1" if "--num_machines" in cmd else False)
+    if len(cmd) < 3 or cmd[:2] != [ACCELERATE, "launch"] or "--num_machines" not in cmd:
+        return False
+    return cmd[cmd.index("--num_machines") + 1] == "1"
 
 
 def forkable(cmd: list[str], cwd: Path = REPO) -> bool:
@@ -149,8 +151,6 @@ def _fork_workers(args: Any) -> None:
     """torchrun's ``run(args)`` for one node, as ``accelerate launch`` calls it: the workers forked from here (a
     fork of the pre-imported server) with the environment torchrun gives them; the first failure stops the others
     (SIGTERM), as torchrun does. Raises _WorkersFailed naming each failed rank."""
-    import signal
-
     nproc, node_rank = int(args.nproc_per_node), int(args.node_rank)
     nnodes = int(str(args.nnodes).split(":")[-1])
     world = nproc * nnodes
@@ -237,14 +237,7 @@ class Forked:
         if self.poll() is None:
             os.kill(self.pid, sig)
 
-    def terminate(self) -> None:
-        import signal
-
-        self.send_signal(signal.SIGTERM)
-
     def kill(self) -> None:
-        import signal
-
         self.send_signal(signal.SIGKILL)
 
 
@@ -256,8 +249,6 @@ def run(cmd: list[str], environ: dict[str, str], cwd: Path, timeout: float) -> s
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            import signal
-
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
             raise

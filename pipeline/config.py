@@ -162,7 +162,9 @@ class DiffusionConfig:
     schedule: str = "linear"  # linear (the paper's) or cosine (improved DDPM)
     beta_start: float = 1e-4  # β_1 of the linear schedule
     beta_end: float = 0.02  # β_T of the linear schedule
-    prediction: str = "eps"  # what the network predicts: eps (the paper's default) or x0
+    # what the network predicts: eps (the paper's default), x0, or v = √ᾱ_t ε − √(1 − ᾱ_t) x0 (Salimans & Ho 2022;
+    # keeps x̂0 sane near t = T, where an ε error is multiplied by √(1/ᾱ_t − 1): docs/model.md)
+    prediction: str = "eps"
     variance: str = "fixedlarge"  # reverse variance σ_t²: fixedlarge = β_t (paper CIFAR-10), fixedsmall = β̃_t
 
     def __post_init__(self) -> None:
@@ -174,7 +176,7 @@ class DiffusionConfig:
             raise ConfigError(
                 f"diffusion.beta_start={self.beta_start} must not exceed diffusion.beta_end={self.beta_end}"
             )
-        _choice("diffusion.prediction", self.prediction, ("eps", "x0"))
+        _choice("diffusion.prediction", self.prediction, ("eps", "x0", "v"))
         _choice("diffusion.variance", self.variance, ("fixedlarge", "fixedsmall"))
 
 
@@ -186,7 +188,9 @@ class TrainConfig:
     batch_size: int = 128  # global batch: all ranks and accumulation steps together
     micro_batch_per_gpu: int = 0  # per-device batch per forward; 0 = batch_size / world_size (no accumulation)
     total_steps: int = 800_000  # optimizer steps to train for
-    mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 needs a GPU; loss scaling is automatic)
+    # no | bf16 | fp16 (fp16 needs a GPU; loss scaling is automatic) | auto: bf16 where the device computes it
+    # natively (a GPU that supports it; a CPU with AVX512_BF16 or AMX), else no (pipeline/train/step.py)
+    mixed_precision: str = "no"
     seed: int = 0  # seeds weights, noise and t; per-rank streams derive from it
     deterministic: bool = False  # torch deterministic algorithms (bitwise resume on CPU)
     nonfinite_policy: str = "skip"  # on a non-finite loss: skip the step, or stop
@@ -215,7 +219,7 @@ class TrainConfig:
         _positive("train.total_steps", self.total_steps)
         if self.mixed_precision in ("False", "false"):
             self.mixed_precision = "no"  # YAML 1.1 reads a bare `no` (in a file or key=value) as false
-        _choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        _choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16", "auto"))
         _choice("train.nonfinite_policy", self.nonfinite_policy, ("skip", "stop"))
         _positive("train.max_nonfinite_in_row", self.max_nonfinite_in_row)
         _positive("train.peak_tflops", self.peak_tflops, zero_ok=True)

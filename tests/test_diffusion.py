@@ -141,6 +141,27 @@ def test_x0_eps_round_trip(paper):
     torch.testing.assert_close(paper.predict_eps_from_x0(xt, t, x0), eps, rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_v_is_its_closed_form_and_gives_back_x0(schedule):
+    d = Diffusion(DiffusionConfig(schedule=schedule, prediction="v"))
+    gen = torch.Generator().manual_seed(1)
+    x0 = torch.rand(5, 3, 4, 4, generator=gen, dtype=torch.float64) * 2 - 1
+    eps = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+    t = torch.tensor([0, 1, 10, 500, 999])
+    ac = torch.cumprod(1 - d.betas.double(), 0)[t].reshape(-1, 1, 1, 1)  # independently of the tables
+    v = d.v_target(x0, eps, t)
+    torch.testing.assert_close(v, ac.sqrt() * eps - (1 - ac).sqrt() * x0, rtol=0, atol=1e-12)
+    xt = d.q_sample(x0, t, eps)
+    torch.testing.assert_close(d.model_output_to_x0(v, xt, t), x0, rtol=0, atol=1e-9)
+    # the point of v: an output error of δ moves x̂_0 by at most δ; under ε by √(1/ᾱ_t − 1) δ (≈ 2·10⁴ at the
+    # cosine schedule's t = T)
+    delta = 1e-3 * torch.ones_like(v)
+    assert float((d.model_output_to_x0(v + delta, xt, t) - x0).abs().max()) <= 1e-3 + 1e-12
+    eps_err = float((Diffusion(DiffusionConfig(schedule=schedule)).model_output_to_x0(eps + delta, xt, t) - x0)
+                    .abs().max())
+    assert eps_err == pytest.approx(1e-3 * float((1 / ac[-1] - 1).sqrt()), rel=1e-6) and eps_err > 100 * 1e-3
+
+
 # -- KL and the decoder ---------------------------------------------------------------------------------------
 
 
@@ -230,7 +251,7 @@ def gaussian() -> GaussianData:
     return GaussianData((1, 4, 4), seed=0)
 
 
-@pytest.mark.parametrize("prediction", ["eps", "x0"])
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
 def test_l_simple_of_the_oracle_matches_its_closed_form(gaussian, paper, prediction):
     diffusion = Diffusion(DiffusionConfig(prediction=prediction))
     betas = np.linspace(1e-4, 0.02, 1000)
@@ -243,7 +264,10 @@ def test_l_simple_of_the_oracle_matches_its_closed_form(gaussian, paper, predict
     assert loss.shape == t.shape == (40_000,) and int(t.min()) >= 0 and int(t.max()) <= 999
     s2 = gaussian.s.ravel() ** 2
     a2, v = ac[:, None], 1 - ac[:, None]
-    per_t = (a2 * s2 / (a2 * s2 + v) if prediction == "eps" else s2 * v / (a2 * s2 + v)).mean(1)  # E[L | t]
+    # E[L | t]: the posterior variance of x_0 is s²v/(a²s² + v); an ε error is −(a/√v) times the x_0 error, a v
+    # error −(1/√v) times it (v = aε − √v x_0 with ε = (x_t − a x_0)/√v)
+    x0_var = s2 * v / (a2 * s2 + v)
+    per_t = {"eps": a2 / v * x0_var, "x0": x0_var, "v": x0_var / v}[prediction].mean(1)
     residual = loss.double().numpy() - per_t[t.numpy()]
     assert abs(residual.mean()) < 4 * residual.std() / math.sqrt(len(residual))
     # And the t-averaged value, the number a training curve would approach.

@@ -142,7 +142,7 @@ def test_a_unet_setting_ours_does_not_have_is_refused_by_name(key, value):
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
-@pytest.mark.parametrize(("variance", "prediction"), [("fixedlarge", "eps"), ("fixedsmall", "x0")])
+@pytest.mark.parametrize(("variance", "prediction"), [("fixedlarge", "eps"), ("fixedsmall", "x0"), ("fixedlarge", "v")])
 def test_the_scheduler_has_our_schedule_and_maps_back(schedule, variance, prediction):
     ours = DiffusionConfig(schedule=schedule, variance=variance, prediction=prediction)
     scheduler = DDPMScheduler(**interop.scheduler_config(ours))
@@ -155,9 +155,27 @@ def test_the_scheduler_has_our_schedule_and_maps_back(schedule, variance, predic
     assert back == ours and notes == []
 
 
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_our_reverse_step_is_diffusers_for_each_prediction(prediction):
+    """diffusers' DDPMScheduler.step turns the network's output into x̂_0 and μ_θ by its own code: ours must agree."""
+    ours = DiffusionConfig(schedule="cosine", prediction=prediction)
+    d, scheduler = Diffusion(ours), DDPMScheduler(**interop.scheduler_config(ours))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, 4, generator=gen)
+    for t_int in (0, 1, 500, 980, 999):
+        out = torch.randn(x.shape, generator=gen)
+        t = torch.full((2,), t_int)
+        step = scheduler.step(out, t_int, x, generator=torch.Generator().manual_seed(5))
+        x0 = d.model_output_to_x0(out.double(), x.double(), t).clamp(-1, 1)
+        torch.testing.assert_close(step.pred_original_sample.double(), x0, rtol=0, atol=1e-4)
+        mean, _, _ = d.q_posterior(x0, x.double(), t)
+        if t_int == 0:  # no noise added: the step is the mean
+            torch.testing.assert_close(step.prev_sample.double(), mean, rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"beta_schedule": "scaled_linear"}, "beta_schedule='scaled_linear'"),
-    ({"prediction_type": "v_prediction"}, "prediction_type='v_prediction'"),
+    ({"prediction_type": "flow"}, "prediction_type='flow'"),
     ({"variance_type": "learned_range"}, "variance_type='learned_range'"),
     ({"trained_betas": [0.01] * 1000}, "trained_betas is set"),
 ])

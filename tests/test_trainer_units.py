@@ -14,7 +14,7 @@ from pipeline.checkpoint import folder as checkpoint
 from pipeline.checkpoint import manager as ckpt_manager
 from pipeline.config import ConfigError, EMAConfig, load_config
 from pipeline.train.ema import EMA
-from pipeline.train.step import batch_split, classify_skip, lr_at, micro_seed
+from pipeline.train.step import batch_split, classify_skip, cpu_has_bf16_units, lr_at, micro_seed, resolve_precision
 from tests.helpers.trainer import REPO
 
 
@@ -467,3 +467,39 @@ def test_the_step_flop_count_is_the_unet_benchmarks_plus_attention_and_mfu_divid
     assert got["train/tflops_per_device"] == pytest.approx(37.3e9 * 1000 / 8 / 1e12)
     assert got["train/mfu"] == pytest.approx(got["train/tflops_per_device"] / 989.4)
     assert "train/mfu" not in utilisation(37.3e9, 1000.0, 8, None)  # CPU, or an unknown GPU: TFLOP/s only
+
+
+_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+flags\t\t: fpu vme sse sse2 avx avx2 avx512f avx512bw {extra}
+bugs\t\t: sysret_ss_attrs
+"""
+
+
+@pytest.mark.parametrize(("extra", "max_isa", "native"), [
+    ("avx512_bf16 avx512_vnni", "", True),  # Zen 4, Cooper Lake: bf16 units
+    ("amx_bf16 amx_tile", "", True),  # Sapphire Rapids: AMX
+    ("avx512_vnni", "", False),  # Skylake-SP, Zen 3 (no AVX-512 at all there): emulated
+    ("avx512_bf16", "AVX2", False),  # oneDNN capped below its bf16 kernels
+    ("avx512_bf16", "avx512_core", False),
+    ("avx512_bf16", "AVX512_CORE_BF16", True),
+    ("avx512_bf16", "ALL", True),
+])
+def test_bf16_units_are_read_from_the_cpu_flags_and_the_onednn_cap(extra, max_isa, native):
+    assert cpu_has_bf16_units(_CPUINFO.format(extra=extra), max_isa) is native
+    assert cpu_has_bf16_units("", "") is False  # no flags line (another OS): float32
+
+
+def test_mixed_precision_auto_is_float32_on_a_cpu_without_bf16_units_and_explicit_bf16_warns(monkeypatch, tmp_path):
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # this CPU as one without bf16 units, whatever it has
+    cfg = load_config(REPO / "configs" / "images32_cpu.yaml", [f"data.shards={tmp_path}"])
+    assert cfg.train.mixed_precision == "auto"
+    resolved, line = resolve_precision(cfg, on_gpu=False)
+    assert resolved.train.mixed_precision == "no" and cfg.train.mixed_precision == "auto"
+    assert line == "train.mixed_precision=auto: no (this CPU has no bf16 units (AVX512_BF16 or AMX))"
+    explicit = load_config(REPO / "configs" / "images32_cpu.yaml",
+                           [f"data.shards={tmp_path}", "train.mixed_precision=bf16"])
+    kept, warning = resolve_precision(explicit, on_gpu=False)
+    assert kept.train.mixed_precision == "bf16" and warning.startswith("warning: train.mixed_precision=bf16 on a CPU")
+    assert resolve_precision(load_config(REPO / "configs" / "digits.yaml", [f"data.shards={tmp_path}"]),
+                             on_gpu=False)[1] == ""  # "no" stays, silently

@@ -55,7 +55,7 @@ _FIXED: dict[str, tuple[Any, ...]] = {
 }
 _SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}  # improved DDPM's cosine, clipped at 0.999
 _VARIANCES = {"fixedlarge": "fixed_large", "fixedsmall": "fixed_small"}
-_PREDICTIONS = {"eps": "epsilon", "x0": "sample"}
+_PREDICTIONS = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
 IMPORTED = "imported_from"  # meta.json key of a checkpoint imported from diffusers (weights only: never resumed)
 
 
@@ -337,7 +337,7 @@ def diffusion_config_from_scheduler(config: Mapping[str, Any]) -> tuple[Diffusio
         problems.append(f"variance_type={config.get('variance_type')!r} (ours: fixed_large or fixed_small)")
     prediction = {v: k for k, v in _PREDICTIONS.items()}.get(config.get("prediction_type", "epsilon"))
     if prediction is None:
-        problems.append(f"prediction_type={config.get('prediction_type')!r} (ours: epsilon or sample)")
+        problems.append(f"prediction_type={config.get('prediction_type')!r} (ours: epsilon, sample or v_prediction)")
     if problems:
         raise InteropError("this DDPMScheduler has no equivalent diffusion config: " + "; ".join(problems))
     notes = []

@@ -75,6 +75,7 @@ from pipeline.train.step import (
     configure_deepspeed,
     lr_at,
     micro_seed,
+    resolve_precision,
     seed_generators,
 )
 from pipeline.train.ticks import TickStats, duration, tick_line
@@ -325,9 +326,12 @@ def train(cfg: Config, hooks: LoopHooks | None = None) -> int:
     # Set-up: the geometry from the data (refusing a mismatch before anything is created), the accelerator
     # (refusing what cannot run), the batch split, the hooks.
     cfg = resolve_geometry(cfg)
+    cfg, precision_line = resolve_precision(cfg)  # train.mixed_precision=auto: what this machine runs natively
     tc, oc = cfg.train, cfg.optimizer
     started = time.perf_counter()
     accelerator, deepspeed = make_accelerator(tc)
+    if precision_line:
+        accelerator.print(precision_line)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     if oc.grad_clip_per:
         check_group_clip(cfg, deepspeed, world)

@@ -5,7 +5,10 @@ settings we own."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -69,6 +72,50 @@ class StepNoise:
         lo = q0 - first * NOISE_BLOCK
         t, noise = (torch.cat(ts), torch.cat(noises)) if len(ts) > 1 else (ts[0], noises[0])
         return t[lo:lo + n], noise[lo:lo + n]
+
+
+# ONEDNN_MAX_CPU_ISA values that leave out oneDNN's bf16 kernels (its ISA names, oldest first)
+_ISAS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI")
+
+
+def cpu_has_bf16_units(cpuinfo: str | None = None, max_isa: str | None = None) -> bool:
+    """Whether bf16 autocast on this CPU runs on bf16 units: an x86 CPU with AVX512_BF16 or AMX (the ``flags``
+    of Linux's /proc/cpuinfo), unless ONEDNN_MAX_CPU_ISA caps oneDNN below them. Elsewhere oneDNN emulates bf16
+    and a training step is slower than in fp32 (benchmarks/cpu_bf16.py: 0.51x with AVX-512 but no
+    bf16 units, 0.06x with AVX2). Unknown (no /proc/cpuinfo: macOS, Windows) counts as no."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return False
+    max_isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "") if max_isa is None else max_isa
+    if max_isa.strip().upper() in _ISAS_WITHOUT_BF16:
+        return False
+    flags = {flag for line in cpuinfo.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[-1].split()}
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_precision(cfg: Config, on_gpu: bool | None = None) -> tuple[Config, str]:
+    """``cfg`` with train.mixed_precision=auto decided for this machine (bf16 where the device computes it
+    natively, else no), and a line saying what was decided and why ("" when nothing was decided). An explicit
+    bf16 on a CPU without bf16 units stays, with a warning line: it runs, slowly."""
+    tc = cfg.train
+    on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+    if tc.mixed_precision == "bf16" and not on_gpu and not cpu_has_bf16_units():
+        return cfg, ("warning: train.mixed_precision=bf16 on a CPU without bf16 units (AVX512_BF16 or AMX): oneDNN "
+                     "emulates bf16, 2 to 16 times slower than float32 (measured); train.mixed_precision=no (or auto) is "
+                     "faster")
+    if tc.mixed_precision != "auto":
+        return cfg, ""
+    if on_gpu:
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        why = f"{torch.cuda.get_device_name()} {'has' if native else 'has no'} bf16 tensor cores"
+    else:
+        native = cpu_has_bf16_units()
+        why = f"this CPU {'has' if native else 'has no'} bf16 units (AVX512_BF16 or AMX)"
+    chosen = "bf16" if native else "no"
+    line = f"train.mixed_precision=auto: {chosen} ({why})"
+    return dataclasses.replace(cfg, train=dataclasses.replace(tc, mixed_precision=chosen)), line
 
 
 def apply_numerics(tc: Any) -> dict[str, Any]:

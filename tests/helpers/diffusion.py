@@ -35,7 +35,7 @@ def alphas_cumprod(betas: np.ndarray) -> np.ndarray:
 
 
 class OracleDenoiser(nn.Module):
-    """The Bayes-optimal ε- (or x_0-) prediction for GaussianData under a given β schedule."""
+    """The Bayes-optimal ε-, x_0- or v-prediction for GaussianData under a given β schedule."""
 
     def __init__(self, data: GaussianData, betas: np.ndarray, prediction: str = "eps") -> None:
         super().__init__()
@@ -51,8 +51,7 @@ class OracleDenoiser(nn.Module):
         mu, s2 = torch.from_numpy(self.data.mu), torch.from_numpy(self.data.s) ** 2
         xt = x.double().cpu()
         denom = a**2 * s2 + var
-        if self.prediction == "eps":
-            out = var.sqrt() * (xt - a * mu) / denom
-        else:
-            out = mu + a * s2 * (xt - a * mu) / denom
+        eps = var.sqrt() * (xt - a * mu) / denom  # E[ε | x_t]
+        x0 = mu + a * s2 * (xt - a * mu) / denom  # E[x_0 | x_t]
+        out = {"eps": eps, "x0": x0, "v": a * eps - var.sqrt() * x0}[self.prediction]  # v is linear in both
         return out.to(x.dtype).to(x.device)

@@ -8,7 +8,14 @@ The photos: 40 random crops (half to all of the shorter side, anywhere in the pi
 photographs scikit-image ships (astronaut, cat, coffee cup, rocket, tissue stain, Hubble field, colour wheel,
 retina, motorcycle), in one folder per picture, as a user's folder of photos of a few subjects would be.
 ``--steps`` trains fewer steps than the preset (to time a preset that runs for hours). Prints a Markdown block
-for benchmarks/own_images_cpu_results.md and copies the grids to --assets.
+for benchmarks/own_images_cpu_results.md and puts the grids side by side in --figure.
+
+How close the samples are to the photos, in numbers (offline, no Inception): for each of the grid's samples and
+each real test crop, the RMS pixel distance (0..1 scale) to its nearest training image (or that image
+mirrored, as training flips), and which photograph that neighbour was cropped from. A sample counts as *near
+the data* when its distance is within the 90th percentile of the test crops' (real crops the model never saw);
+flat colour fields and noise are far from every crop. ``--evaluate-only`` re-evaluates a finished --out folder with
+other evaluation overrides (e.g. ``eval.steps=250 eval.eta=1.0``).
 """
 
 from __future__ import annotations
@@ -62,46 +69,95 @@ def timed(cmd: list[str], log: Path) -> tuple[float, str]:
     return time.monotonic() - t0, proc.stdout + proc.stderr
 
 
+def nearest(images: np.ndarray, train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each uint8 (C, H, W) image: the RMS distance (pixels in 0..1) to the nearest of ``train`` or of its
+    mirror images, and that training image's index."""
+    ref = np.concatenate([train, train[..., ::-1]]).reshape(2 * len(train), -1).astype(np.float64) / 255
+    x = images.reshape(len(images), -1).astype(np.float64) / 255
+    d2 = (x**2).sum(1)[:, None] - 2 * x @ ref.T + (ref**2).sum(1)[None, :]
+    idx = d2.argmin(1)
+    return np.sqrt(np.maximum(d2[np.arange(len(x)), idx], 0) / x.shape[1]), idx % len(train)
+
+
+def nearness(samples: np.ndarray, data: Path) -> dict:
+    """The samples' and the real test crops' distances to the training crops (see the module's docstring)."""
+    from pipeline.data.sequential import iter_split
+
+    train = list(iter_split(str(data), "train"))
+    test = np.stack([s.image for s in iter_split(str(data), "test")])
+    train_images, labels = np.stack([s.image for s in train]), np.array([s.label for s in train])
+    d_samples, nn_samples = nearest(samples, train_images)
+    d_test, _ = nearest(test, train_images)
+    p90 = float(np.quantile(d_test, 0.9))
+    near = d_samples <= p90
+    return {"samples": len(samples), "test": len(test), "median_sample": float(np.median(d_samples)),
+            "median_test": float(np.median(d_test)), "p90_test": p90, "near": int(near.sum()),
+            "subjects_near": len(set(labels[nn_samples[near]].tolist())), "subjects": len(set(labels.tolist()))}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/images32_cpu.yaml")
     p.add_argument("--out", type=Path, default=Path("/tmp/own_images_cpu"))
     p.add_argument("--steps", type=int, default=0, help="train this many steps instead of the preset's")
-    p.add_argument("--assets", type=Path, default=None, help="copy grid.png and real.png here (e.g. docs/assets)")
+    p.add_argument("--figure", type=Path, default=None,
+                   help="write the samples' grid beside the real one here (e.g. docs/assets/own_images_cpu.png)")
+    p.add_argument("--evaluate-only", nargs="*", default=None, metavar="KEY=VALUE",
+                   help="re-evaluate the training already in --out, with these evaluation overrides")
     args = p.parse_args()
     py = sys.executable
-    shutil.rmtree(args.out, ignore_errors=True)
     photos, data, runs = args.out / "my_images", args.out / "data" / "mine", args.out / "runs"
-    n = write_photos(photos)
     name = Path(args.config).stem
-    t_prep, _ = timed([py, "-m", "pipeline.data.prepare", str(photos), "--out", str(data), "--resolution", "32",
-                       "--test-fraction", "0.1"], args.out / "prepare.log")
-    overrides = [f"data.shards={data}", f"name={name}", f"train.out_dir={runs / name}"]
-    if args.steps:
-        overrides += [f"train.total_steps={args.steps}", f"checkpoint.every_steps={args.steps}",
-                      f"logging.sample_every_steps={args.steps}"]
-    t_train, train_out = timed([py, "launch/train.py", "--config", args.config, *overrides], args.out / "train.log")
-    rates = [float(r) for r in re.findall(r"^step \d+/\d+ .*?([\d.]+) img/s", train_out, flags=re.M)]
-    t_eval, eval_out = timed([py, "-m", "evaluation.evaluate", "--checkpoint", str(runs / name),
-                              "eval.feature_extractor=none"], args.out / "evaluate.log")
+    t_prep = t_train = 0.0
+    rates: list[float] = []
+    n = 0
+    if args.evaluate_only is None:
+        shutil.rmtree(args.out, ignore_errors=True)
+        n = write_photos(photos)
+        t_prep, _ = timed([py, "-m", "pipeline.data.prepare", str(photos), "--out", str(data), "--resolution",
+                           "32", "--test-fraction", "0.1"], args.out / "prepare.log")
+        overrides = [f"data.shards={data}", f"name={name}", f"train.out_dir={runs / name}"]
+        if args.steps:
+            overrides += [f"train.total_steps={args.steps}", f"checkpoint.every_steps={args.steps}",
+                          f"logging.sample_every_steps={args.steps}"]
+        t_train, train_out = timed([py, "launch/train.py", "--config", args.config, *overrides],
+                                   args.out / "train.log")
+        rates = [float(r) for r in re.findall(r"^step \d+/\d+ .*?([\d.]+) img/s", train_out, flags=re.M)]
+    grid = 64  # the README's grid; with --save-samples evaluate samples exactly these (eval.num_samples)
+    samples = args.out / "samples.npz"
+    t_eval, eval_out = timed([py, "-m", "evaluation.evaluate", "--checkpoint", str(runs / name), "--save-samples",
+                              str(samples), "eval.feature_extractor=none", f"eval.num_samples={grid}",
+                              f"eval.grid_images={grid}", *(args.evaluate_only or [])], args.out / "evaluate.log")
     figures = sorted((runs / name / "eval").glob("step-*"))[-1]
     metrics = json.loads((figures / "metrics.json").read_text())
+    near = nearness(np.load(samples)["images"], data)
     plan = next((line for line in eval_out.splitlines() if line.startswith("evaluate: ")), "")
-    if args.assets:
-        args.assets.mkdir(parents=True, exist_ok=True)
-        for grid in ("grid.png", "real.png"):
-            shutil.copy(figures / grid, args.assets / f"own_images_cpu_{grid}")
+    if args.figure:
+        left, right = (Image.open(figures / f).convert("RGB") for f in ("grid.png", "real.png"))
+        both = Image.new("RGB", (left.width + 20 + right.width, max(left.height, right.height)), "white")
+        both.paste(left, (0, 0))
+        both.paste(right, (left.width + 20, 0))
+        args.figure.parent.mkdir(parents=True, exist_ok=True)
+        both.save(args.figure, optimize=True)
     median_rate = float(np.median(rates[1:] or rates)) if rates else float("nan")
     cpu = platform.processor() or platform.machine()
+    if args.evaluate_only is None:
+        stages = (f"{n} photos -> {data.name}: prepare {t_prep:.0f} s, train {t_train:.0f} s "
+                  f"({median_rate:.1f} img/s, the median of the tick lines after the first), evaluate {t_eval:.0f} s; total "
+                  f"{t_prep + t_train + t_eval:.0f} s ({(t_prep + t_train + t_eval) / 60:.1f} min).")
+    else:
+        how = " ".join(args.evaluate_only) or "the checkpoint's own settings"
+        stages = f"Re-evaluated ({how}): {t_eval:.0f} s."
     print(f"""
 ### {args.config}{f' ({args.steps} steps)' if args.steps else ''}
 
 {datetime.date.today()}, {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, torch
-{__import__('torch').__version__}. {n} photos -> {data.name}: prepare {t_prep:.0f} s, train {t_train:.0f} s
-({median_rate:.1f} img/s, the median of the tick lines after the first), evaluate {t_eval:.0f} s;
-total {t_prep + t_train + t_eval:.0f} s ({(t_prep + t_train + t_eval) / 60:.1f} min).
+{__import__('torch').__version__}. {stages}
 bits/dim (K=50 estimate) {metrics.get('eval/bpd', float('nan')):.3f} ± {metrics.get('eval/bpd_se', float('nan')):.3f}.
 evaluate's plan line: `{plan}`
+Near the data: {near['near']} of {near['samples']} samples ({near['subjects_near']} of the {near['subjects']} photographs
+among their nearest crops); median distance to the nearest training crop {near['median_sample']:.3f} (real test
+crops: {near['median_test']:.3f}, 90th percentile {near['p90_test']:.3f}).
 """)
 
 

@@ -15,6 +15,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from pipeline.train.step import cpu_has_bf16_units
 from tests.helpers import trainer as h
 from tests.helpers.trainer import ACCELERATE, PY, REPO, env, free_port, run
 
@@ -226,10 +227,15 @@ def test_the_readme_walk_on_a_folder_of_rgb_images(tmp_path):
     assert "32x32x3" in prepared
     manifest = json.loads((project / "data" / "mine" / "manifest.json").read_text())
     assert (manifest["image_size"], manifest["channels"], manifest["num_classes"]) == (32, 3, 2)
-    for out, name in ((train1, "mine"), (train2, "mine-lr2")):
+    # the CPU preset's train.mixed_precision=auto decides by this CPU's flags, and says so
+    decided = f"train.mixed_precision=auto: {'bf16' if cpu_has_bf16_units() else 'no'} (this CPU has"
+    for out, name in ((train1, "mine"), (train2, "mine-lr5e-4")):
         assert "finished: 4 steps this job (step 0 -> 4 of 4)" in out
+        assert decided in out, out[-2000:]
+        saved = (project / "runs" / name / "step-00000004" / "config.yaml").read_text()
+        assert f"mixed_precision: {'bf16' if cpu_has_bf16_units() else 'no'}" in saved  # what ran, not "auto"
         assert (project / "runs" / name / "step-00000004" / "COMPLETE").is_file()
-    for out, name in ((eval1, "mine"), (eval2, "mine-lr2")):
+    for out, name in ((eval1, "mine"), (eval2, "mine-lr5e-4")):
         assert f"runs/{name} is a run folder; evaluating its newest complete checkpoint" in out
         figures = project / "runs" / name / "eval" / "step-00000004"
         assert (figures / "grid.png").is_file() and (figures / "real.png").is_file()
@@ -243,6 +249,6 @@ def test_the_readme_walk_on_a_folder_of_rgb_images(tmp_path):
     # one store for the project: both trainings, with their evaluations, are in runs/mlflow.db
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'runs' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("ddpm").experiment_id])
-    assert sorted(r.info.run_name for r in runs) == ["mine", "mine-lr2"]
+    assert sorted(r.info.run_name for r in runs) == ["mine", "mine-lr5e-4"]
     assert all("eval/bpd" in r.data.metrics for r in runs)
-    assert "mine" in compared and "mine-lr2" in compared
+    assert "mine" in compared and "mine-lr5e-4" in compared

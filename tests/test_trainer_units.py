@@ -14,7 +14,14 @@ from pipeline.checkpoint import folder as checkpoint
 from pipeline.checkpoint import manager as ckpt_manager
 from pipeline.config import ConfigError, EMAConfig, load_config
 from pipeline.train.ema import EMA
-from pipeline.train.step import batch_split, classify_skip, cpu_has_bf16_units, lr_at, micro_seed, resolve_precision
+from pipeline.train.step import (
+    batch_split,
+    classify_skip,
+    cpu_has_bf16_units,
+    lr_at,
+    micro_seed,
+    resolve_precision,
+)
 from tests.helpers.trainer import REPO
 
 

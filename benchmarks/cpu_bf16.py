@@ -32,16 +32,16 @@ def measure(steps: int, batch: int) -> dict:
     """img/s of a float32 and a bf16-autocast training step (medians of ``steps`` alternating steps)."""
     import torch
 
-    from pipeline.config import DiffusionConfig, ModelConfig
+    from pipeline.config import load_config
     from pipeline.model.diffusion import DDPMLoss, Diffusion
     from pipeline.model.unet import UNet
     from pipeline.train.step import cpu_has_bf16_units
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     torch.manual_seed(0)
-    model = ModelConfig(image_size=32, channels=3, base_channels=32, channel_mult=[1, 2, 2], num_res_blocks=1,
-                        attn_resolutions=[8], dropout=0.0)
-    loss = DDPMLoss(UNet(model), Diffusion(DiffusionConfig(schedule="cosine", prediction="v")))
+    cfg = load_config(REPO / "configs" / "images32_cpu.yaml",
+                      ["data.shards=unused", "model.image_size=32", "model.channels=3"])
+    loss = DDPMLoss(UNet(cfg.model), Diffusion(cfg.diffusion))
     x = torch.rand(batch, 3, 32, 32) * 2 - 1
 
     def step(bf16: bool) -> float:

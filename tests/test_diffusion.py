@@ -149,7 +149,7 @@ def test_v_is_its_closed_form_and_gives_back_x0(schedule):
     eps = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
     t = torch.tensor([0, 1, 10, 500, 999])
     ac = torch.cumprod(1 - d.betas.double(), 0)[t].reshape(-1, 1, 1, 1)  # independently of the tables
-    v = d.v_target(x0, eps, t)
+    v = d.training_target(x0, eps, t)
     torch.testing.assert_close(v, ac.sqrt() * eps - (1 - ac).sqrt() * x0, rtol=0, atol=1e-12)
     xt = d.q_sample(x0, t, eps)
     torch.testing.assert_close(d.model_output_to_x0(v, xt, t), x0, rtol=0, atol=1e-9)

@@ -214,3 +214,15 @@ def test_train_tf32_decides_the_float32_matmul_precision_on_the_gpu(tf32):  # an
         assert (err > 1e-4) if tf32 else (err < 1e-5), err.item()
     finally:
         apply_numerics(TrainConfig())
+
+
+def test_mixed_precision_auto_is_bf16_on_a_gpu_with_bf16_tensor_cores(tmp_path):
+    """train.mixed_precision=auto on a GPU: bf16 from Ampere (compute capability 8.0) on, float32 before."""
+    from pipeline.config import load_config
+    from pipeline.train.step import resolve_precision
+
+    cfg = load_config(h.REPO / "configs" / "images32_cpu.yaml", [f"data.shards={tmp_path}"])
+    resolved, line = resolve_precision(cfg, on_gpu=True)
+    expected = "bf16" if torch.cuda.get_device_capability() >= (8, 0) else "no"
+    assert resolved.train.mixed_precision == expected
+    assert line.startswith(f"train.mixed_precision=auto: {expected} ({torch.cuda.get_device_name()} ")

@@ -228,12 +228,13 @@ def test_the_readme_walk_on_a_folder_of_rgb_images(tmp_path):
     manifest = json.loads((project / "data" / "mine" / "manifest.json").read_text())
     assert (manifest["image_size"], manifest["channels"], manifest["num_classes"]) == (32, 3, 2)
     # the CPU preset's train.mixed_precision=auto decides by this CPU's flags, and says so
-    decided = f"train.mixed_precision=auto: {'bf16' if cpu_has_bf16_units() else 'no'} (this CPU has"
+    ran = "bf16" if cpu_has_bf16_units() else "no"
+    decided = f"train.mixed_precision=auto: {ran} (this CPU has"
     for out, name in ((train1, "mine"), (train2, "mine-lr5e-4")):
         assert "finished: 4 steps this job (step 0 -> 4 of 4)" in out
         assert decided in out, out[-2000:]
         saved = (project / "runs" / name / "step-00000004" / "config.yaml").read_text()
-        assert f"mixed_precision: {'bf16' if cpu_has_bf16_units() else 'no'}" in saved  # what ran, not "auto"
+        assert f"mixed_precision: {ran}" in saved  # what ran, not "auto"
         assert (project / "runs" / name / "step-00000004" / "COMPLETE").is_file()
     for out, name in ((eval1, "mine"), (eval2, "mine-lr5e-4")):
         assert f"runs/{name} is a run folder; evaluating its newest complete checkpoint" in out

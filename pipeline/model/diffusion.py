@@ -245,11 +245,16 @@ class Diffusion:
             self.sqrt_recipm1_alphas_cumprod, t, xt
         )
 
-    def v_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """v = √ᾱ_t ε − √(1 − ᾱ_t) x_0 (Salimans & Ho 2022, the velocity of x_t along the circle of its SNR)."""
-        return self._gather(self.sqrt_alphas_cumprod, t, x0) * noise - self._gather(
-            self.sqrt_one_minus_alphas_cumprod, t, x0
-        ) * x0
+    def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the network learns to output for x_t = q_sample(x0, t, noise), by ``diffusion.prediction``: ε, x_0,
+        or v = √ᾱ_t ε − √(1 − ᾱ_t) x_0 (Salimans & Ho 2022, the velocity of x_t along the circle of its SNR)."""
+        if self.prediction == "eps":
+            return noise
+        if self.prediction == "v":
+            return self._gather(self.sqrt_alphas_cumprod, t, x0) * noise - self._gather(
+                self.sqrt_one_minus_alphas_cumprod, t, x0
+            ) * x0
+        return x0
 
     def predict_x0_from_v(self, xt: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """x_0 = √ᾱ_t x_t − √(1 − ᾱ_t) v: an error in v reaches x_0 at most once, where ε's is multiplied by
@@ -511,8 +516,9 @@ class DDPMLoss(nn.Module):
 
     ``forward(x0, t=None, noise=None)`` draws t ~ U{0..T−1} and ε ~ N(0, I) from torch's global RNG on x0's
     device where they are not given (the trainer gives them: pipeline.train.step.StepNoise), and returns
-    ``(loss_per_sample (B,), t (B,))``: the MSE of the ε-prediction (of the x_0-prediction with
-    ``diffusion.prediction = x0``, of v = √ᾱ_t ε − √(1 − ᾱ_t) x_0 with ``v``), averaged over pixels, in float32 even under autocast. The caller reduces.
+    ``(loss_per_sample (B,), t (B,))``: the MSE of the network's output against ``Diffusion.training_target``
+    (ε, x_0 or v by ``diffusion.prediction``), averaged over pixels, in float32 even under autocast. The caller
+    reduces.
     """
 
     def __init__(self, net: nn.Module, diffusion: Diffusion) -> None:
@@ -530,7 +536,5 @@ class DDPMLoss(nn.Module):
             noise = torch.randn(x0.shape, device=x0.device)
         xt = self.diffusion.q_sample(x0, t, noise)
         out = _call_net(self.net, xt, t)
-        prediction = self.diffusion.prediction
-        target = noise if prediction == "eps" else self.diffusion.v_target(x0, noise, t) if prediction == "v" else x0
-        loss = _mean_flat((out.float() - target) ** 2)
+        loss = _mean_flat((out.float() - self.diffusion.training_target(x0, noise, t)) ** 2)
         return loss, t
